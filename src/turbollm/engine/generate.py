@@ -1,0 +1,96 @@
+"""The generation loop for one sequence: prefill the prompt in chunks, then decode token by token.
+
+It works on token ids only: text, stop strings and chat templates are the caller's. It owns
+the KV cache for the request, sized to what the request can use (prompt + max_tokens, at most
+the context size), and reports the timings that `turbollm run --verbose` prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from turbollm.engine.sampler import Sampler, SamplingParams
+from turbollm.errors import ContextLengthError
+from turbollm.kv.cache import KVCache
+
+
+class CausalLM(Protocol):
+    def new_cache(self, capacity: int) -> KVCache: ...
+    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class GenerationStats:
+    n_prompt: int = 0
+    n_generated: int = 0
+    prompt_seconds: float = 0.0  # prefill, up to the logits of the first new token
+    n_decode_steps: int = 0  # single-token forward passes after the prompt
+    decode_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (end-of-generation token or stop string) or "length"
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.n_prompt / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.n_decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def generate_tokens(
+    model: CausalLM,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    eog_ids: frozenset[int],
+    ctx_size: int,
+    stats: GenerationStats | None = None,
+    n_batch: int = 512,
+) -> Iterator[int]:
+    """Yield generated token ids until an end-of-generation token (not yielded), `max_tokens`,
+    or the end of the context. `stats.finish_reason` says which."""
+    stats = stats if stats is not None else GenerationStats()
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty: there is nothing to continue")
+    if n_prompt >= ctx_size:
+        raise ContextLengthError(
+            f"the prompt has {n_prompt} tokens but the context size is {ctx_size}: "
+            f"use a shorter prompt or a larger --ctx-size (at most the model's training context)"
+        )
+    max_new = min(params.max_tokens, ctx_size - n_prompt)
+    stats.n_prompt = n_prompt
+    stats.finish_reason = "length"
+    if max_new == 0:
+        return
+    cache = model.new_cache(n_prompt + max_new)
+    sampler = Sampler(params)
+    history = list(prompt_ids)
+
+    start = time.perf_counter()
+    for chunk_start in range(0, n_prompt, n_batch):
+        chunk = torch.tensor(prompt_ids[chunk_start:chunk_start + n_batch], dtype=torch.int64)
+        hidden = model.forward(chunk, cache)
+    logits = model.logits(hidden[-1:])[0]
+    stats.prompt_seconds = time.perf_counter() - start
+
+    while True:
+        token = sampler(logits, history)
+        if token in eog_ids:
+            stats.finish_reason = "stop"
+            return
+        stats.n_generated += 1
+        history.append(token)
+        yield token
+        if stats.n_generated >= max_new:
+            return
+        start = time.perf_counter()
+        logits = model.logits(model.forward(torch.tensor([token], dtype=torch.int64), cache))[0]
+        stats.decode_seconds += time.perf_counter() - start
+        stats.n_decode_steps += 1

@@ -1,0 +1,86 @@
+"""Turning a row of logits into the next token.
+
+The chain follows llama.cpp's default order: repetition penalty, then top-k, top-p and min-p
+on the untempered distribution, then temperature, then a draw from a seeded generator.
+Temperature <= 0 means greedy (argmax; ties go to the lowest token id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1.0: off
+    min_p: float = 0.05  # 0.0: off
+    repeat_penalty: float = 1.0  # 1.0: off
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    seed: int | None = None  # None: a fresh random seed
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()  # stop strings (the stop string itself is not returned)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty}"),
+            (self.repeat_last_n >= 0, f"repeat_last_n must be >= 0, got {self.repeat_last_n}"),
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits [n_vocab] of the next position; history = every token so far (prompt included)."""
+        p = self.params
+        logits = logits.detach().to("cpu", torch.float32)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+            logits = _apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        if p.top_k > 0 and p.top_k < logits.numel():
+            values, ids = torch.topk(logits, p.top_k)
+        else:
+            values, ids = torch.sort(logits, descending=True)
+        probs = torch.softmax(values, dim=-1)
+        keep = probs.numel()
+        if p.top_p < 1.0:
+            # Smallest prefix whose mass reaches top_p (at least one token).
+            keep = min(keep, int(torch.searchsorted(torch.cumsum(probs, 0), torch.tensor([p.top_p]))[0]) + 1)
+        if p.min_p > 0.0:
+            keep = min(keep, max(1, int((probs[:keep] >= p.min_p * probs[0]).sum())))
+        values, ids = values[:keep], ids[:keep]
+        probs = torch.softmax(values / p.temperature, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return int(ids[choice])
+
+
+def _apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    # llama.cpp / CTRL rule: positive logits are divided by the penalty, negative ones multiplied.
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.int64)
+    logits = logits.clone()
+    chosen = logits[ids]
+    logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+    return logits

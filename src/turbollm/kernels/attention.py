@@ -1,0 +1,46 @@
+"""Reference attention over a KV cache, in float32, for any torch device.
+
+Causality and the sliding window come from token positions, not from array indices, so the
+same function serves a full cache, a ring buffer whose slots hold positions out of order, and
+a speculative step that verifies several tokens at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Queries per chunk: bounds the [heads, queries, keys] score matrix for long prompts.
+_QUERY_CHUNK = 512
+
+
+def attention(
+    q: torch.Tensor,  # [T, n_head, d]
+    k: torch.Tensor,  # [S, n_head_kv, d]
+    v: torch.Tensor,  # [S, n_head_kv, d_v]
+    q_pos: torch.Tensor,  # [T] int64 positions of the queries
+    k_pos: torch.Tensor,  # [S] int64 positions of the keys; -1 marks an empty slot
+    scale: float,
+    window: int = 0,  # > 0: a query at p sees keys p-window+1 .. p
+    softcap: float = 0.0,  # > 0: scores = softcap * tanh(scores / softcap)
+) -> torch.Tensor:  # [T, n_head, d_v]
+    n_tok, n_head, d = q.shape
+    n_kv = k.shape[1]
+    group = n_head // n_kv
+    # Grouped-query attention without copying K/V: query heads of one KV head form a group.
+    qg = q.permute(1, 0, 2).reshape(n_kv, group, n_tok, d)
+    kt = k.permute(1, 2, 0).unsqueeze(1)  # [n_kv, 1, d, S]
+    vg = v.permute(1, 0, 2).unsqueeze(1)  # [n_kv, 1, S, d_v]
+    out = torch.empty((n_kv, group, n_tok, v.shape[-1]), dtype=torch.float32, device=q.device)
+    for start in range(0, n_tok, _QUERY_CHUNK):
+        stop = min(n_tok, start + _QUERY_CHUNK)
+        scores = torch.matmul(qg[:, :, start:stop], kt) * scale  # [n_kv, group, t, S]
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
+        qp = q_pos[start:stop, None]
+        visible = (k_pos[None, :] <= qp) & (k_pos[None, :] >= 0)
+        if window > 0:
+            visible &= qp - k_pos[None, :] < window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[:, :, start:stop] = torch.matmul(probs, vg)
+    return out.reshape(n_head, n_tok, -1).permute(1, 0, 2)

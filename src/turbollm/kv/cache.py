@@ -1,0 +1,60 @@
+"""The KV cache of one sequence: K and V of every layer, with the position of every slot.
+
+Each layer stores `capacity` slots of [n_head_kv, head_dim] in float32. Attention reads the
+slots together with their positions (see `kernels.attention`), so this full-length layout
+and the sliding-window rings that replace it for local layers share one interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from turbollm.errors import ContextLengthError
+
+
+@dataclass(frozen=True)
+class LayerKVShape:
+    n_head_kv: int
+    head_dim: int
+
+
+class KVCache:
+    def __init__(self, layers: list[LayerKVShape], capacity: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if capacity <= 0:
+            raise ValueError(f"KV cache capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.n_tokens = 0  # positions 0 .. n_tokens-1 are filled in every layer
+        self.k = [torch.zeros((capacity, s.n_head_kv, s.head_dim), dtype=dtype, device=device) for s in layers]
+        self.v = [torch.zeros((capacity, s.n_head_kv, s.head_dim), dtype=dtype, device=device) for s in layers]
+        self.positions = torch.arange(capacity, dtype=torch.int64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def check_room(self, n_new: int) -> None:
+        if self.n_tokens + n_new > self.capacity:
+            raise ContextLengthError(
+                f"{self.n_tokens} tokens in the context + {n_new} new exceed the context size of {self.capacity}"
+            )
+
+    def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the new tokens' K/V [T, n_head_kv, d] of layer `il` after the filled slots and
+        return (K, V, positions) of every filled slot including the new ones."""
+        start, stop = self.n_tokens, self.n_tokens + k.shape[0]
+        self.k[il][start:stop] = k
+        self.v[il][start:stop] = v
+        return self.k[il][:stop], self.v[il][:stop], self.positions[:stop]
+
+    def advance(self, n_new: int) -> None:
+        """Commit `n_new` tokens once every layer has stored them."""
+        self.n_tokens += n_new
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget everything from position `n_tokens` on (rejected draft tokens, a new turn)."""
+        if not 0 <= n_tokens <= self.n_tokens:
+            raise ValueError(f"cannot truncate a cache of {self.n_tokens} tokens to {n_tokens}")
+        self.n_tokens = n_tokens

@@ -1,0 +1,41 @@
+"""Building blocks shared by the Gemma models: RMSNorm, rotary embeddings, GELU.
+
+All in float32. Norm weights are used as stored in the GGUF: for Gemma 3 llama.cpp's
+converter has already folded the `1 + w` convention into them, and Gemma 4 uses `x * w`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (no weight: plain RMS)."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class Rope:
+    """Rotary position embedding, NeoX layout (the two halves of a head are the pairs).
+
+    cos/sin are computed as transformers does: inv_freq = 1 / base^(2i/d) in float32, angles =
+    position * inv_freq, with linear scaling dividing positions (llama.cpp's freq_scale).
+    """
+
+    def __init__(self, head_dim: int, base: float, freq_scale: float = 1.0, device: torch.device | str = "cpu"):
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+        self.inv_freq = (1.0 / (base ** exponents) * freq_scale).to(device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, n_head, d], positions [T] -> x rotated."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, d/2]
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
+        sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

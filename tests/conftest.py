@@ -1,0 +1,57 @@
+"""Shared fixtures: the oracle folders in ../shared/reference and the default model, loaded once."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REFERENCE_DIR = Path(os.environ.get("TURBOLLM_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+GEMMA3_DIR = REFERENCE_DIR / "gemma3-270m-q4_k_m"
+
+
+def _require_reference() -> None:
+    if not GEMMA3_DIR.is_dir():
+        raise RuntimeError(f"oracle folder {GEMMA3_DIR} not found: set TURBOLLM_REFERENCE to the shared/reference folder")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from turbollm.api import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_prompts() -> dict[str, str]:
+    _require_reference()
+    return json.loads((GEMMA3_DIR / "prompts.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gemma3_oracle():
+    """name -> npz record (llama.cpp and transformers arrays; see the folder's README)."""
+    _require_reference()
+    cache: dict[str, dict] = {}
+
+    def load(name: str) -> dict:
+        if name not in cache:
+            with np.load(GEMMA3_DIR / f"{name}.npz") as f:
+                cache[name] = {k: f[k] for k in f.files}
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def gemma3_model(default_model_path):
+    from turbollm import Model
+    return Model.load(default_model_path)
