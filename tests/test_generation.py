@@ -1,0 +1,179 @@
+"""Sampling, the generation loop, stop strings, streaming, and the CLI on the default model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from turbollm import SamplingParams
+from turbollm.api import _split_at_stop
+from turbollm.cli import main as cli_main
+from turbollm.engine.generate import GenerationStats, generate_tokens
+from turbollm.engine.sampler import Sampler
+from turbollm.kv.cache import KVCache, LayerKVShape
+
+
+# ---- sampler -------------------------------------------------------------------------------
+
+def test_greedy_is_argmax_with_ties_to_the_lowest_id():
+    logits = torch.tensor([0.0, 3.0, 1.0, 3.0])
+    assert Sampler(SamplingParams(temperature=0))(logits, []) == 1
+
+
+def test_top_k_1_is_greedy_at_any_temperature():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(SamplingParams(temperature=1.5, top_k=1, seed=3))
+    assert all(sampler(logits, []) == int(torch.argmax(logits)) for _ in range(20))
+
+
+def test_seed_makes_sampling_reproducible_and_seeds_differ():
+    logits = torch.zeros(50)
+    a = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11))
+    b = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11))
+    c = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=12))
+    seq_a = [a(logits, []) for _ in range(30)]
+    assert seq_a == [b(logits, []) for _ in range(30)]
+    assert seq_a != [c(logits, []) for _ in range(30)]
+
+
+def test_min_p_and_top_p_cut_the_tail():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    min_p = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.35, seed=0))
+    assert {min_p(logits, []) for _ in range(200)} == {0, 1}  # 0.15 < 0.35 * 0.5
+    top_p = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.8, min_p=0.0, seed=0))
+    assert {top_p(logits, []) for _ in range(200)} == {0, 1}  # 0.5 + 0.3 reaches 0.8
+
+
+def test_repeat_penalty_demotes_recent_tokens():
+    logits = torch.tensor([2.0, 1.9, -1.0])
+    params = SamplingParams(temperature=0, repeat_penalty=1.5, repeat_last_n=4)
+    assert Sampler(params)(logits, [0]) == 1  # 2.0 / 1.5 < 1.9
+    assert Sampler(params)(logits, [0, 2, 2, 2, 2]) == 0  # 0 is outside the last 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0), "top_p must be in (0, 1]"),
+    (dict(min_p=2), "min_p must be in [0, 1]"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(repeat_penalty=0), "repeat_penalty must be > 0"),
+    (dict(max_tokens=-5), "max_tokens must be >= 0"),
+])
+def test_invalid_sampling_params_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        SamplingParams(**kwargs)
+
+
+# ---- generation loop on a scripted model ---------------------------------------------------
+
+class ScriptedModel:
+    """Emits a fixed sequence of argmax tokens, one per forward position."""
+
+    def __init__(self, script: list[int], vocab: int = 16):
+        self.script, self.vocab, self.calls = script, vocab, 0
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache([LayerKVShape(1, 2)], capacity)
+
+    def forward(self, ids, cache):
+        cache.check_room(len(ids))
+        cache.advance(len(ids))
+        return torch.zeros(len(ids), 1)
+
+    def logits(self, hidden):
+        row = torch.zeros(1, self.vocab)
+        row[0, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return row
+
+
+def test_generation_stops_at_end_of_generation_token_without_yielding_it():
+    stats = GenerationStats()
+    out = list(generate_tokens(ScriptedModel([5, 6, 1, 7]), [2, 3], SamplingParams(temperature=0, max_tokens=10),
+                               eog_ids=frozenset({1}), ctx_size=100, stats=stats))
+    assert out == [5, 6] and stats.finish_reason == "stop" and stats.n_generated == 2
+
+
+def test_generation_stops_at_max_tokens_and_at_the_context_end():
+    stats = GenerationStats()
+    out = list(generate_tokens(ScriptedModel([5, 6, 7, 8]), [2, 3], SamplingParams(temperature=0, max_tokens=3),
+                               eog_ids=frozenset({1}), ctx_size=100, stats=stats))
+    assert out == [5, 6, 7] and stats.finish_reason == "length"
+    out = list(generate_tokens(ScriptedModel([5, 6, 7, 8]), [2, 3], SamplingParams(temperature=0, max_tokens=30),
+                               eog_ids=frozenset(), ctx_size=5))
+    assert out == [5, 6, 7]  # 2 prompt + 3 generated fill the 5-token context
+
+
+def test_kv_cache_refuses_overflow_and_truncates():
+    cache = KVCache([LayerKVShape(1, 4)], capacity=3)
+    cache.check_room(3)
+    with pytest.raises(Exception, match="exceed the context size of 3"):
+        cache.check_room(4)
+    cache.advance(2)
+    cache.truncate(1)
+    assert cache.n_tokens == 1
+    with pytest.raises(ValueError):
+        cache.truncate(2)
+
+
+# ---- stop strings --------------------------------------------------------------------------
+
+def test_stop_string_split_holds_back_possible_prefixes():
+    assert _split_at_stop("hello wor", ("world",)) == ("hello ", "wor", False)
+    assert _split_at_stop("hello world!", ("world",)) == ("hello ", "", True)
+    assert _split_at_stop("a. b", ("\n\n", ". ")) == ("a", "", True)
+    assert _split_at_stop("abc", ()) == ("abc", "", False)
+    assert _split_at_stop("hello wor", ("world",), final=True) == ("hello wor", "", False)
+
+
+# ---- the default model ---------------------------------------------------------------------
+
+def test_generate_greedy_matches_the_oracle_text(gemma3_model, gemma3_oracle):
+    ref = gemma3_oracle("short_en")
+    out = gemma3_model.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))
+    assert out.prompt_token_ids == ref["tokens"].tolist()
+    assert out.token_ids == ref["hf_greedy"][:12].tolist()
+    assert out.text == gemma3_model.tokenizer.decode(out.token_ids)
+    assert out.finish_reason == "length" and out.stats.n_generated == 12
+
+
+def test_stream_pieces_join_to_the_generated_text(gemma3_model):
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=24)
+    whole = gemma3_model.generate("Once upon a time", params)
+    pieces = list(gemma3_model.stream("Once upon a time", params))
+    assert "".join(p.text for p in pieces) == whole.text and len(pieces) > 1
+
+
+def test_stop_string_ends_generation(gemma3_model):
+    full = gemma3_model.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12)).text
+    assert "France." in full
+    out = gemma3_model.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12, stop=("France",)))
+    assert out.text == full[:full.index("France")] and out.finish_reason == "stop"
+
+
+def test_cli_run_streams_the_greedy_answer(capsys, default_model_path, gemma3_model, gemma3_oracle):
+    status = cli_main(["run", "-m", str(default_model_path), "-p", "The capital of France is", "-n", "8", "--temp", "0", "-v"])
+    captured = capsys.readouterr()
+    assert status == 0
+    expected = gemma3_model.tokenizer.decode(gemma3_oracle("short_en")["hf_greedy"][:8])
+    assert captured.out == expected + "\n"
+    for line in ("load time =", "prompt: 6 tokens", "decode: 7 tokens", "finish: length"):
+        assert line in captured.err
+
+
+def test_cli_inspect_lists_architecture_and_tensors(capsys, default_model_path):
+    assert cli_main(["inspect", str(default_model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: gemma3: 18 layers, hidden 640" in out
+    assert "layer pattern SSSSSGSSSSSGSSSSSG" in out
+    assert "tokenizer.ggml.tokens = <262144 entries>" in out
+    assert any(line.startswith("blk.0.attn_q.weight") and "Q5_0" in line and "[1024, 640]" in line for line in out.splitlines())
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "turbollm.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "run" in result.stdout and "inspect" in result.stdout
