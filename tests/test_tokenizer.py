@@ -218,9 +218,9 @@ def test_from_metadata_defaults(gemma3_metadata):
 
 def test_errors(gemma3_metadata):
     tokens, scores, types = _plain_args(gemma3_metadata)
-    with pytest.raises(GGUFError, match=r"unknown tokenizer model 'bert'.*supported: 'llama'"):
+    with pytest.raises(GGUFError, match=r"unknown tokenizer model 'bert'.*supported: 'llama', 'gemma4'"):
         Tokenizer.from_metadata({**gemma3_metadata, "tokenizer.ggml.model": "bert"})
-    with pytest.raises(GGUFError, match="gemma4 tokenizer not implemented yet"):
+    with pytest.raises(GGUFError, match="gemma4 tokenizer needs tokenizer.ggml.merges"):
         Tokenizer(tokens, scores, types, model="gemma4", bos_id=2, eos_id=1)
     with pytest.raises(GGUFError, match="differ in length"):
         Tokenizer(tokens, scores[:-1], types, model="llama", bos_id=2, eos_id=1)
@@ -316,3 +316,58 @@ def test_missing_bos_with_add_bos_rejected():
     with pytest.raises(GGUFError, match="no bos_token_id"):
         _tiny([("x", 0, 1)], bos_id=None)
     assert _tiny([("x", 0, 1)], bos_id=None, add_bos=False).encode("x") == [3]
+
+
+# --------------------------------------------------------------------------- Gemma 4 (BPE)
+GEMMA4_MODELS = ["moe", "dense", "ple", "assistant"]
+
+
+def _gemma4_tokenizer(name: str) -> tuple[Tokenizer, dict]:
+    import json
+
+    from conftest import REFERENCE_DIR
+    from turbollm.gguf.reader import GGUFFile
+
+    folder = REFERENCE_DIR / f"gemma4-tiny-{name}"
+    md = GGUFFile(folder / f"gemma4-tiny-{name}-Q8_0.gguf").metadata
+    return Tokenizer.from_metadata(md), json.loads((folder / "prompts.json").read_text())
+
+
+@pytest.mark.parametrize("name", GEMMA4_MODELS)
+def test_gemma4_encode_matches_llama_cpp(name):
+    tok, prompts = _gemma4_tokenizer(name)
+    assert tok.model == "gemma4" and tok.add_bos and not tok.add_space_prefix
+    for prompt in prompts.values():
+        ids = tok.encode(prompt["text"])
+        assert ids == prompt["tokens"]
+        assert tok.decode(ids[1:], special=True) == prompt["text"]
+
+
+def test_gemma4_special_tokens_and_end_of_generation():
+    tok, _ = _gemma4_tokenizer("moe")
+    assert {tok.token_text(i) for i in tok.eog_ids} == {"<eos>", "<turn|>", "<|tool_response>"}
+    assert tok.encode("<|turn>user\nHi<turn|>", add_special=False)[:3] == [105, tok.token_id("user"), 107]
+    assert tok.token_id("<|think|>") == 98 and tok.is_special(98)
+
+
+def _tiny_bpe(pieces: list[str], merges: list[str]) -> Tokenizer:
+    tokens = ["<pad>", "<eos>", "<bos>"] + pieces + [f"<0x{b:02X}>" for b in range(256)]
+    types = [3, 3, 3] + [1] * len(pieces) + [6] * 256
+    return Tokenizer(tokens, None, types, model="gemma4", bos_id=2, eos_id=1, merges=merges)
+
+
+def test_bpe_lowest_rank_first_and_leftmost_on_ties():
+    tok = _tiny_bpe(["a", "b", "ab", "ba", "aba"], ["b a", "a b", "ab a"])
+    # "aba": rank 0 merges (b,a) first -> a|ba; no merge for (a, ba)
+    assert [tok.token_text(i) for i in tok.encode("aba", add_special=False)] == ["a", "ba"]
+    tok = _tiny_bpe(["a", "aa", "aaa"], ["a a", "aa a"])
+    # "aaa": (a,a) at 0 and at 1 have the same rank: the leftmost wins, then (aa, a)
+    assert [tok.token_text(i) for i in tok.encode("aaa", add_special=False)] == ["aaa"]
+
+
+def test_bpe_spaces_newlines_and_byte_fallback():
+    tok = _tiny_bpe(["\u2581", "x", "\n", "\n\n", "\u2581x"], ["\u2581 x"])
+    texts = [tok.token_text(i) for i in tok.encode(" x\n\nx\n\n\n", add_special=False)]
+    # newline runs are split from the rest; a run that is a token stays whole, "\n\n\n" is not one
+    assert texts == ["\u2581x", "\n\n", "x", "\n", "\n", "\n"]
+    assert [tok.token_text(i) for i in tok.encode("é", add_special=False)] == ["<0xC3>", "<0xA9>"]

@@ -224,14 +224,108 @@ class _SpmEncoder:
         return b""  # UNUSED / UNDEFINED tokens decode to nothing
 
 
-# tokenizer.ggml.model -> encoder class. "gemma4" (BPE) is known but not implemented yet.
-_ENCODERS: dict[str, type] = {"llama": _SpmEncoder}
-_PLANNED = ("gemma4",)
+class _BpeEncoder(_SpmEncoder):
+    """llama.cpp's BPE tokenizer with the Gemma 4 pre-tokenizer (`tokenizer.ggml.model = "gemma4"`).
+
+    SentencePiece-style BPE: spaces are escaped to U+2581, the text is split only into runs of
+    newlines and runs of other characters (`[^\\n]+|[\\n]+`), and each run is merged by the
+    rank of the merge in `tokenizer.ggml.merges` (lowest rank first, ties to the leftmost pair).
+    A run of newlines that is itself a token is kept whole. Leftover symbols become `<0xXX>`
+    byte tokens; a byte without a token is dropped, as llama.cpp does. Decoding is SPM's.
+    """
+
+    model = "gemma4"
+
+    def __init__(self, vocab: _Vocab, *, merges: list[str] | None, **kwargs):
+        kwargs["add_space_prefix"] = False  # BPE models never prefix a space
+        super().__init__(vocab, merges=None, **kwargs)
+        if not merges:
+            raise GGUFError("the gemma4 tokenizer needs tokenizer.ggml.merges, which is missing or empty")
+        self.ranks: dict[tuple[str, str], int] = {}
+        for rank, merge in enumerate(merges):
+            at = merge.find(" ", 1)  # llama.cpp splits at the first space after the first character
+            if at > 0:
+                self.ranks[(merge[:at], merge[at + 1:])] = rank
+
+    def encode(self, fragments: Sequence[Fragment], add_special: bool) -> list[int]:
+        out: list[int] = []
+        if add_special and self.add_bos:
+            out.append(self.bos_id)
+        for frag in fragments:
+            if isinstance(frag, str):
+                for word in _newline_runs(frag.replace(_SPACE, _ESCAPED_SPACE)):
+                    self._encode_word(word, out)
+            else:
+                out.append(frag)
+        if add_special and self.add_eos:
+            out.append(self.eos_id)
+        return out
+
+    def _encode_word(self, word: str, out: list[int]) -> None:
+        t2i = self.vocab.token_to_id
+        if word[0] == "\n" and word in t2i:
+            out.append(t2i[word])
+            return
+        symbols = list(word)
+        ranks = self.ranks
+        heap = []
+        for i in range(len(symbols) - 1):
+            rank = ranks.get((symbols[i], symbols[i + 1]))
+            if rank is not None:
+                heap.append((rank, i, i + 1, symbols[i] + symbols[i + 1]))
+        heapq.heapify(heap)
+        prev = list(range(-1, len(symbols) - 1))
+        nxt = list(range(1, len(symbols) + 1))
+        nxt[-1] = -1
+        while heap:
+            _, left, right, text = heapq.heappop(heap)
+            if not symbols[left] or not symbols[right] or symbols[left] + symbols[right] != text:
+                continue  # stale: one side has changed since this pair was queued
+            symbols[left], symbols[right] = text, ""
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prev[after] = left
+            for a, b in ((prev[left], left), (left, after)):
+                if a >= 0 and b >= 0:
+                    rank = ranks.get((symbols[a], symbols[b]))
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, a, b, symbols[a] + symbols[b]))
+        for piece in symbols:
+            if not piece:
+                continue
+            tid = t2i.get(piece)
+            if tid is not None:
+                out.append(tid)
+                continue
+            for byte in piece.encode("utf-8", "surrogatepass"):
+                bid = t2i.get(f"<0x{byte:02X}>")
+                if bid is not None:
+                    out.append(bid)
+
+
+def _newline_runs(text: str) -> list[str]:
+    """llama.cpp's Gemma 4 pre-tokenizer regex `[^\\n]+|[\\n]+`: alternating runs."""
+    runs: list[str] = []
+    start = 0
+    for i in range(1, len(text) + 1):
+        if i == len(text) or (text[i] == "\n") != (text[start] == "\n"):
+            runs.append(text[start:i])
+            start = i
+    return runs
+
+
+# tokenizer.ggml.model -> encoder class
+_ENCODERS: dict[str, type] = {"llama": _SpmEncoder, "gemma4": _BpeEncoder}
+_PLANNED: tuple[str, ...] = ()
 
 # llama.cpp's defaults per model, used when the GGUF does not set the key.
 _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"bos": 1, "eos": 2, "unk": 0, "pad": None, "add_bos": True, "add_eos": False,
               "add_space_prefix": True},
+    # ids come from the GGUF; llama.cpp forces add_bos on for Gemma 4 (PR 21500)
+    "gemma4": {"bos": None, "eos": None, "unk": None, "pad": None, "add_bos": True, "add_eos": False,
+               "add_space_prefix": False},
 }
 
 
@@ -422,7 +516,7 @@ class Tokenizer:
                    eot_id=special("eot_token_id", None),
                    unk_id=special("unknown_token_id", defaults["unk"]),
                    pad_id=special("padding_token_id", defaults["pad"]),
-                   add_bos=flag("add_bos_token", defaults["add_bos"]),
+                   add_bos=flag("add_bos_token", defaults["add_bos"]) or model == "gemma4",
                    add_eos=flag("add_eos_token", defaults["add_eos"]),
                    add_space_prefix=flag("add_space_prefix", defaults["add_space_prefix"]),
                    merges=get("merges"), special_ids=extra)
