@@ -17,7 +17,7 @@ from typing import Any
 
 from turbollm.errors import GGUFError
 
-SUPPORTED_ARCHITECTURES = ("gemma3",)
+SUPPORTED_ARCHITECTURES = ("gemma3", "gemma4")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,13 @@ class ModelConfig:
     attn_scale: float  # multiplies q.k
     final_logit_softcap: float  # 0: none
     embed_scale: float  # token embeddings are multiplied by this (sqrt(n_embd))
+    # Gemma 4 features; the defaults describe Gemma 3.
+    v_norm: bool = False  # values are RMS-normed (no weight) before attention
+    n_kv_shared: int = 0  # the last n layers reuse the K/V of the last earlier layer of their type
+    n_expert: int = 0  # Mixture of Experts beside the dense MLP when > 0
+    n_expert_used: int = 0
+    n_ff_expert: int = 0
+    n_embd_per_layer: int = 0  # Per-Layer Embeddings width (0: none)
 
     def is_swa(self, il: int) -> bool:
         return self.swa_layers[il]
@@ -48,10 +55,35 @@ class ModelConfig:
     def rope_base_for(self, il: int) -> float:
         return self.rope_base_swa if self.is_swa(il) else self.rope_base
 
+    def has_kv(self, il: int) -> bool:
+        """Whether layer `il` computes and stores its own K/V (else it reads `kv_source(il)`'s)."""
+        return il < self.n_layer - self.n_kv_shared
+
+    def kv_source(self, il: int) -> int:
+        """The layer whose K/V layer `il` attends to: itself, or for a KV-shared layer the last
+        layer before the shared block with the same attention type (transformers' "store" layer)."""
+        if self.has_kv(il):
+            return il
+        first_shared = self.n_layer - self.n_kv_shared
+        return max(j for j in range(first_shared) if self.swa_layers[j] == self.swa_layers[il])
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
     def __post_init__(self) -> None:
         for name in ("n_head_kv", "head_dim", "n_ff", "swa_layers"):
             if len(getattr(self, name)) != self.n_layer:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected one per layer ({self.n_layer})")
+        if not 0 <= self.n_kv_shared < self.n_layer:
+            raise ValueError(f"n_kv_shared {self.n_kv_shared} must be in 0..{self.n_layer - 1}")
+        if self.n_kv_shared:
+            first_shared = self.n_layer - self.n_kv_shared
+            for il in range(first_shared, self.n_layer):
+                if not any(self.swa_layers[j] == self.swa_layers[il] for j in range(first_shared)):
+                    raise ValueError(f"KV-shared layer {il} has no earlier layer of its attention type to share with")
+        if self.n_expert and not 0 < self.n_expert_used <= self.n_expert:
+            raise ValueError(f"expert_used_count {self.n_expert_used} must be in 1..{self.n_expert}")
 
     @classmethod
     def from_metadata(cls, md: dict[str, Any], where: str = "model") -> "ModelConfig":
@@ -61,7 +93,12 @@ class ModelConfig:
             raise GGUFError(f"{where}: missing required metadata key 'general.architecture'")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise GGUFError(f"{where}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        return _gemma3(_Keys(md, arch, where))
+        build = _gemma3 if arch == "gemma3" else _gemma4
+        keys = _Keys(md, arch, where)
+        try:
+            return build(keys)
+        except ValueError as e:
+            raise GGUFError(f"{where}: {e}") from None
 
 
 class _Keys:
@@ -149,4 +186,49 @@ def _gemma3(keys: _Keys) -> ModelConfig:
         attn_scale=1.0 / math.sqrt(scale_dim),
         final_logit_softcap=float(keys.get("final_logit_softcapping", 0.0) or 0.0),
         embed_scale=math.sqrt(n_embd),
+    )
+
+
+def _gemma4(keys: _Keys) -> ModelConfig:
+    """Gemma 4 (llama.cpp `src/models/gemma4.cpp`): per-layer sliding/global pattern with its own
+    head size and KV heads for each type, no query scaling (QK-norm), V normed, optional MoE,
+    Per-Layer Embeddings and KV sharing, soft-capped logits."""
+    n_layer = keys.positive_int("block_count")
+    n_embd = keys.positive_int("embedding_length")
+    head_global = keys.positive_int("attention.key_length")
+    head_swa = keys.positive_int("attention.key_length_swa")
+    for k, v in (("attention.value_length", head_global), ("attention.value_length_swa", head_swa)):
+        if int(keys.get(k, v)) != v:
+            raise GGUFError(f"{keys.where}: '{keys._key(k)}' differs from the key length {v}: Gemma 4 needs equal K and V head sizes")
+    pattern = keys.require("attention.sliding_window_pattern")
+    if not isinstance(pattern, list):
+        raise GGUFError(f"{keys.where}: '{keys._key('attention.sliding_window_pattern')}' must be a per-layer bool array")
+    swa_layers = _swa_pattern(keys, n_layer, 0)
+    n_expert = int(keys.get("expert_count", 0) or 0)
+    return ModelConfig(
+        arch="gemma4",
+        name=str(keys.get("general.name", "gemma4")),
+        n_vocab=keys.n_vocab(),
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_ctx_train=keys.positive_int("context_length"),
+        n_head=keys.positive_int("attention.head_count"),
+        n_head_kv=keys.per_layer("attention.head_count_kv", n_layer),
+        head_dim=tuple(head_swa if swa else head_global for swa in swa_layers),
+        n_ff=keys.per_layer("feed_forward_length", n_layer),
+        rms_eps=float(keys.require("attention.layer_norm_rms_epsilon")),
+        swa_layers=swa_layers,
+        sliding_window=keys.positive_int("attention.sliding_window"),
+        rope_base=float(keys.get("rope.freq_base", 1_000_000.0)),
+        rope_base_swa=float(keys.get("rope.freq_base_swa", 10_000.0)),
+        rope_freq_scale=1.0 / float(keys.get("rope.scaling.factor", 1.0) or 1.0),
+        attn_scale=1.0,
+        final_logit_softcap=float(keys.get("final_logit_softcapping", 0.0) or 0.0),
+        embed_scale=math.sqrt(n_embd),
+        v_norm=True,
+        n_kv_shared=int(keys.get("attention.shared_kv_layers", 0) or 0),
+        n_expert=n_expert,
+        n_expert_used=int(keys.get("expert_used_count", 0) or 0) if n_expert else 0,
+        n_ff_expert=keys.positive_int("expert_feed_forward_length") if n_expert else 0,
+        n_embd_per_layer=int(keys.get("embedding_length_per_layer_input", 0) or 0),
     )

@@ -38,3 +38,33 @@ def embedding(ids: torch.Tensor, w: QTensor) -> torch.Tensor:
     """Rows `ids` of w (n_rows, n_cols) as float32 [*ids.shape, n_cols]."""
     flat = ids.reshape(-1)
     return w.dequantize_rows(flat).view(*ids.shape, w.shape[-1])
+
+
+def moe_ffn(
+    x: torch.Tensor,  # [T, n_embd]
+    expert_ids: torch.Tensor,  # [T, k] int64: the experts chosen for each token
+    expert_weights: torch.Tensor,  # [T, k] float32: their weights
+    gate: QTensor,  # (n_expert, n_ff, n_embd), or gate and up fused as (n_expert, 2 * n_ff, n_embd)
+    up: QTensor | None,  # (n_expert, n_ff, n_embd), None when `gate` is fused
+    down: QTensor,  # (n_expert, n_embd, n_ff)
+) -> torch.Tensor:  # [T, n_embd]
+    """Sum over k of weight * down(gelu_tanh(gate x) * up x), for the chosen experts only.
+
+    Tokens are grouped by expert, so each chosen expert's weights are dequantized once per
+    call and applied to all its tokens in one matmul; experts nobody chose are never read.
+    Experts are visited in ascending order and their outputs accumulated with index_add,
+    as transformers does.
+    """
+    out = torch.zeros_like(x)
+    n_ff = down.shape[-1]
+    for expert in torch.unique(expert_ids).tolist():
+        token_idx, slot = torch.nonzero(expert_ids == expert, as_tuple=True)
+        xe = x[token_idx]
+        if up is None:
+            h = linear(xe, gate.select(expert))
+            g, u = h[:, :n_ff], h[:, n_ff:]
+        else:
+            g, u = linear(xe, gate.select(expert)), linear(xe, up.select(expert))
+        h = linear(F.gelu(g, approximate="tanh") * u, down.select(expert)) * expert_weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, h)
+    return out

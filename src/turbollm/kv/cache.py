@@ -21,19 +21,26 @@ class LayerKVShape:
 
 
 class KVCache:
-    def __init__(self, layers: list[LayerKVShape], capacity: int, device: torch.device | str = "cpu",
+    """`layers[il]` is the K/V shape layer `il` stores, or None for a layer that stores nothing
+    (Gemma 4's KV-shared layers read another layer's slots through `view`)."""
+
+    def __init__(self, layers: list[LayerKVShape | None], capacity: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity}")
         self.capacity = capacity
         self.n_tokens = 0  # positions 0 .. n_tokens-1 are filled in every layer
-        self.k = [torch.zeros((capacity, s.n_head_kv, s.head_dim), dtype=dtype, device=device) for s in layers]
-        self.v = [torch.zeros((capacity, s.n_head_kv, s.head_dim), dtype=dtype, device=device) for s in layers]
+
+        def slots(s: LayerKVShape | None) -> torch.Tensor | None:
+            return None if s is None else torch.zeros((capacity, s.n_head_kv, s.head_dim), dtype=dtype, device=device)
+
+        self.k = [slots(s) for s in layers]
+        self.v = [slots(s) for s in layers]
         self.positions = torch.arange(capacity, dtype=torch.int64, device=device)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     def check_room(self, n_new: int) -> None:
         if self.n_tokens + n_new > self.capacity:
@@ -47,6 +54,11 @@ class KVCache:
         start, stop = self.n_tokens, self.n_tokens + k.shape[0]
         self.k[il][start:stop] = k
         self.v[il][start:stop] = v
+        return self.k[il][:stop], self.v[il][:stop], self.positions[:stop]
+
+    def view(self, il: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K, V, positions) of layer `il` including the `n_new` tokens stored this step."""
+        stop = self.n_tokens + n_new
         return self.k[il][:stop], self.v[il][:stop], self.positions[:stop]
 
     def advance(self, n_new: int) -> None:

@@ -1,112 +1,142 @@
-"""Gemma 3 decoder (llama.cpp `src/models/gemma3.cpp`, transformers `Gemma3TextModel`).
+"""The Gemma decoder, Gemma 3 and Gemma 4 (llama.cpp `src/models/gemma3.cpp`, `gemma4.cpp`;
+transformers `Gemma3TextModel`, `Gemma4TextModel`). One forward, the differences as flags:
 
     x = embed(tok) * sqrt(n_embd)
-    per layer:  h = x + post_attn_norm(attn(attn_norm(x)))      # sandwich norms
-                x = h + post_ffn_norm(down(gelu_tanh(gate(n)) * up(n))),  n = ffn_norm(h)
-    attn: q, k per-head RMS-normed, RoPE (NeoX) with base 1e4 on sliding layers and 1e6 on global
-          ones, q.k * attn_scale, causal, sliding layers see the last `sliding_window` positions
-    logits = final_norm(x) @ embed.T   (tied LM head), optionally soft-capped
+    per layer:
+      h = x + post_attn_norm(attn(attn_norm(x)))                     # sandwich norms
+      f = mlp(ffn_norm(h))                                           # down(gelu_tanh(gate) * up)
+      [MoE]  f = post_ffn_norm_1(f) + moe(h)                         # Gemma 4 26B-A4B (models/moe.py)
+      x = h + post_ffn_norm(f)
+      [PLE]  x = x + ple_post_norm(ple_proj(gelu_tanh(ple_gate(x)) * per_layer_input[il]))
+      [scale] x = x * layer_output_scale
+    attn: q, k RMS-normed per head, RoPE (NeoX) per layer type, q.k * attn_scale; Gemma 4 also
+          RMS-norms v (no weight), may take V from the K projection (no attn_v: "K=V"), and its
+          last `n_kv_shared` layers read the K/V of an earlier layer instead of computing their own.
+    logits = final_norm(x) @ embed.T   (tied), soft-capped when the model says so
 
 Weights stay quantized (`QTensor`); every matmul goes through `turbollm.kernels`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from turbollm import kernels
 from turbollm.config import ModelConfig
-from turbollm.errors import GGUFError
-from turbollm.gguf import quants
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
 from turbollm.kv.cache import KVCache, LayerKVShape
 from turbollm.models.layers import Rope, gelu_tanh, rms_norm
+from turbollm.models.moe import MoEWeights, moe_block
+from turbollm.models.weights import TensorLoader
 
 
 @dataclass(frozen=True)
-class GemmaLayerWeights:
+class PleLayerWeights:
+    gate: QTensor  # inp_gate (n_embd_per_layer, n_embd)
+    proj: QTensor  # proj (n_embd, n_embd_per_layer)
+    post_norm: torch.Tensor  # (n_embd,)
+
+
+@dataclass(frozen=True)
+class GemmaLayer:
     attn_norm: torch.Tensor
     wq: QTensor
-    wk: QTensor
-    wv: QTensor
+    wk: QTensor | None  # None on KV-shared layers
+    wv: QTensor | None  # None on KV-shared layers and where V is the K projection
     wo: QTensor
     q_norm: torch.Tensor
-    k_norm: torch.Tensor
+    k_norm: torch.Tensor | None
     post_attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
     w_gate: QTensor
     w_up: QTensor
     w_down: QTensor
     post_ffn_norm: torch.Tensor
+    post_ffn_norm_1: torch.Tensor | None = None  # dense branch of a MoE layer
+    moe: MoEWeights | None = None
+    ple: PleLayerWeights | None = None
+    out_scale: torch.Tensor | None = None  # Gemma 4 layer_output_scale, shape (1,)
 
 
-class _TensorLoader:
-    """Fetches tensors from a GGUF, checking names, shapes and types with one-line errors."""
+def _load_layer(t: TensorLoader, cfg: ModelConfig, il: int) -> GemmaLayer:
+    p, d, hd, n_kv, ff = f"blk.{il}.", cfg.n_embd, cfg.head_dim[il], cfg.n_head_kv[il], cfg.n_ff[il]
+    has_kv = cfg.has_kv(il)
+    return GemmaLayer(
+        attn_norm=t.dense(p + "attn_norm.weight", (d,)),
+        wq=t.quantized(p + "attn_q.weight", (cfg.n_head * hd, d)),
+        wk=t.quantized(p + "attn_k.weight", (n_kv * hd, d)) if has_kv else None,
+        # Gemma 3 always has V; Gemma 4 global layers may share the K projection
+        wv=(t.quantized(p + "attn_v.weight", (n_kv * hd, d)) if cfg.arch == "gemma3"
+            else t.optional_quantized(p + "attn_v.weight", (n_kv * hd, d))) if has_kv else None,
+        wo=t.quantized(p + "attn_output.weight", (d, cfg.n_head * hd)),
+        q_norm=t.dense(p + "attn_q_norm.weight", (hd,)),
+        k_norm=t.dense(p + "attn_k_norm.weight", (hd,)) if has_kv else None,
+        post_attn_norm=t.dense(p + "post_attention_norm.weight", (d,)),
+        ffn_norm=t.dense(p + "ffn_norm.weight", (d,)),
+        w_gate=t.quantized(p + "ffn_gate.weight", (ff, d)),
+        w_up=t.quantized(p + "ffn_up.weight", (ff, d)),
+        w_down=t.quantized(p + "ffn_down.weight", (d, ff)),
+        post_ffn_norm=t.dense(p + "post_ffw_norm.weight", (d,)),
+        post_ffn_norm_1=t.dense(p + "post_ffw_norm_1.weight", (d,)) if cfg.is_moe else None,
+        moe=MoEWeights.load(t, p, cfg) if cfg.is_moe else None,
+        ple=PleLayerWeights(
+            gate=t.quantized(p + "inp_gate.weight", (cfg.n_embd_per_layer, d)),
+            proj=t.quantized(p + "proj.weight", (d, cfg.n_embd_per_layer)),
+            post_norm=t.dense(p + "post_norm.weight", (d,)),
+        ) if cfg.n_embd_per_layer else None,
+        out_scale=t.optional_dense(p + "layer_output_scale.weight", (1,)),
+    )
 
-    def __init__(self, gf: GGUFFile, device: torch.device | str):
-        self.gf, self.device = gf, device
 
-    def _info(self, name: str, shape: tuple[int, ...]):
-        info = self.gf.tensors.get(name)
-        if info is None:
-            raise GGUFError(f"{self.gf.path}: missing tensor '{name}' (expected shape {shape})")
-        if info.shape != shape:
-            raise GGUFError(f"{self.gf.path}: tensor '{name}' has shape {info.shape}, expected {shape}")
-        if not quants.is_supported(info.qtype):
-            raise GGUFError(f"{self.gf.path}: tensor '{name}' has quantization type {info.qtype.name}, which turbollm cannot compute")
-        return info
+@dataclass(frozen=True)
+class PleWeights:
+    """Per-Layer Embeddings (E2B/E4B): a second, wide token table looked up row by row."""
 
-    def quantized(self, name: str, shape: tuple[int, ...]) -> QTensor:
-        info = self._info(name, shape)
-        return QTensor(self.gf.tensor_bytes(name), info.qtype, info.shape, name).to(self.device)
-
-    def dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A small tensor (norm weights) as float32 on the device."""
-        return self.quantized(name, shape).dequantize().to(self.device)
-
-    def has(self, name: str) -> bool:
-        return name in self.gf.tensors
+    token_embd: QTensor  # per_layer_token_embd (n_vocab, n_layer * n_embd_per_layer): never dequantized whole
+    model_proj: QTensor  # per_layer_model_proj (n_layer * n_embd_per_layer, n_embd)
+    proj_norm: torch.Tensor  # (n_embd_per_layer,)
 
 
 class Gemma:
     def __init__(self, cfg: ModelConfig, token_embd: QTensor, output: QTensor, output_norm: torch.Tensor,
-                 layers: list[GemmaLayerWeights], device: torch.device | str = "cpu"):
-        self.cfg, self.token_embd, self.output, self.output_norm, self.layers = cfg, token_embd, output, output_norm, layers
-        self.device = torch.device(device)
-        self.rope_global = Rope(cfg.head_dim[0], cfg.rope_base, cfg.rope_freq_scale, device)
-        self.rope_swa = Rope(cfg.head_dim[0], cfg.rope_base_swa, 1.0, device)
+                 layers: list[GemmaLayer], ple: PleWeights | None = None,
+                 rope_freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+        self.cfg, self.token_embd, self.output, self.output_norm = cfg, token_embd, output, output_norm
+        self.layers, self.ple, self.device = layers, ple, torch.device(device)
+        self.ropes = {
+            True: Rope(_swa_dim(cfg), cfg.rope_base_swa, 1.0, None, device),
+            False: Rope(_global_dim(cfg), cfg.rope_base, cfg.rope_freq_scale, rope_freq_factors, device),
+        }
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, device: torch.device | str = "cpu") -> "Gemma":
-        t = _TensorLoader(gf, device)
+        t = TensorLoader(gf, device)
         d = cfg.n_embd
         token_embd = t.quantized("token_embd.weight", (cfg.n_vocab, d))
-        output = t.quantized("output.weight", (cfg.n_vocab, d)) if t.has("output.weight") else token_embd
-        layers = []
-        for il in range(cfg.n_layer):
-            p, hd, n_kv, ff = f"blk.{il}.", cfg.head_dim[il], cfg.n_head_kv[il], cfg.n_ff[il]
-            layers.append(GemmaLayerWeights(
-                attn_norm=t.dense(p + "attn_norm.weight", (d,)),
-                wq=t.quantized(p + "attn_q.weight", (cfg.n_head * hd, d)),
-                wk=t.quantized(p + "attn_k.weight", (n_kv * hd, d)),
-                wv=t.quantized(p + "attn_v.weight", (n_kv * hd, d)),
-                wo=t.quantized(p + "attn_output.weight", (d, cfg.n_head * hd)),
-                q_norm=t.dense(p + "attn_q_norm.weight", (hd,)),
-                k_norm=t.dense(p + "attn_k_norm.weight", (hd,)),
-                post_attn_norm=t.dense(p + "post_attention_norm.weight", (d,)),
-                ffn_norm=t.dense(p + "ffn_norm.weight", (d,)),
-                w_gate=t.quantized(p + "ffn_gate.weight", (ff, d)),
-                w_up=t.quantized(p + "ffn_up.weight", (ff, d)),
-                w_down=t.quantized(p + "ffn_down.weight", (d, ff)),
-                post_ffn_norm=t.dense(p + "post_ffw_norm.weight", (d,)),
-            ))
-        return cls(cfg, token_embd, output, t.dense("output_norm.weight", (d,)), layers, device)
+        output = t.optional_quantized("output.weight", (cfg.n_vocab, d)) or token_embd
+        layers = [_load_layer(t, cfg, il) for il in range(cfg.n_layer)]
+        ple = None
+        if cfg.n_embd_per_layer:
+            width = cfg.n_layer * cfg.n_embd_per_layer
+            ple = PleWeights(
+                token_embd=t.quantized("per_layer_token_embd.weight", (cfg.n_vocab, width)),
+                model_proj=t.quantized("per_layer_model_proj.weight", (width, d)),
+                proj_norm=t.dense("per_layer_proj_norm.weight", (cfg.n_embd_per_layer,)),
+            )
+        freq_factors = None
+        if cfg.arch == "gemma4" and not all(cfg.swa_layers):
+            freq_factors = t.optional_dense("rope_freqs.weight", (_global_dim(cfg) // 2,))
+        return cls(cfg, token_embd, output, t.dense("output_norm.weight", (d,)), layers, ple, freq_factors, device)
 
-    def kv_layout(self) -> list[LayerKVShape]:
-        return [LayerKVShape(self.cfg.n_head_kv[il], self.cfg.head_dim[il]) for il in range(self.cfg.n_layer)]
+    def kv_layout(self) -> list[LayerKVShape | None]:
+        """Per layer: the K/V it stores, or None for a layer that reads another layer's."""
+        cfg = self.cfg
+        return [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il]) if cfg.has_kv(il) else None
+                for il in range(cfg.n_layer)]
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.kv_layout(), capacity, self.device)
@@ -117,27 +147,50 @@ class Gemma:
         cfg = self.cfg
         n_new = ids.shape[0]
         cache.check_room(n_new)
+        ids = ids.to(self.device)
         positions = torch.arange(cache.n_tokens, cache.n_tokens + n_new, device=self.device)
-        x = kernels.embedding(ids.to(self.device), self.token_embd) * cfg.embed_scale
+        x = kernels.embedding(ids, self.token_embd) * cfg.embed_scale
+        per_layer_input = self._per_layer_inputs(ids, x) if self.ple is not None else None
         for il, w in enumerate(self.layers):
-            h = x + rms_norm(self._attention(il, w, rms_norm(x, w.attn_norm, cfg.rms_eps), positions, cache),
-                             w.post_attn_norm, cfg.rms_eps)
+            attn = self._attention(il, w, rms_norm(x, w.attn_norm, cfg.rms_eps), positions, cache)
+            h = x + rms_norm(attn, w.post_attn_norm, cfg.rms_eps)
             n = rms_norm(h, w.ffn_norm, cfg.rms_eps)
             ffn = kernels.linear(gelu_tanh(kernels.linear(n, w.w_gate)) * kernels.linear(n, w.w_up), w.w_down)
+            if w.moe is not None:
+                ffn = rms_norm(ffn, w.post_ffn_norm_1, cfg.rms_eps) + moe_block(h, w.moe, cfg)
             x = h + rms_norm(ffn, w.post_ffn_norm, cfg.rms_eps)
+            if w.ple is not None:
+                gated = gelu_tanh(kernels.linear(x, w.ple.gate)) * per_layer_input[:, il]
+                x = x + rms_norm(kernels.linear(gated, w.ple.proj), w.ple.post_norm, cfg.rms_eps)
+            if w.out_scale is not None:
+                x = x * w.out_scale
         cache.advance(n_new)
         return rms_norm(x, self.output_norm, cfg.rms_eps)
 
-    def _attention(self, il: int, w: GemmaLayerWeights, x: torch.Tensor, positions: torch.Tensor,
+    def _per_layer_inputs(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """[T, n_layer, n_embd_per_layer]: (rms_norm(proj(x0) / sqrt(n_embd)) + table[ids] * sqrt(ple)) / sqrt(2)."""
+        cfg, ple = self.cfg, self.ple
+        shape = (ids.shape[0], cfg.n_layer, cfg.n_embd_per_layer)
+        from_token = kernels.embedding(ids, ple.token_embd).view(shape) * math.sqrt(cfg.n_embd_per_layer)
+        from_context = (kernels.linear(x0, ple.model_proj) * cfg.n_embd ** -0.5).view(shape)
+        from_context = rms_norm(from_context, ple.proj_norm, cfg.rms_eps)
+        return (from_context + from_token) * 2.0 ** -0.5
+
+    def _attention(self, il: int, w: GemmaLayer, x: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache) -> torch.Tensor:
         cfg = self.cfg
         n_tok, hd, n_kv = x.shape[0], cfg.head_dim[il], cfg.n_head_kv[il]
-        q = rms_norm(kernels.linear(x, w.wq).view(n_tok, cfg.n_head, hd), w.q_norm, cfg.rms_eps)
-        k = rms_norm(kernels.linear(x, w.wk).view(n_tok, n_kv, hd), w.k_norm, cfg.rms_eps)
-        v = kernels.linear(x, w.wv).view(n_tok, n_kv, hd)
-        rope = self.rope_swa if cfg.is_swa(il) else self.rope_global
-        q, k = rope(q, positions), rope(k, positions)
-        k_all, v_all, k_pos = cache.store(il, k, v)
+        rope = self.ropes[cfg.is_swa(il)]
+        q = rope(rms_norm(kernels.linear(x, w.wq).view(n_tok, cfg.n_head, hd), w.q_norm, cfg.rms_eps), positions)
+        if cfg.has_kv(il):
+            k = kernels.linear(x, w.wk).view(n_tok, n_kv, hd)
+            v = kernels.linear(x, w.wv).view(n_tok, n_kv, hd) if w.wv is not None else k
+            k = rope(rms_norm(k, w.k_norm, cfg.rms_eps), positions)
+            if cfg.v_norm:
+                v = rms_norm(v, None, cfg.rms_eps)
+            k_all, v_all, k_pos = cache.store(il, k, v)
+        else:
+            k_all, v_all, k_pos = cache.view(cfg.kv_source(il), n_tok)
         window = cfg.sliding_window if cfg.is_swa(il) else 0
         out = kernels.attention(q, k_all, v_all, positions, k_pos, cfg.attn_scale, window)
         return kernels.linear(out.reshape(n_tok, cfg.n_head * hd), w.wo)
@@ -148,3 +201,13 @@ class Gemma:
         logits = kernels.linear(hidden, self.output)
         cap = self.cfg.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+
+def _swa_dim(cfg: ModelConfig) -> int:
+    dims = {cfg.head_dim[il] for il in range(cfg.n_layer) if cfg.is_swa(il)}
+    return dims.pop() if dims else cfg.head_dim[0]
+
+
+def _global_dim(cfg: ModelConfig) -> int:
+    dims = {cfg.head_dim[il] for il in range(cfg.n_layer) if not cfg.is_swa(il)}
+    return dims.pop() if dims else cfg.head_dim[0]

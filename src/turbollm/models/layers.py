@@ -24,12 +24,20 @@ class Rope:
     """Rotary position embedding, NeoX layout (the two halves of a head are the pairs).
 
     cos/sin are computed as transformers does: inv_freq = 1 / base^(2i/d) in float32, angles =
-    position * inv_freq, with linear scaling dividing positions (llama.cpp's freq_scale).
+    position * inv_freq. Linear scaling multiplies inv_freq by `freq_scale` (llama.cpp's
+    freq_scale); `freq_factors` divide it per pair (GGUF `rope_freqs.weight`: Gemma 4's
+    proportional RoPE sets 1e30 on the pairs that do not rotate, i.e. angle 0).
     """
 
-    def __init__(self, head_dim: int, base: float, freq_scale: float = 1.0, device: torch.device | str = "cpu"):
+    def __init__(self, head_dim: int, base: float, freq_scale: float = 1.0,
+                 freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu"):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-        self.inv_freq = (1.0 / (base ** exponents) * freq_scale).to(device)
+        inv_freq = 1.0 / (base ** exponents) * freq_scale
+        if freq_factors is not None:
+            if freq_factors.shape != inv_freq.shape:
+                raise ValueError(f"rope frequency factors have shape {tuple(freq_factors.shape)}, expected {tuple(inv_freq.shape)}")
+            inv_freq = inv_freq / freq_factors.to(inv_freq.device)
+        self.inv_freq = inv_freq.to(device)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, n_head, d], positions [T] -> x rotated."""
