@@ -16,16 +16,19 @@ from turbollm import ContextLengthError, GGUFError, Model, SamplingParams
 from turbollm.cli import main as cli_main
 from turbollm.gguf.reader import GGUFFile
 
+from conftest import REFERENCE_DIR
+
 HEADER_BYTES = 8 * 2**20  # the header (vocabulary included) lies in the first few MB
 
 
 @pytest.fixture
 def corrupt(tmp_path, default_model_path):
-    """corrupt(edit) -> path of a copy of the model whose bytes were changed by edit(bytearray-of-header, path)."""
+    """corrupt(edit, source=default model) -> path of a copy of `source` whose header bytes were
+    changed by edit(bytearray-of-header, path)."""
 
-    def make(edit) -> Path:
+    def make(edit, source: Path | None = None) -> Path:
         path = tmp_path / "model.gguf"
-        shutil.copyfile(default_model_path, path)
+        shutil.copyfile(source or default_model_path, path)
         with open(path, "r+b") as f:
             header = bytearray(f.read(HEADER_BYTES))
             edit(header, path)
@@ -162,3 +165,47 @@ def test_cli_bad_sampling_value(capsys, default_model_path):
     status = cli_main(["run", "-m", str(default_model_path), "-p", "hi", "--top-p", "0"])
     err = capsys.readouterr().err.strip()
     assert status == 1 and err == "error: top_p must be in (0, 1], got 0.0"
+
+
+# ---- Gemma 4 -------------------------------------------------------------------------------
+
+TINY_MOE = REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q8_0.gguf"
+
+
+def _set_uint32_key(header: bytearray, key: str, value: int) -> None:
+    at = header.find(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    assert struct.unpack_from("<I", header, at)[0] in (4, 5)  # GGUF uint32 / int32 value type
+    struct.pack_into("<I", header, at + 4, value)
+
+
+def test_gemma4_missing_expert_tensor_is_named_with_its_shape(corrupt):
+    def edit(h, p):
+        name = b"blk.2.ffn_down_exps.weight"
+        at = h.find(struct.pack("<Q", len(name)) + name) + 8
+        h[at:at + len(name)] = b"blk.2.ffn_down_exps.weighX"
+    with pytest.raises(GGUFError) as e:
+        Model.load(corrupt(edit, TINY_MOE))
+    assert "missing tensor 'blk.2.ffn_down_exps.weight' (expected shape (16, 256, 32))" in _one_line(e.value)
+
+
+def test_gemma4_wrong_expert_count_in_metadata(corrupt):
+    with pytest.raises(GGUFError) as e:
+        Model.load(corrupt(lambda h, p: _set_uint32_key(h, "gemma4.expert_count", 8), TINY_MOE))
+    message = _one_line(e.value)
+    assert "'blk.0.ffn_down_exps.weight' holds 16 along its first dimension, but metadata 'gemma4.expert_count' says 8" in message
+
+
+def test_gemma4_more_active_experts_than_experts(corrupt):
+    with pytest.raises(GGUFError) as e:
+        Model.load(corrupt(lambda h, p: _set_uint32_key(h, "gemma4.expert_used_count", 17), TINY_MOE))
+    assert "expert_used_count 17 must be in 1..16" in _one_line(e.value)
+
+
+def test_gemma4_mismatched_expert_shape(corrupt):
+    def edit(h, p):  # blk.1.ffn_gate_up_exps.weight: ggml dims [256, 64, 16] -> [256, 32, 16]
+        at = _tensor_info_at(h, "blk.1.ffn_gate_up_exps.weight")
+        struct.pack_into("<Q", h, at + 4 + 8, 32)
+    with pytest.raises(GGUFError) as e:
+        Model.load(corrupt(edit, TINY_MOE))
+    message = _one_line(e.value)
+    assert "'blk.1.ffn_gate_up_exps.weight' has shape (16, 32, 256), expected (16, 64, 256)" in message

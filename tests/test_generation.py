@@ -168,7 +168,8 @@ def test_cli_run_streams_the_greedy_answer(capsys, default_model_path, gemma3_mo
 def test_cli_inspect_lists_architecture_and_tensors(capsys, default_model_path):
     assert cli_main(["inspect", str(default_model_path)]) == 0
     out = capsys.readouterr().out
-    assert "architecture: gemma3: 18 layers, hidden 640" in out
+    assert "architecture: gemma3 (Gemma 3 270m): 18 layers, hidden 640" in out
+    assert "parameters: 268,098,176 total" in out
     assert "layer pattern SSSSSGSSSSSGSSSSSG" in out
     assert "tokenizer.ggml.tokens = <262144 entries>" in out
     assert any(line.startswith("blk.0.attn_q.weight") and "Q5_0" in line and "[1024, 640]" in line for line in out.splitlines())

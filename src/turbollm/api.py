@@ -82,16 +82,20 @@ class Model:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
 
-    def chat_prompt(self, messages: Sequence[chat.Message]) -> str:
-        """Messages -> prompt text, with the GGUF's template or the built-in Gemma one."""
+    def chat_prompt(self, messages: Sequence[chat.Message], enable_thinking: bool = False) -> str:
+        """Messages -> prompt text, with the GGUF's template or the built-in one of the model's
+        generation. `enable_thinking` asks a Gemma 4 model to reason before answering."""
         template = self.gguf.get("tokenizer.chat_template")
         if template:
             tok = self.tokenizer
             bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
             eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-            text = chat.render_template(template, messages, bos_token=bos, eos_token=eos)
+            text = chat.render_template(template, messages, bos_token=bos, eos_token=eos,
+                                        enable_thinking=enable_thinking)
             # The tokenizer adds BOS itself; a template that writes it too would double it.
             return text[len(bos):] if bos and text.startswith(bos) else text
+        if self.config.arch == "gemma4":
+            return chat.gemma4_turns(messages, enable_thinking=enable_thinking)
         return chat.gemma_turns(messages)
 
     def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),

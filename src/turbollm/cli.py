@@ -7,6 +7,7 @@ Errors caused by input are printed as one line (`error: ...`) with exit status 1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `turbollm inspect | head`: the reader is gone, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 2
 
 
@@ -148,6 +152,47 @@ def run(a: RunArgs) -> int:
     return 0
 
 
+def describe_architecture(cfg, gf) -> list[str]:
+    """Human-readable structure: layers, attention pattern, experts, PLE, parameters."""
+    tensors = gf.tensors.values()
+    total = sum(t.n_elements for t in tensors)
+    expert = sum(t.n_elements for t in tensors if "_exps." in t.name)
+    ple = sum(t.n_elements for t in tensors if t.name == "per_layer_token_embd.weight")
+    active = total - expert + (expert * cfg.n_expert_used // cfg.n_expert if cfg.n_expert else 0)
+    lines = [
+        f"architecture: {cfg.arch} ({cfg.name}): {cfg.n_layer} layers, hidden {cfg.n_embd}, {cfg.n_head} query heads, "
+        f"vocab {cfg.n_vocab}, training context {cfg.n_ctx_train}",
+        f"attention: layer pattern {''.join('S' if s else 'G' for s in cfg.swa_layers)} (S sliding, G global), "
+        f"sliding window {cfg.sliding_window}, RoPE base {cfg.rope_base:g} global / {cfg.rope_base_swa:g} sliding",
+        "heads: " + ", ".join(f"{kind} {cfg.n_head_kv[il]} KV x {cfg.head_dim[il]}"
+                             for kind, il in _first_of_each_kind(cfg)),
+        f"feed-forward: dense width {'/'.join(str(n) for n in sorted(set(cfg.n_ff)))}",
+    ]
+    if cfg.n_expert:
+        lines.append(f"experts: {cfg.n_expert} per layer, {cfg.n_expert_used} active per token, width {cfg.n_ff_expert} "
+                     f"(beside the dense MLP)")
+    if cfg.n_kv_shared:
+        lines.append(f"KV sharing: the last {cfg.n_kv_shared} layers reuse the K/V of layers "
+                     f"{sorted({cfg.kv_source(il) for il in range(cfg.n_layer) if not cfg.has_kv(il)})}")
+    if cfg.n_embd_per_layer:
+        lines.append(f"per-layer embeddings: {cfg.n_embd_per_layer} per layer, table of {ple:,} parameters "
+                     f"(looked up one row per token)")
+    line = f"parameters: {total:,} total"
+    if cfg.n_expert:
+        line += f", {active:,} active per token ({expert:,} in experts)"
+    if ple:
+        line += f", {total - ple:,} without the per-layer embedding table"
+    lines.append(line)
+    return lines
+
+
+def _first_of_each_kind(cfg):
+    seen = {}
+    for il in range(cfg.n_layer):
+        seen.setdefault("sliding" if cfg.is_swa(il) else "global", il)
+    return list(seen.items())
+
+
 def inspect(a: InspectArgs) -> int:
     from turbollm.api import default_model_path
     from turbollm.config import SUPPORTED_ARCHITECTURES, ModelConfig
@@ -159,18 +204,13 @@ def inspect(a: InspectArgs) -> int:
     print(f"size: {gf.file_size:,} bytes, {len(gf.tensors)} tensors, {gf.tensor_data_bytes:,} bytes of tensor data", file=out)
     types = Counter(t.qtype.name for t in gf.tensors.values())
     print("tensor types: " + ", ".join(f"{name} x{n}" for name, n in types.most_common()), file=out)
-    n_params = sum(t.n_elements for t in gf.tensors.values())
-    print(f"parameters: {n_params:,}", file=out)
     arch = gf.get("general.architecture", "?")
     if arch in SUPPORTED_ARCHITECTURES:
         cfg = ModelConfig.from_metadata(gf.metadata, str(gf.path))
-        print(f"architecture: {cfg.arch}: {cfg.n_layer} layers, hidden {cfg.n_embd}, {cfg.n_head} query heads, "
-              f"KV heads {sorted(set(cfg.n_head_kv))}, head dim {sorted(set(cfg.head_dim))}, FFN {sorted(set(cfg.n_ff))}, "
-              f"vocab {cfg.n_vocab}, training context {cfg.n_ctx_train}", file=out)
-        pattern = "".join("S" if s else "G" for s in cfg.swa_layers)
-        print(f"attention: sliding window {cfg.sliding_window}, layer pattern {pattern} (S sliding, G global), "
-              f"RoPE base {cfg.rope_base:g} global / {cfg.rope_base_swa:g} sliding", file=out)
+        for line in describe_architecture(cfg, gf):
+            print(line, file=out)
     else:
+        print(f"parameters: {sum(t.n_elements for t in gf.tensors.values()):,}", file=out)
         print(f"architecture: {arch} (not supported for running; supported: {', '.join(SUPPORTED_ARCHITECTURES)})", file=out)
     print("\nmetadata:", file=out)
     for key, value in gf.metadata.items():

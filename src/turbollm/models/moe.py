@@ -39,6 +39,7 @@ class MoEWeights:
     @classmethod
     def load(cls, t: TensorLoader, prefix: str, cfg: ModelConfig) -> "MoEWeights":
         d, n_exp, n_ff = cfg.n_embd, cfg.n_expert, cfg.n_ff_expert
+        t.check_leading_dim(prefix + "ffn_down_exps.weight", n_exp, f"{cfg.arch}.expert_count")
         fused = prefix + "ffn_gate_up_exps.weight"
         if t.has(fused) or not t.has(prefix + "ffn_gate_exps.weight"):
             gate, up = t.quantized(fused, (n_exp, 2 * n_ff, d)), None

@@ -32,6 +32,13 @@ class TensorLoader:
             raise GGUFError(f"{self.gf.path}: tensor '{name}' has quantization type {info.qtype.name}, which turbollm cannot compute")
         return info
 
+    def check_leading_dim(self, name: str, expected: int, key: str) -> None:
+        """A count the metadata states (e.g. experts) must match the tensor that holds them."""
+        info = self.gf.tensors.get(name)
+        if info is not None and info.shape[0] != expected:
+            raise GGUFError(f"{self.gf.path}: tensor '{name}' holds {info.shape[0]} along its first dimension, "
+                            f"but metadata '{key}' says {expected}")
+
     def quantized(self, name: str, shape: tuple[int, ...]) -> QTensor:
         """A weight kept in its block format."""
         info = self._info(name, shape)
