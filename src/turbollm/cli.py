@@ -122,7 +122,7 @@ def run(a: RunArgs) -> int:
     from turbollm.api import Model
     from turbollm.engine.generate import GenerationStats
     from turbollm.engine.sampler import SamplingParams
-    from turbollm.memory import mib, peak_rss_bytes, rss_bytes
+    from turbollm.memory import mib, peak_rss_bytes, rss_breakdown
 
     prompt = _read_prompt(a)
     params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
@@ -131,7 +131,7 @@ def run(a: RunArgs) -> int:
     model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads)
     if a.verbose:
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
-        print(f"load time = {model.load_seconds:.2f} s, RSS after load = {mib(rss_bytes())}", file=sys.stderr)
+        print(f"load time = {model.load_seconds:.2f} s, after load: {rss_breakdown()}", file=sys.stderr)
     use_chat = a.chat if a.chat is not None else bool(model.gguf.get("tokenizer.chat_template"))
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
@@ -148,7 +148,7 @@ def run(a: RunArgs) -> int:
         print(f"prompt: {stats.n_prompt} tokens in {stats.prompt_seconds:.3f} s ({stats.prompt_tokens_per_second:.1f} tok/s)", file=sys.stderr)
         print(f"decode: {stats.n_decode_steps} tokens in {stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.2f} tok/s), "
               f"{stats.n_generated} generated, finish: {stats.finish_reason}", file=sys.stderr)
-        print(f"peak RSS = {mib(peak_rss_bytes())}", file=sys.stderr)
+        print(f"peak RSS = {mib(peak_rss_bytes())}, now: {rss_breakdown()}", file=sys.stderr)
     return 0
 
 

@@ -75,6 +75,9 @@ class ModelConfig:
         for name in ("n_head_kv", "head_dim", "n_ff", "swa_layers"):
             if len(getattr(self, name)) != self.n_layer:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected one per layer ({self.n_layer})")
+        for il, n_kv in enumerate(self.n_head_kv):
+            if n_kv <= 0 or self.n_head % n_kv:
+                raise ValueError(f"layer {il}: {self.n_head} query heads cannot be grouped over {n_kv} KV heads")
         if not 0 <= self.n_kv_shared < self.n_layer:
             raise ValueError(f"n_kv_shared {self.n_kv_shared} must be in 0..{self.n_layer - 1}")
         if self.n_kv_shared:

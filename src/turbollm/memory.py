@@ -31,5 +31,14 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def rss_breakdown() -> str:
+    """'RSS X (anonymous Y, file-backed Z)': file-backed pages are the mmapped weights, shared
+    with the page cache; anonymous pages are what the process allocated itself."""
+    anon, file = _status_kib("RssAnon"), _status_kib("RssFile")
+    if anon is None or file is None:
+        return f"RSS {mib(rss_bytes())}"
+    return f"RSS {mib(rss_bytes())} (anonymous {mib(anon * 1024)}, file-backed {mib(file * 1024)})"
+
+
 def mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:,.1f} MiB"
