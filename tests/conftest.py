@@ -54,4 +54,4 @@ def gemma3_oracle():
 @pytest.fixture(scope="session")
 def gemma3_model(default_model_path):
     from turbollm import Model
-    return Model.load(default_model_path)
+    return Model.load(default_model_path, backend="reference")

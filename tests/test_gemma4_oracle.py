@@ -39,7 +39,8 @@ def gemma4():
     def model(name: str, variant: str) -> Model:
         key = (name, variant)
         if key not in models:
-            models[key] = Model.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf")
+            models[key] = Model.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf",
+                                     backend="reference")
         return models[key]
 
     def record(name: str, prompt: str) -> dict:
@@ -141,8 +142,8 @@ def test_moe_routing_matches_transformers(gemma4):
     chosen = []
     original = moe.route
 
-    def spy(h, w, cfg):
-        ids, weights = original(h, w, cfg)
+    def spy(h, w, cfg, ops):
+        ids, weights = original(h, w, cfg, ops)
         chosen.append((ids.clone(), weights.clone()))
         return ids, weights
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from turbollm import chat
+from turbollm import chat, kernels
 from turbollm.config import ModelConfig
 from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import SamplingParams
@@ -60,14 +60,19 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
-             threads: int | None = None, device: str = "cpu") -> "Model":
+             threads: int | None = None, device: str = "cpu", backend: str = "auto") -> "Model":
         """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
-        context; a larger value is refused rather than silently accepted."""
+        context; a larger value is refused rather than silently accepted. `backend` picks the
+        kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
+        (exact float32 PyTorch, any device)."""
         start = time.perf_counter()
-        if threads is not None:
-            if threads <= 0:
-                raise TurbollmError(f"--threads must be positive, got {threads}")
-            torch.set_num_threads(threads)
+        if threads is not None and threads <= 0:
+            raise TurbollmError(f"--threads must be positive, got {threads}")
+        try:
+            ops = kernels.backend(backend)
+        except ValueError as e:
+            raise TurbollmError(str(e)) from None
+        kernels.use_threads(ops, threads)
         gf = GGUFFile(path if path is not None else default_model_path())
         config = ModelConfig.from_metadata(gf.metadata, str(gf.path))
         tokenizer = Tokenizer.from_metadata(gf.metadata)
@@ -76,7 +81,7 @@ class Model:
         ctx = config.n_ctx_train if ctx_size is None else ctx_size
         if not 0 < ctx <= config.n_ctx_train:
             raise TurbollmError(f"--ctx-size {ctx} is outside 1..{config.n_ctx_train} (the model's training context)")
-        network = Gemma.from_gguf(gf, config, device)
+        network = Gemma.from_gguf(gf, config, device, ops)
         return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start)
 
     def encode(self, text: str) -> list[int]:

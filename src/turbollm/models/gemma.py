@@ -104,16 +104,19 @@ class PleWeights:
 class Gemma:
     def __init__(self, cfg: ModelConfig, token_embd: QTensor, output: QTensor, output_norm: torch.Tensor,
                  layers: list[GemmaLayer], ple: PleWeights | None = None,
-                 rope_freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+                 rope_freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                 ops: type = kernels.backend("reference")):
         self.cfg, self.token_embd, self.output, self.output_norm = cfg, token_embd, output, output_norm
         self.layers, self.ple, self.device = layers, ple, torch.device(device)
+        self.ops = ops  # the kernel backend (turbollm.kernels.backend)
         self.ropes = {
             True: Rope(_swa_dim(cfg), cfg.rope_base_swa, 1.0, None, device),
             False: Rope(_global_dim(cfg), cfg.rope_base, cfg.rope_freq_scale, rope_freq_factors, device),
         }
 
     @classmethod
-    def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, device: torch.device | str = "cpu") -> "Gemma":
+    def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, device: torch.device | str = "cpu",
+                  ops: type = kernels.backend("reference")) -> "Gemma":
         t = TensorLoader(gf, device)
         d = cfg.n_embd
         token_embd = t.quantized("token_embd.weight", (cfg.n_vocab, d))
@@ -130,7 +133,7 @@ class Gemma:
         freq_factors = None
         if cfg.arch == "gemma4" and not all(cfg.swa_layers):
             freq_factors = t.optional_dense("rope_freqs.weight", (_global_dim(cfg) // 2,))
-        return cls(cfg, token_embd, output, t.dense("output_norm.weight", (d,)), layers, ple, freq_factors, device)
+        return cls(cfg, token_embd, output, t.dense("output_norm.weight", (d,)), layers, ple, freq_factors, device, ops)
 
     def kv_layout(self) -> list[LayerKVShape | None]:
         """Per layer: the K/V it stores, or None for a layer that reads another layer's."""
@@ -149,19 +152,21 @@ class Gemma:
         cache.check_room(n_new)
         ids = ids.to(self.device)
         positions = torch.arange(cache.n_tokens, cache.n_tokens + n_new, device=self.device)
-        x = kernels.embedding(ids, self.token_embd) * cfg.embed_scale
+        x = self.ops.embedding(ids, self.token_embd) * cfg.embed_scale
         per_layer_input = self._per_layer_inputs(ids, x) if self.ple is not None else None
+        rope_angles = {swa: rope.angles(positions) for swa, rope in self.ropes.items()}
         for il, w in enumerate(self.layers):
-            attn = self._attention(il, w, rms_norm(x, w.attn_norm, cfg.rms_eps), positions, cache)
+            attn = self._attention(il, w, rms_norm(x, w.attn_norm, cfg.rms_eps), positions,
+                                   rope_angles[cfg.is_swa(il)], cache)
             h = x + rms_norm(attn, w.post_attn_norm, cfg.rms_eps)
             n = rms_norm(h, w.ffn_norm, cfg.rms_eps)
-            ffn = kernels.linear(gelu_tanh(kernels.linear(n, w.w_gate)) * kernels.linear(n, w.w_up), w.w_down)
+            ffn = self.ops.linear(gelu_tanh(self.ops.linear(n, w.w_gate)) * self.ops.linear(n, w.w_up), w.w_down)
             if w.moe is not None:
-                ffn = rms_norm(ffn, w.post_ffn_norm_1, cfg.rms_eps) + moe_block(h, w.moe, cfg)
+                ffn = rms_norm(ffn, w.post_ffn_norm_1, cfg.rms_eps) + moe_block(h, w.moe, cfg, self.ops)
             x = h + rms_norm(ffn, w.post_ffn_norm, cfg.rms_eps)
             if w.ple is not None:
-                gated = gelu_tanh(kernels.linear(x, w.ple.gate)) * per_layer_input[:, il]
-                x = x + rms_norm(kernels.linear(gated, w.ple.proj), w.ple.post_norm, cfg.rms_eps)
+                gated = gelu_tanh(self.ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
+                x = x + rms_norm(self.ops.linear(gated, w.ple.proj), w.ple.post_norm, cfg.rms_eps)
             if w.out_scale is not None:
                 x = x * w.out_scale
         cache.advance(n_new)
@@ -171,34 +176,33 @@ class Gemma:
         """[T, n_layer, n_embd_per_layer]: (rms_norm(proj(x0) / sqrt(n_embd)) + table[ids] * sqrt(ple)) / sqrt(2)."""
         cfg, ple = self.cfg, self.ple
         shape = (ids.shape[0], cfg.n_layer, cfg.n_embd_per_layer)
-        from_token = kernels.embedding(ids, ple.token_embd).view(shape) * math.sqrt(cfg.n_embd_per_layer)
-        from_context = (kernels.linear(x0, ple.model_proj) * cfg.n_embd ** -0.5).view(shape)
+        from_token = self.ops.embedding(ids, ple.token_embd).view(shape) * math.sqrt(cfg.n_embd_per_layer)
+        from_context = (self.ops.linear(x0, ple.model_proj) * cfg.n_embd ** -0.5).view(shape)
         from_context = rms_norm(from_context, ple.proj_norm, cfg.rms_eps)
         return (from_context + from_token) * 2.0 ** -0.5
 
     def _attention(self, il: int, w: GemmaLayer, x: torch.Tensor, positions: torch.Tensor,
-                   cache: KVCache) -> torch.Tensor:
+                   rope_angles: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         cfg = self.cfg
         n_tok, hd, n_kv = x.shape[0], cfg.head_dim[il], cfg.n_head_kv[il]
-        rope = self.ropes[cfg.is_swa(il)]
-        q = rope(rms_norm(kernels.linear(x, w.wq).view(n_tok, cfg.n_head, hd), w.q_norm, cfg.rms_eps), positions)
+        q = Rope.apply(rms_norm(self.ops.linear(x, w.wq).view(n_tok, cfg.n_head, hd), w.q_norm, cfg.rms_eps), *rope_angles)
         if cfg.has_kv(il):
-            k = kernels.linear(x, w.wk).view(n_tok, n_kv, hd)
-            v = kernels.linear(x, w.wv).view(n_tok, n_kv, hd) if w.wv is not None else k
-            k = rope(rms_norm(k, w.k_norm, cfg.rms_eps), positions)
+            k = self.ops.linear(x, w.wk).view(n_tok, n_kv, hd)
+            v = self.ops.linear(x, w.wv).view(n_tok, n_kv, hd) if w.wv is not None else k
+            k = Rope.apply(rms_norm(k, w.k_norm, cfg.rms_eps), *rope_angles)
             if cfg.v_norm:
                 v = rms_norm(v, None, cfg.rms_eps)
             k_all, v_all, k_pos = cache.store(il, k, v)
         else:
             k_all, v_all, k_pos = cache.view(cfg.kv_source(il), n_tok)
         window = cfg.sliding_window if cfg.is_swa(il) else 0
-        out = kernels.attention(q, k_all, v_all, positions, k_pos, cfg.attn_scale, window)
-        return kernels.linear(out.reshape(n_tok, cfg.n_head * hd), w.wo)
+        out = self.ops.attention(q, k_all, v_all, positions, k_pos, cfg.attn_scale, window)
+        return self.ops.linear(out.reshape(n_tok, cfg.n_head * hd), w.wo)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [T, n_embd] -> [T, n_vocab] float32, soft-capped if the model says so."""
-        logits = kernels.linear(hidden, self.output)
+        logits = self.ops.linear(hidden, self.output)
         cap = self.cfg.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (no weight: plain RMS)."""
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (no weight: plain RMS).
+    One fused op (a decode step runs ~130 of these; five ops each cost ~2 ms per token)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -39,11 +39,19 @@ class Rope:
             inv_freq = inv_freq / freq_factors.to(inv_freq.device)
         self.inv_freq = inv_freq.to(device)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, n_head, d], positions [T] -> x rotated."""
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, d] for `positions` [T]: compute once per forward, apply per layer."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, d/2]
-        cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
-        sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, n_head, d] rotated by angles from `angles()`."""
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, n_head, d], positions [T] -> x rotated."""
+        return self.apply(x, *self.angles(positions))

@@ -1,0 +1,24 @@
+"""Build the native CPU kernels (plain C, loaded with ctypes; no PyTorch C++ API).
+
+Everything else about the package is in pyproject.toml. The library is compiled for the
+baseline x86-64 / aarch64 target: SIMD code paths carry their own target pragmas and are
+chosen at run time from what the CPU reports.
+"""
+
+from setuptools import Extension, setup
+
+NATIVE = "src/turbollm/kernels/native/"
+
+setup(
+    ext_modules=[
+        Extension(
+            "turbollm.kernels._tlnative",
+            sources=[NATIVE + name for name in ("api.c", "threads.c", "scalar.c", "avx2.c")],
+            depends=[NATIVE + "tl.h"],
+            # -ffp-contract=off: no silent fused multiply-adds, so dequantization stays bit-exact
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-Wall"],
+            extra_link_args=["-pthread"],
+            libraries=["m"],
+        )
+    ],
+)

@@ -1,0 +1,67 @@
+"""The fast CPU backend: native kernels where they apply, the reference elsewhere.
+
+Decode-sized products (at most DECODE_MAX_TOKENS rows) use the integer kernels: activations
+quantized to 8-bit blocks, dot products against the weight blocks in place, as ggml does.
+Larger products (prefill) dequantize a tile of weight rows natively (bit-exact with the
+reference) and use torch's float GEMM, which wins there (measured: q6_K 2048 -> 640 at 512
+tokens, 10.6 ms against 22.9 ms for the integer kernel; the integer kernel wins below ~64).
+Anything not on the CPU, or of a type without a native kernel, goes to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from turbollm.kernels import native, reference
+from turbollm.kernels.attention import attention
+from turbollm.kernels.qtensor import QTensor
+
+DECODE_MAX_TOKENS = 32
+_TILE_ELEMENTS = 1024 * 1024  # dequantized weight tile for prefill: 4 MB of float32
+
+embedding = reference.embedding
+__all__ = ["attention", "embedding", "linear", "moe_ffn"]
+
+
+def _native_ok(x: torch.Tensor, w: QTensor) -> bool:
+    return x.device.type == "cpu" and w.device.type == "cpu" and native.supports(w.qtype)
+
+
+def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """x [..., n_in] @ w.T -> [..., n_out]."""
+    if not _native_ok(x, w):
+        return reference.linear(x, w)
+    n_out, n_in = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in).to(torch.float32).contiguous()
+    if x2.shape[0] <= DECODE_MAX_TOKENS:
+        return native.matmul(x2, w).view(*lead, n_out)
+    out = torch.empty((x2.shape[0], n_out), dtype=torch.float32)
+    rows = max(1, _TILE_ELEMENTS // n_in)
+    for start in range(0, n_out, rows):
+        stop = min(n_out, start + rows)
+        tile = native.dequantize(w, slice(start, stop))
+        native.rest()  # the GEMM is torch's: free the cores
+        out[:, start:stop] = F.linear(x2, tile)
+    return out.view(*lead, n_out)
+
+
+def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+            gate: QTensor, up: QTensor | None, down: QTensor) -> torch.Tensor:
+    """As reference.moe_ffn: every (token, slot) pair through its expert, grouped by expert in
+    the kernel, so only the chosen experts' weights are read."""
+    if not (_native_ok(x, gate) and native.supports(down.qtype) and (up is None or native.supports(up.qtype))):
+        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down)
+    n_tok, n_slot = expert_ids.shape
+    n_ff = down.shape[-1]
+    ids = expert_ids.to(torch.int32).contiguous()
+    x2 = x.to(torch.float32).contiguous()
+    if up is None:
+        h = native.matmul_id(x2, gate, ids, x_per_slot=False)  # [T, k, 2 * n_ff]
+        g, u = h[..., :n_ff], h[..., n_ff:]
+    else:
+        g, u = native.matmul_id(x2, gate, ids, False), native.matmul_id(x2, up, ids, False)
+    h = (F.gelu(g, approximate="tanh") * u).reshape(n_tok * n_slot, n_ff).contiguous()
+    out = native.matmul_id(h, down, ids, x_per_slot=True)  # [T, k, n_embd]
+    return torch.einsum("tkd,tk->td", out, expert_weights.to(torch.float32))

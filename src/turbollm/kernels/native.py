@@ -1,0 +1,157 @@
+"""The native CPU kernels (kernels/native/*.c), loaded with ctypes and called on the data
+pointers of torch CPU tensors.
+
+`available()` says whether the library loaded; `simd_level()` which code path the CPU got
+(0 portable C, 1 AVX2+FMA+F16C). The functions here take the same arguments as the
+reference kernels and compute the same products, except that decode-sized products
+quantize the activations to 8-bit blocks first, as ggml does.
+
+Set TURBOLLM_SIMD=0 to force the portable path (for testing it on a SIMD machine).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import quants as gguf_quants
+
+from turbollm.kernels.qtensor import QTensor
+
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
+_simd_level = 0
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_SIGNATURES = {
+    "tl_init": (ctypes.c_int, [_P, _P, ctypes.c_int]),
+    "tl_cpu_features": (ctypes.c_int, []),
+    "tl_simd_level": (ctypes.c_int, []),
+    "tl_supports": (ctypes.c_int, [ctypes.c_int]),
+    "tl_set_num_threads": (None, [ctypes.c_int]),
+    "tl_get_num_threads": (ctypes.c_int, []),
+    "tl_rest": (None, []),
+    "tl_matmul": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, _I64, _P]),
+    "tl_matmul_id": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, ctypes.c_int, _P]),
+    "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P]),
+    "tl_quantize_activations": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _P]),
+}
+
+# Keep the tables alive: the library copies them, but only at tl_init.
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    if not _TABLES:
+        gguf_quants.IQ3_S.init_grid()
+        _TABLES["iq3s"] = np.ascontiguousarray(gguf_quants.IQ3_S.grid.reshape(512, 4).astype(np.uint8))
+        _TABLES["iq4nl"] = np.array(gguf_quants.IQ4_NL.kvalues, dtype=np.int8)
+    return _TABLES["iq3s"], _TABLES["iq4nl"]
+
+
+def _load() -> None:
+    global _lib, _load_error, _simd_level
+    path = Path(__file__).with_name("_tlnative" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _load_error = f"native kernels not loaded ({path.name}: {e}); using the PyTorch reference kernels"
+        return
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    _lib = lib
+    set_simd(os.environ.get("TURBOLLM_SIMD", "1") != "0")
+    lib.tl_set_num_threads(torch.get_num_threads())
+
+
+def set_simd(enabled: bool) -> int:
+    """(Re)initialise with or without SIMD; returns the level in use."""
+    global _simd_level
+    grid, kvalues = _tables()
+    _simd_level = _lib.tl_init(grid.ctypes.data, kvalues.ctypes.data, int(enabled))
+    return _simd_level
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def load_error() -> str | None:
+    return _load_error
+
+
+def simd_level() -> int:
+    return _simd_level
+
+
+def cpu_features() -> dict[str, bool]:
+    bits = _lib.tl_cpu_features() if _lib else 0
+    names = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"]
+    return {name: bool(bits >> i & 1) for i, name in enumerate(names)}
+
+
+def set_num_threads(n: int) -> None:
+    if _lib is not None:
+        _lib.tl_set_num_threads(int(n))
+
+
+def rest() -> None:
+    """Let the kernel threads sleep now (before torch runs a large multithreaded op)."""
+    if _lib is not None:
+        _lib.tl_rest()
+
+
+def supports(qtype: QType) -> bool:
+    return _lib is not None and bool(_lib.tl_supports(int(qtype)))
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check(rc: int, what: str, w: QTensor) -> None:
+    if rc != 0:
+        reason = {-1: "type not supported", -2: "bad shape", -3: "out of memory"}.get(rc, f"error {rc}")
+        raise RuntimeError(f"native {what} failed for '{w.name}' ({w.qtype.name} {w.shape}): {reason}")
+
+
+def matmul(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """x [T, n_in] float32 contiguous -> x @ w.T [T, n_out], activations quantized to 8 bits."""
+    n_out, n_in = w.shape
+    y = torch.empty((x.shape[0], n_out), dtype=torch.float32)
+    rc = _lib.tl_matmul(int(w.qtype), _ptr(w.data), w.data.shape[-1], n_out, n_in, _ptr(x), x.shape[0], _ptr(y))
+    _check(rc, "matmul", w)
+    return y
+
+
+def matmul_id(x: torch.Tensor, w: QTensor, ids: torch.Tensor, x_per_slot: bool) -> torch.Tensor:
+    """Stacked experts w (E, n_out, n_in); ids [T, k] int32. Returns [T, k, n_out]: for every
+    (token, slot), expert ids[t, slot] applied to x[t] (or to x[t, slot] when x_per_slot)."""
+    n_expert, n_out, n_in = w.shape
+    n_tok, n_slot = ids.shape
+    y = torch.empty((n_tok, n_slot, n_out), dtype=torch.float32)
+    expert_bytes = w.data[0].numel()
+    rc = _lib.tl_matmul_id(int(w.qtype), _ptr(w.data), expert_bytes, w.data.shape[-1], n_out, n_in,
+                           _ptr(ids), n_tok, n_slot, _ptr(x), int(x_per_slot), _ptr(y))
+    _check(rc, "expert matmul", w)
+    return y
+
+
+def dequantize(w: QTensor, rows: slice | None = None) -> torch.Tensor:
+    """Rows of a 2-D weight as float32, bit-exact with the reference dequantizer."""
+    data = w.data if rows is None else w.data[rows]
+    n_rows, n_in = data.shape[0], w.shape[-1]
+    y = torch.empty((n_rows, n_in), dtype=torch.float32)
+    rc = _lib.tl_dequantize(int(w.qtype), _ptr(data), data.shape[-1], n_rows, n_in, _ptr(y))
+    _check(rc, "dequantize", w)
+    return y
+
+
+_load()

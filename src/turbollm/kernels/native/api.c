@@ -1,0 +1,288 @@
+/* The entry points Python calls: initialisation and CPU dispatch, matrix products over
+ * threads, dequantization. See tl.h for the contract of each. */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tl.h"
+
+float tl_f16_table[65536];
+int8_t tl_iq4nl_values[16];
+uint32_t tl_iq3s_grid[512];
+
+static tl_kernels kernels[64];
+static int simd_level = 0;
+
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* round-to-nearest-even float -> half, as F16C's _cvtss_sh(x, 0) */
+tl_half tl_f2h(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const int32_t exp = (int32_t)((x >> 23) & 0xFF) - 127 + 15;
+    uint32_t mant = x & 0x7FFFFF;
+    if (((x >> 23) & 0xFF) == 0xFF) return (tl_half)(sign | 0x7C00 | (mant ? 0x200 : 0));  /* inf / nan */
+    if (exp >= 31) return (tl_half)(sign | 0x7C00);
+    if (exp <= 0) {  /* subnormal half or zero */
+        if (exp < -10) return (tl_half)sign;
+        mant |= 0x800000;
+        const int shift = 14 - exp;
+        uint32_t half = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (tl_half)(sign | half);
+    }
+    uint32_t half = ((uint32_t)exp << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1FFF;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;  /* may carry into the exponent: correct */
+    return (tl_half)(sign | half);
+}
+
+int tl_cpu_features(void) {
+    int f = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) f |= 1;
+    if (__builtin_cpu_supports("fma")) f |= 2;
+    if (__builtin_cpu_supports("f16c")) f |= 4;
+    if (__builtin_cpu_supports("avx512f")) f |= 8;
+    if (__builtin_cpu_supports("avx512bw")) f |= 16;
+    if (__builtin_cpu_supports("avx512vnni")) f |= 32;
+#endif
+    return f;
+}
+
+int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int use_simd) {
+    for (int i = 0; i < 65536; i++) tl_f16_table[i] = half_to_float((uint16_t)i);
+    memcpy(tl_iq4nl_values, iq4nl_values, 16);
+    for (int i = 0; i < 512; i++) {
+        const uint8_t *b = iq3s_grid_bytes + 4 * i;
+        tl_iq3s_grid[i] = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) | ((uint32_t)b[3] << 24);
+    }
+    memset(kernels, 0, sizeof(kernels));
+    tl_register_scalar(kernels);
+    simd_level = 0;
+#if defined(__x86_64__)
+    const int need = 1 | 2 | 4;  /* avx2, fma, f16c */
+    if (use_simd && (tl_cpu_features() & need) == need) {
+        tl_register_avx2(kernels);
+        simd_level = 1;
+    }
+#endif
+    return simd_level;
+}
+
+int tl_simd_level(void) { return simd_level; }
+
+const tl_kernels *tl_kernels_for(int type) {
+    if (type < 0 || type >= 64 || kernels[type].vec_dot == NULL) return NULL;
+    return &kernels[type];
+}
+
+int tl_supports(int type) { return tl_kernels_for(type) != NULL; }
+
+static int check(const tl_kernels *kt, int64_t k, int64_t w_row_bytes) {
+    if (kt == NULL) return -1;
+    if (k % kt->w_block || k % kt->act_block) return -2;
+    if (w_row_bytes != k / kt->w_block * kt->w_block_bytes) return -2;
+    return 0;
+}
+
+/* ---- activation quantization, spread over tokens ------------------------------------------- */
+
+typedef struct {
+    const tl_kernels *kt;
+    const float *x;
+    int64_t n_tok, k, q_row_bytes;
+    uint8_t *q;
+} quantize_job;
+
+static void quantize_task(void *vctx, int ith, int nth) {
+    quantize_job *j = vctx;
+    for (int64_t t = ith; t < j->n_tok; t += nth) j->kt->quantize_act(j->x + t * j->k, j->q + t * j->q_row_bytes, j->k);
+}
+
+static uint8_t *quantize_rows(const tl_kernels *kt, const float *x, int64_t n_tok, int64_t k, int64_t *q_row_bytes) {
+    *q_row_bytes = k / kt->act_block * kt->act_block_bytes;
+    uint8_t *q = malloc((size_t)(*q_row_bytes * n_tok));
+    if (q == NULL) return NULL;
+    quantize_job job = {kt, x, n_tok, k, *q_row_bytes, q};
+    if (n_tok > 1) tl_parallel(quantize_task, &job);
+    else quantize_task(&job, 0, 1);
+    return q;
+}
+
+int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out) {
+    const tl_kernels *kt = tl_kernels_for(type);
+    if (kt == NULL) return -1;
+    if (k % kt->act_block) return -2;
+    const int64_t row = k / kt->act_block * kt->act_block_bytes;
+    for (int64_t t = 0; t < n_tok; t++) kt->quantize_act(x + t * k, (uint8_t *)out + t * row, k);
+    return 0;
+}
+
+/* ---- y[t, n] = W[n, :] . x[t, :] ----------------------------------------------------------- */
+
+#define ROWS_PER_CHUNK 16
+
+typedef struct {
+    const tl_kernels *kt;
+    const uint8_t *w;
+    int64_t w_row_bytes, n_rows, k;
+    const uint8_t *q;  /* quantized activations, n_tok rows */
+    int64_t q_row_bytes, n_tok;
+    float *y;
+    atomic_long next_chunk;
+} matmul_job;
+
+static void matmul_task(void *vctx, int ith, int nth) {
+    (void)ith; (void)nth;
+    matmul_job *j = vctx;
+    const int64_t n_chunks = (j->n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&j->next_chunk, 1, memory_order_relaxed);
+        if (c >= n_chunks) break;
+        const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
+        for (int64_t t = 0; t < j->n_tok; t++) {
+            const uint8_t *qt = j->q + t * j->q_row_bytes;
+            float *yt = j->y + t * j->n_rows;
+            for (int64_t r = r0; r < r1; r++) yt[r] = j->kt->vec_dot((int)j->k, j->w + r * j->w_row_bytes, qt);
+        }
+    }
+}
+
+int tl_matmul(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k,
+              const float *x, int64_t n_tok, float *y) {
+    const tl_kernels *kt = tl_kernels_for(type);
+    const int rc = check(kt, k, w_row_bytes);
+    if (rc) return rc;
+    int64_t q_row_bytes;
+    uint8_t *q = quantize_rows(kt, x, n_tok, k, &q_row_bytes);
+    if (q == NULL) return -3;
+    matmul_job job = {kt, w, w_row_bytes, n_rows, k, q, q_row_bytes, n_tok, y, 0};
+    tl_parallel(matmul_task, &job);
+    free(q);
+    return 0;
+}
+
+/* ---- Mixture of Experts: each (token, slot) row through the expert ids[t, slot] ------------ */
+
+typedef struct {
+    const tl_kernels *kt;
+    const uint8_t *w;
+    int64_t expert_bytes, w_row_bytes, n_rows, k;
+    const uint8_t *q;
+    int64_t q_row_bytes;
+    /* pairs sorted by expert; group g covers pairs [group_start[g], group_start[g + 1]) */
+    const int32_t *group_expert;
+    const int64_t *group_start, *pair_q_row, *pair_y_row;
+    int64_t n_groups;
+    float *y;
+    atomic_long next;
+} matmul_id_job;
+
+static void matmul_id_task(void *vctx, int ith, int nth) {
+    (void)ith; (void)nth;
+    matmul_id_job *j = vctx;
+    const int64_t chunks = (j->n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK, n_items = j->n_groups * chunks;
+    for (;;) {
+        /* an item is one row chunk of one expert, applied to every pair routed to that expert:
+         * the chunk stays in cache while the expert's tokens pass through it */
+        const int64_t item = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (item >= n_items) break;
+        const int64_t g = item / chunks, c = item % chunks;
+        const uint8_t *we = j->w + (int64_t)j->group_expert[g] * j->expert_bytes;
+        const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
+        for (int64_t p = j->group_start[g]; p < j->group_start[g + 1]; p++) {
+            const uint8_t *qt = j->q + j->pair_q_row[p] * j->q_row_bytes;
+            float *yt = j->y + j->pair_y_row[p] * j->n_rows;
+            for (int64_t r = r0; r < r1; r++) yt[r] = j->kt->vec_dot((int)j->k, we + r * j->w_row_bytes, qt);
+        }
+    }
+}
+
+int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_bytes, int64_t n_rows, int64_t k,
+                 const int32_t *ids, int64_t n_tok, int64_t n_slot, const float *x, int x_per_slot, float *y) {
+    const tl_kernels *kt = tl_kernels_for(type);
+    const int rc = check(kt, k, w_row_bytes);
+    if (rc) return rc;
+    const int64_t n_pairs = n_tok * n_slot;
+    int32_t max_id = 0;
+    for (int64_t i = 0; i < n_pairs; i++) {
+        if (ids[i] < 0) return -2;
+        if (ids[i] > max_id) max_id = ids[i];
+    }
+    int64_t q_row_bytes;
+    uint8_t *q = quantize_rows(kt, x, x_per_slot ? n_pairs : n_tok, k, &q_row_bytes);
+    int64_t *count = calloc((size_t)max_id + 2, sizeof(int64_t));
+    int64_t *pair_q = malloc(sizeof(int64_t) * (size_t)n_pairs), *pair_y = malloc(sizeof(int64_t) * (size_t)n_pairs);
+    int64_t *group_start = malloc(sizeof(int64_t) * ((size_t)max_id + 2));
+    int32_t *group_expert = malloc(sizeof(int32_t) * ((size_t)max_id + 1));
+    if (!q || !count || !pair_q || !pair_y || !group_start || !group_expert) {
+        free(q); free(count); free(pair_q); free(pair_y); free(group_start); free(group_expert);
+        return -3;
+    }
+    /* stable counting sort of the pairs by expert; one group per expert that has pairs */
+    for (int64_t i = 0; i < n_pairs; i++) count[ids[i] + 1]++;
+    int64_t n_groups = 0;
+    for (int32_t e = 0; e <= max_id; e++) {
+        if (count[e + 1]) { group_expert[n_groups] = e; group_start[n_groups] = count[e]; n_groups++; }
+        count[e + 1] += count[e];
+    }
+    group_start[n_groups] = n_pairs;
+    for (int64_t i = 0; i < n_pairs; i++) {
+        const int64_t at = count[ids[i]]++;
+        pair_q[at] = x_per_slot ? i : i / n_slot;
+        pair_y[at] = i;
+    }
+    matmul_id_job job = {kt, w, expert_bytes, w_row_bytes, n_rows, k, q, q_row_bytes,
+                         group_expert, group_start, pair_q, pair_y, n_groups, y, 0};
+    tl_parallel(matmul_id_task, &job);
+    free(q); free(count); free(pair_q); free(pair_y); free(group_start); free(group_expert);
+    return 0;
+}
+
+/* ---- dequantization to float32, rows over threads --------------------------------------------- */
+
+typedef struct {
+    const tl_kernels *kt;
+    const uint8_t *w;
+    int64_t w_row_bytes, n_rows, k;
+    float *y;
+} dequant_job;
+
+static void dequant_task(void *vctx, int ith, int nth) {
+    dequant_job *j = vctx;
+    const int64_t per = (j->n_rows + nth - 1) / nth, r0 = ith * per, r1 = r0 + per < j->n_rows ? r0 + per : j->n_rows;
+    for (int64_t r = r0; r < r1; r++) j->kt->dequant(j->w + r * j->w_row_bytes, j->y + r * j->k, j->k);
+}
+
+int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, float *y) {
+    const tl_kernels *kt = tl_kernels_for(type);
+    const int rc = check(kt, k, w_row_bytes);
+    if (rc) return rc;
+    dequant_job job = {kt, w, w_row_bytes, n_rows, k, y};
+    tl_parallel(dequant_task, &job);
+    return 0;
+}

@@ -1,0 +1,325 @@
+/* AVX2 + FMA + F16C versions of the dot products (and the q8_0 activation quantizer).
+ *
+ * This file is compiled for that target with a pragma, so the rest of the library stays
+ * portable; tl_init registers these only when the CPU reports all three features. Each
+ * function computes what its scalar twin in scalar.c computes: integer sums per block are
+ * exact, only the order of the float accumulation differs.
+ *
+ * The integer core is ggml's: _mm256_maddubs_epi16 multiplies unsigned by signed bytes and
+ * adds pairs into int16; signed-by-signed products use |x| and sign(y, x). K-quant sub-block
+ * scales multiply the int16 pair sums through _mm256_madd_epi16.
+ */
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#include <string.h>
+
+#include "tl.h"
+
+static inline float h2f(tl_half h) { return _cvtsh_ss(h); }
+
+static inline float hsum_ps(__m256 x) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* 16 bytes of nibbles -> 32 bytes: low nibbles first, then high nibbles (ggml order) */
+static inline __m256i nibbles_32(const uint8_t *p) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+/* 32 bits -> 32 bytes of 0x00 / 0xFF */
+static inline __m256i bits_32(uint32_t bits) {
+    const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuffle);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+/* signed x signed bytes -> 16 int16 pair sums */
+static inline __m256i mul_i8_pairs(__m256i x, __m256i y) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+/* int16 pairs -> 8 floats */
+static inline __m256 pairs_to_ps(__m256i p16) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* ---- activation quantizer ------------------------------------------------------------------ */
+
+static void quantize_q8_0(const float *x, void *vy, int64_t n) {
+    block_q8_0 *y = vy;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / TL_QK; i++, x += TL_QK) {
+        __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        y[i].d = tl_f2h(amax / 127.0f);
+        const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), round));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), round));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), round));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), round));
+        i0 = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  /* undo lane interleave */
+        _mm256_storeu_si256((__m256i *)y[i].qs, i0);
+    }
+}
+
+/* ---- 32-element block formats ---------------------------------------------------------------- */
+
+static float dot_q4_0(int n, const void *vw, const void *vx) {
+    const block_q4_0 *w = vw; const block_q8_0 *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK; i++) {
+        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
+        const __m256i q = _mm256_sub_epi8(nibbles_32(w[i].qs), _mm256_set1_epi8(8));
+        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static float dot_q4_1(int n, const void *vw, const void *vx) {
+    const block_q4_1 *w = vw; const block_q8_1 *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int i = 0; i < n / TL_QK; i++) {
+        mins += h2f(w[i].m) * h2f(x[i].s);
+        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
+        const __m256i p = _mm256_maddubs_epi16(nibbles_32(w[i].qs), _mm256_loadu_si256((const __m256i *)x[i].qs));
+        acc = _mm256_fmadd_ps(d, pairs_to_ps(p), acc);
+    }
+    return hsum_ps(acc) + mins;
+}
+
+/* the 5th bits of a q5 block as 0x10 per byte */
+static inline __m256i fifth_bits(const uint8_t *qh) {
+    return _mm256_and_si256(bits_32(load_u32(qh)), _mm256_set1_epi8(0x10));
+}
+
+static float dot_q5_0(int n, const void *vw, const void *vx) {
+    const block_q5_0 *w = vw; const block_q8_0 *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK; i++) {
+        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh)), _mm256_set1_epi8(16));
+        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static float dot_q5_1(int n, const void *vw, const void *vx) {
+    const block_q5_1 *w = vw; const block_q8_1 *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int i = 0; i < n / TL_QK; i++) {
+        mins += h2f(w[i].m) * h2f(x[i].s);
+        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
+        const __m256i q = _mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh));
+        const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x[i].qs));
+        acc = _mm256_fmadd_ps(d, pairs_to_ps(p), acc);
+    }
+    return hsum_ps(acc) + mins;
+}
+
+static float dot_q8_0(int n, const void *vw, const void *vx) {
+    const block_q8_0 *w = vw; const block_q8_0 *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK; i++) {
+        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
+        const __m256i q = _mm256_loadu_si256((const __m256i *)w[i].qs);
+        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static inline __m256i iq4nl_table(void) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)tl_iq4nl_values);
+    return _mm256_set_m128i(t, t);
+}
+
+static float dot_iq4_nl(int n, const void *vw, const void *vx) {
+    const block_iq4_nl *w = vw; const block_q8_0 *x = vx;
+    const __m256i table = iq4nl_table();
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK; i++) {
+        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
+        const __m256i q = _mm256_shuffle_epi8(table, nibbles_32(w[i].qs));
+        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
+    }
+    return hsum_ps(acc);
+}
+
+/* ---- K-quants -------------------------------------------------------------------------------- */
+
+static inline void k_scale_min(const uint8_t *q, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = q[j] & 63;
+        mn[j] = q[j + 4] & 63;
+        sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
+        mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+    }
+}
+
+/* sum over 8 sub-blocks of min[j] * (bsums[2j] + bsums[2j+1]) */
+static inline int mins_dot(const uint8_t *mn, const int16_t *bsums) {
+    const __m128i b = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums), _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+    __m128i p = _mm_madd_epi16(m, b);
+    p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
+    p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 1));
+    return _mm_cvtsi128_si32(p);
+}
+
+static float dot_q4_K(int n, const void *vw, const void *vx) {
+    const block_q4_K *w = vw; const block_q8_K *x = vx;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    float acc_min = 0.0f;
+    for (int i = 0; i < n / TL_QK_K; i++) {
+        uint8_t sc[8], mn[8];
+        k_scale_min(w[i].scales, sc, mn);
+        acc_min += x[i].d * h2f(w[i].dmin) * (float)mins_dot(mn, x[i].bsums);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * j));
+            const __m256i lo = _mm256_and_si256(bits, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
+            const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j)));
+            const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x[i].d * h2f(w[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) - acc_min;
+}
+
+static float dot_q5_K(int n, const void *vw, const void *vx) {
+    const block_q5_K *w = vw; const block_q8_K *x = vx;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float acc_min = 0.0f;
+    for (int i = 0; i < n / TL_QK_K; i++) {
+        uint8_t sc[8], mn[8];
+        k_scale_min(w[i].scales, sc, mn);
+        acc_min += x[i].d * h2f(w[i].dmin) * (float)mins_dot(mn, x[i].bsums);
+        const __m256i hbits = _mm256_loadu_si256((const __m256i *)w[i].qh);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * j));
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, low4), h0);
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), low4), h1);
+            const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j)));
+            const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x[i].qs + 64 * j + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x[i].d * h2f(w[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) - acc_min;
+}
+
+/* int16 scale vector: 8 lanes of s0 (first 16 elements) then 8 lanes of s1 (next 16) */
+static inline __m256i scale_pair(int s0, int s1) {
+    return _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
+}
+
+static float dot_q6_K(int n, const void *vw, const void *vx) {
+    const block_q6_K *w = vw; const block_q8_K *x = vx;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(w[i].qh + 32 * h));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
+            for (int s = 0; s < 4; s++) {
+                const __m256i y = _mm256_loadu_si256((const __m256i *)(x[i].qs + 128 * h + 32 * s));
+                /* (q - 32) . y = q . y - 32 . y */
+                const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[s], y), _mm256_maddubs_epi16(m32, y));
+                const int g = 8 * h + 2 * s;
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(w[i].scales[g], w[i].scales[g + 1])));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x[i].d * h2f(w[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+/* ---- i-quants -------------------------------------------------------------------------------- */
+
+static float dot_iq4_xs(int n, const void *vw, const void *vx) {
+    const block_iq4_xs *w = vw; const block_q8_K *x = vx;
+    const __m256i table = iq4nl_table();
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const int ls = (((w[i].scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) | (((w[i].scales_h >> (2 * ib)) & 3) << 4)) - 32;
+            const __m256i q = _mm256_shuffle_epi8(table, nibbles_32(w[i].qs + 16 * ib));
+            const __m256i p = mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * ib)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)ls)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * x[i].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static float dot_iq3_s(int n, const void *vw, const void *vx) {
+    const block_iq3_s *w = vw; const block_q8_K *x = vx;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n / TL_QK_K; i++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t *qs = w[i].qs + 8 * ib, qh = w[i].qh[ib];
+            const __m256i index = _mm256_setr_epi32(
+                qs[0] | ((qh << 8) & 256), qs[1] | ((qh << 7) & 256), qs[2] | ((qh << 6) & 256), qs[3] | ((qh << 5) & 256),
+                qs[4] | ((qh << 4) & 256), qs[5] | ((qh << 3) & 256), qs[6] | ((qh << 2) & 256), qs[7] | ((qh << 1) & 256));
+            const __m256i grid = _mm256_i32gather_epi32((const int *)tl_iq3s_grid, index, 4);  /* 32 unsigned bytes */
+            const __m256i neg = bits_32(load_u32(w[i].signs + 4 * ib));
+            __m256i y = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * ib));
+            y = _mm256_sub_epi8(_mm256_xor_si256(y, neg), neg);  /* negate where the sign bit is set */
+            const int scale = 1 + 2 * ((w[i].scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(grid, y), _mm256_set1_epi16((short)scale)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * x[i].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+void tl_register_avx2(tl_kernels *t) {
+    t[TL_Q4_0].vec_dot = dot_q4_0; t[TL_Q4_0].quantize_act = quantize_q8_0;
+    t[TL_Q4_1].vec_dot = dot_q4_1;
+    t[TL_Q5_0].vec_dot = dot_q5_0; t[TL_Q5_0].quantize_act = quantize_q8_0;
+    t[TL_Q5_1].vec_dot = dot_q5_1;
+    t[TL_Q8_0].vec_dot = dot_q8_0; t[TL_Q8_0].quantize_act = quantize_q8_0;
+    t[TL_IQ4_NL].vec_dot = dot_iq4_nl; t[TL_IQ4_NL].quantize_act = quantize_q8_0;
+    t[TL_Q4_K].vec_dot = dot_q4_K;
+    t[TL_Q5_K].vec_dot = dot_q5_K;
+    t[TL_Q6_K].vec_dot = dot_q6_K;
+    t[TL_IQ4_XS].vec_dot = dot_iq4_xs;
+    t[TL_IQ3_S].vec_dot = dot_iq3_s;
+}
+#else
+#include "tl.h"
+void tl_register_avx2(tl_kernels *t) { (void)t; }
+#endif

@@ -1,0 +1,109 @@
+/* A small persistent thread pool: tl_parallel(fn, ctx) runs fn(ctx, i, n) on n threads, the
+ * calling thread being i = 0, and returns when all are done.
+ *
+ * A decode step issues ~130 short parallel sections with Python work between them; waking a
+ * sleeping thread (futex) costs ~100 us here, more than most sections. So after each section
+ * the workers keep spinning for a time window (TL_HOT_NS) and only then sleep on a condition
+ * variable. tl_rest() ends the window at once: the caller uses it before handing the cores to
+ * another thread pool (torch's GEMM in prefill), which spinning workers would slow down.
+ * One caller at a time (a mutex serializes concurrent callers).
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "tl.h"
+
+#define TL_MAX_THREADS 256
+#define TL_HOT_NS 2000000  /* 2 ms: covers the gap between the kernel calls of a decode step */
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static struct {
+    pthread_mutex_t call_lock;  /* one tl_parallel at a time */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    atomic_uint generation;  /* bumped for every parallel section */
+    atomic_int pending;      /* workers still running the current section */
+    atomic_llong hot_until;  /* workers spin until this time (ns), then sleep */
+    tl_task_fn fn;
+    void *ctx;
+    int n_threads;  /* threads taking part, caller included */
+    int n_started;  /* worker threads created so far */
+    pthread_t workers[TL_MAX_THREADS];
+} pool = {
+    .call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+    .wake = PTHREAD_COND_INITIALIZER, .n_threads = 1,
+};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *arg) {
+    const int ith = (int)(intptr_t)arg;
+    unsigned seen = atomic_load(&pool.generation);
+    for (;;) {
+        for (int spins = 0; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
+            cpu_relax();
+            if ((spins & 255) == 0 && now_ns() > atomic_load_explicit(&pool.hot_until, memory_order_relaxed)) break;
+        }
+        if (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
+            pthread_mutex_lock(&pool.lock);
+            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = atomic_load(&pool.generation);
+        if (ith < pool.n_threads) {
+            pool.fn(pool.ctx, ith, pool.n_threads);
+            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+void tl_set_num_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > TL_MAX_THREADS) n = TL_MAX_THREADS;
+    pthread_mutex_lock(&pool.call_lock);
+    while (pool.n_started < n - 1) {
+        const int ith = pool.n_started + 1;
+        if (pthread_create(&pool.workers[pool.n_started], NULL, worker_main, (void *)(intptr_t)ith) != 0) break;
+        pthread_detach(pool.workers[pool.n_started]);
+        pool.n_started++;
+    }
+    pool.n_threads = pool.n_started + 1 < n ? pool.n_started + 1 : n;
+    pthread_mutex_unlock(&pool.call_lock);
+}
+
+int tl_get_num_threads(void) { return pool.n_threads; }
+
+void tl_parallel(tl_task_fn fn, void *ctx) {
+    pthread_mutex_lock(&pool.call_lock);
+    const int n = pool.n_threads;
+    if (n == 1) {
+        fn(ctx, 0, 1);
+        pthread_mutex_unlock(&pool.call_lock);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.pending, n - 1);
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    fn(ctx, 0, n);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+    atomic_store_explicit(&pool.hot_until, now_ns() + TL_HOT_NS, memory_order_relaxed);
+    pthread_mutex_unlock(&pool.call_lock);
+}
+
+void tl_rest(void) { atomic_store_explicit(&pool.hot_until, 0, memory_order_relaxed); }

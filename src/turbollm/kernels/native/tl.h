@@ -1,0 +1,97 @@
+/* turbollm native CPU kernels: the C side.
+ *
+ * What is here: dot products of GGML-quantized weight rows with activation rows quantized to
+ * 8 bits (as ggml does for decode), fast dequantization to float32 (for prefill tiles), the
+ * drivers that spread a matrix product over threads, and the block layouts they read.
+ * Block layouts are ggml's (ggml-common.h); type ids are GGML type numbers.
+ *
+ * What is not: anything about models. Python (turbollm/kernels/native.py) calls these through
+ * ctypes on the data pointers of torch CPU tensors.
+ */
+#ifndef TL_H
+#define TL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TL_QK 32     /* elements per block of the 32-block formats */
+#define TL_QK_K 256  /* elements per super-block of the K- and i-quants */
+
+enum tl_type {
+    TL_F32 = 0, TL_F16 = 1, TL_Q4_0 = 2, TL_Q4_1 = 3, TL_Q5_0 = 6, TL_Q5_1 = 7, TL_Q8_0 = 8,
+    TL_Q8_1 = 9, TL_Q2_K = 10, TL_Q3_K = 11, TL_Q4_K = 12, TL_Q5_K = 13, TL_Q6_K = 14, TL_Q8_K = 15,
+    TL_IQ4_NL = 20, TL_IQ3_S = 21, TL_IQ4_XS = 23, TL_BF16 = 30,
+};
+
+typedef uint16_t tl_half;
+
+typedef struct { tl_half d; uint8_t qs[16]; } block_q4_0;
+typedef struct { tl_half d, m; uint8_t qs[16]; } block_q4_1;
+typedef struct { tl_half d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
+typedef struct { tl_half d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1;
+typedef struct { tl_half d; int8_t qs[32]; } block_q8_0;
+typedef struct { tl_half d, s; int8_t qs[32]; } block_q8_1;  /* s = d * sum(qs) */
+typedef struct { tl_half d; uint8_t qs[16]; } block_iq4_nl;
+typedef struct { tl_half d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+typedef struct { tl_half d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; tl_half d; } block_q6_K;
+typedef struct { tl_half d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
+typedef struct { tl_half d; uint8_t qs[64]; uint8_t qh[8]; uint8_t signs[32]; uint8_t scales[4]; } block_iq3_s;
+typedef struct { float d; int8_t qs[256]; int16_t bsums[16]; } block_q8_K;  /* bsums: sums of 16 qs */
+
+_Static_assert(sizeof(block_q4_0) == 18, "q4_0"); _Static_assert(sizeof(block_q4_1) == 20, "q4_1");
+_Static_assert(sizeof(block_q5_0) == 22, "q5_0"); _Static_assert(sizeof(block_q5_1) == 24, "q5_1");
+_Static_assert(sizeof(block_q8_0) == 34, "q8_0"); _Static_assert(sizeof(block_q8_1) == 36, "q8_1");
+_Static_assert(sizeof(block_q4_K) == 144, "q4_K"); _Static_assert(sizeof(block_q5_K) == 176, "q5_K");
+_Static_assert(sizeof(block_q6_K) == 210, "q6_K"); _Static_assert(sizeof(block_iq4_xs) == 136, "iq4_xs");
+_Static_assert(sizeof(block_iq3_s) == 110, "iq3_s"); _Static_assert(sizeof(block_q8_K) == 292, "q8_K");
+
+/* ---- shared state, set once by tl_init ---------------------------------------------------- */
+extern float tl_f16_table[65536];   /* fp16 bits -> float */
+extern int8_t tl_iq4nl_values[16];  /* IQ4_NL / IQ4_XS non-linear levels */
+extern uint32_t tl_iq3s_grid[512];  /* IQ3_S grid: 4 unsigned bytes per entry */
+
+static inline float tl_h2f(tl_half h) { return tl_f16_table[h]; }
+tl_half tl_f2h(float f);
+
+/* ---- vec_dot: n elements of one weight row with one quantized activation row ------------- */
+typedef float (*tl_vec_dot_fn)(int n, const void *w, const void *x);
+/* quantize one activation row of n floats into the activation format of a weight type */
+typedef void (*tl_quantize_fn)(const float *x, void *y, int64_t n);
+/* dequantize one weight row of n elements to float */
+typedef void (*tl_dequant_fn)(const void *w, float *y, int64_t n);
+
+typedef struct {
+    tl_vec_dot_fn vec_dot;
+    tl_quantize_fn quantize_act;
+    tl_dequant_fn dequant;
+    int act_block;       /* activation block size in elements (32 or 256) */
+    int act_block_bytes; /* bytes of one activation block */
+    int w_block;         /* weight block size in elements */
+    int w_block_bytes;
+} tl_kernels;
+
+const tl_kernels *tl_kernels_for(int type);  /* NULL if the type has no native kernel */
+void tl_register_scalar(tl_kernels *table);  /* fills every supported type */
+void tl_register_avx2(tl_kernels *table);    /* overrides where an AVX2 version exists */
+
+/* ---- threads ------------------------------------------------------------------------------ */
+typedef void (*tl_task_fn)(void *ctx, int ith, int nth);
+void tl_parallel(tl_task_fn fn, void *ctx);  /* fn(ctx, i, n) for i in 0..n-1; the caller runs i = 0 */
+void tl_set_num_threads(int n);
+int tl_get_num_threads(void);
+void tl_rest(void);  /* let the workers sleep now instead of spinning for the next section */
+
+/* ---- public API (ctypes) ------------------------------------------------------------------ */
+int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int use_simd);
+int tl_cpu_features(void);  /* bit 0 avx2, 1 fma, 2 f16c, 3 avx512f, 4 avx512bw, 5 avx512vnni */
+int tl_simd_level(void);    /* 0 scalar, 1 avx2 */
+int tl_supports(int type);
+int tl_matmul(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k,
+              const float *x, int64_t n_tok, float *y);
+int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_bytes, int64_t n_rows, int64_t k,
+                 const int32_t *ids, int64_t n_tok, int64_t n_slot, const float *x, int x_per_slot, float *y);
+int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, float *y);
+int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out);
+
+#endif
