@@ -1,7 +1,7 @@
 """Compute kernels behind one API, in two backends.
 
-A backend offers `linear`, `embedding`, `moe_ffn` and `attention`, taking activations as
-torch tensors and weights as `QTensor`s:
+A backend offers `linear`, `linear_many`, `embedding`, `moe_ffn`, `rms_norm` and `attention`,
+taking activations as torch tensors and weights as `QTensor`s:
 
 - `reference` (reference.py, attention.py): dequantize, then float32 maths in plain PyTorch,
   on any device. Exact: what the transformers oracles compute on the same weights.
@@ -31,6 +31,8 @@ __all__ = ["BACKENDS", "QTensor", "attention", "backend", "embedding", "linear",
 class _Reference:
     name = "reference"
     linear = staticmethod(reference.linear)
+    linear_many = staticmethod(reference.linear_many)
+    rms_norm = staticmethod(reference.rms_norm)
     embedding = staticmethod(reference.embedding)
     moe_ffn = staticmethod(reference.moe_ffn)
     attention = staticmethod(attention)
@@ -39,6 +41,8 @@ class _Reference:
 class _Fast:
     name = "fast"
     linear = staticmethod(fast.linear)
+    linear_many = staticmethod(fast.linear_many)
+    rms_norm = staticmethod(fast.rms_norm)
     embedding = staticmethod(fast.embedding)
     moe_ffn = staticmethod(fast.moe_ffn)
     attention = staticmethod(fast.attention)

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from turbollm.kernels import native, reference
-from turbollm.kernels.attention import attention
+from turbollm.kernels import attention as reference_attention
 from turbollm.kernels.qtensor import QTensor
 
 DECODE_MAX_TOKENS = 32
 _TILE_ELEMENTS = 1024 * 1024  # dequantized weight tile for prefill: 4 MB of float32
 
 embedding = reference.embedding
-__all__ = ["attention", "embedding", "linear", "moe_ffn"]
+__all__ = ["attention", "embedding", "linear", "linear_many", "moe_ffn", "rms_norm"]
 
 
 def _native_ok(x: torch.Tensor, w: QTensor) -> bool:
@@ -45,6 +45,28 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
         native.rest()  # the GEMM is torch's: free the cores
         out[:, start:stop] = F.linear(x2, tile)
     return out.view(*lead, n_out)
+
+
+def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
+    """Projections that share an input, in one native call at decode size."""
+    if x.reshape(-1, x.shape[-1]).shape[0] > DECODE_MAX_TOKENS or not all(_native_ok(x, w) for w in ws):
+        return [linear(x, w) for w in ws]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    return [y.view(*lead, y.shape[-1]) for y in native.matmul_many(x2, ws)]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return reference.rms_norm(x, weight, eps)
+    return native.rms_norm(x.contiguous(), weight, eps)
+
+
+def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    if q.device.type != "cpu":
+        return reference_attention.attention(q, k, v, q_pos, k_pos, scale, window, softcap)
+    return native.attention(q.contiguous(), k.contiguous(), v.contiguous(), q_pos.contiguous(), k_pos.contiguous(),
+                            scale, window, softcap)
 
 
 def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,

@@ -39,7 +39,11 @@ _SIGNATURES = {
     "tl_rest": (None, []),
     "tl_matmul": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, _I64, _P]),
     "tl_matmul_id": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, ctypes.c_int, _P]),
+    "tl_matmul_multi": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P, _I64, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P]),
+    "tl_rms_norm": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float]),
+    "tl_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                                    ctypes.c_float, _I64, ctypes.c_float, _P]),
     "tl_quantize_activations": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _P]),
 }
 
@@ -129,6 +133,42 @@ def matmul(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     rc = _lib.tl_matmul(int(w.qtype), _ptr(w.data), w.data.shape[-1], n_out, n_in, _ptr(x), x.shape[0], _ptr(y))
     _check(rc, "matmul", w)
     return y
+
+
+def matmul_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
+    """[x @ w.T for w in ws] in one call: x quantized once per activation format, one parallel section."""
+    n = len(ws)
+    n_tok, n_in = x.shape
+    ys = [torch.empty((n_tok, w.shape[0]), dtype=torch.float32) for w in ws]
+    types = (ctypes.c_int * n)(*[int(w.qtype) for w in ws])
+    ptrs = (ctypes.c_void_p * n)(*[w.data.data_ptr() for w in ws])
+    row_bytes = (ctypes.c_int64 * n)(*[w.data.shape[-1] for w in ws])
+    rows = (ctypes.c_int64 * n)(*[w.shape[0] for w in ws])
+    outs = (ctypes.c_void_p * n)(*[y.data_ptr() for y in ys])
+    rc = _lib.tl_matmul_multi(n, types, ptrs, row_bytes, rows, n_in, _ptr(x), n_tok, outs)
+    _check(rc, "matmul", ws[0])
+    return ys
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Over the last dimension; x float32 contiguous."""
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    _lib.tl_rms_norm(_ptr(x), _ptr(weight) if weight is not None else None, _ptr(y), x.numel() // dim, dim, eps)
+    return y
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              scale: float, window: int, softcap: float) -> torch.Tensor:
+    """As kernels.attention.attention; all float32/int64 CPU tensors, contiguous."""
+    n_tok, n_head, d = q.shape
+    n_keys, n_kv, dv = v.shape
+    out = torch.empty((n_tok, n_head, dv), dtype=torch.float32)
+    rc = _lib.tl_attention(_ptr(q), _ptr(k), _ptr(v), _ptr(q_pos), _ptr(k_pos), n_tok, n_head, n_kv, d, dv,
+                           n_keys, scale, window, softcap, _ptr(out))
+    if rc != 0:
+        raise RuntimeError(f"native attention failed ({rc}): {n_head} heads over {n_kv} KV heads")
+    return out
 
 
 def matmul_id(x: torch.Tensor, w: QTensor, ids: torch.Tensor, x_per_slot: bool) -> torch.Tensor:

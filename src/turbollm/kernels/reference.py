@@ -34,6 +34,18 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     return out
 
 
+def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
+    """[linear(x, w) for w in ws]: projections that share an input (q/k/v, gate/up)."""
+    return [linear(x, w) for w in ws]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (no weight: plain RMS),
+    written as transformers writes it."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
 def embedding(ids: torch.Tensor, w: QTensor) -> torch.Tensor:
     """Rows `ids` of w (n_rows, n_cols) as float32 [*ids.shape, n_cols]."""
     flat = ids.reshape(-1)

@@ -29,7 +29,7 @@ from turbollm.config import ModelConfig
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
 from turbollm.kv.cache import KVCache, LayerKVShape
-from turbollm.models.layers import Rope, gelu_tanh, rms_norm
+from turbollm.models.layers import Rope, gelu_tanh
 from turbollm.models.moe import MoEWeights, moe_block
 from turbollm.models.weights import TensorLoader
 
@@ -155,22 +155,23 @@ class Gemma:
         x = self.ops.embedding(ids, self.token_embd) * cfg.embed_scale
         per_layer_input = self._per_layer_inputs(ids, x) if self.ple is not None else None
         rope_angles = {swa: rope.angles(positions) for swa, rope in self.ropes.items()}
+        ops, eps = self.ops, cfg.rms_eps
         for il, w in enumerate(self.layers):
-            attn = self._attention(il, w, rms_norm(x, w.attn_norm, cfg.rms_eps), positions,
+            attn = self._attention(il, w, ops.rms_norm(x, w.attn_norm, eps), positions,
                                    rope_angles[cfg.is_swa(il)], cache)
-            h = x + rms_norm(attn, w.post_attn_norm, cfg.rms_eps)
-            n = rms_norm(h, w.ffn_norm, cfg.rms_eps)
-            ffn = self.ops.linear(gelu_tanh(self.ops.linear(n, w.w_gate)) * self.ops.linear(n, w.w_up), w.w_down)
+            h = x + ops.rms_norm(attn, w.post_attn_norm, eps)
+            gate, up = ops.linear_many(ops.rms_norm(h, w.ffn_norm, eps), [w.w_gate, w.w_up])
+            ffn = ops.linear(gelu_tanh(gate) * up, w.w_down)
             if w.moe is not None:
-                ffn = rms_norm(ffn, w.post_ffn_norm_1, cfg.rms_eps) + moe_block(h, w.moe, cfg, self.ops)
-            x = h + rms_norm(ffn, w.post_ffn_norm, cfg.rms_eps)
+                ffn = ops.rms_norm(ffn, w.post_ffn_norm_1, eps) + moe_block(h, w.moe, cfg, ops)
+            x = h + ops.rms_norm(ffn, w.post_ffn_norm, eps)
             if w.ple is not None:
-                gated = gelu_tanh(self.ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
-                x = x + rms_norm(self.ops.linear(gated, w.ple.proj), w.ple.post_norm, cfg.rms_eps)
+                gated = gelu_tanh(ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
+                x = x + ops.rms_norm(ops.linear(gated, w.ple.proj), w.ple.post_norm, eps)
             if w.out_scale is not None:
                 x = x * w.out_scale
         cache.advance(n_new)
-        return rms_norm(x, self.output_norm, cfg.rms_eps)
+        return ops.rms_norm(x, self.output_norm, eps)
 
     def _per_layer_inputs(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """[T, n_layer, n_embd_per_layer]: (rms_norm(proj(x0) / sqrt(n_embd)) + table[ids] * sqrt(ple)) / sqrt(2)."""
@@ -178,26 +179,29 @@ class Gemma:
         shape = (ids.shape[0], cfg.n_layer, cfg.n_embd_per_layer)
         from_token = self.ops.embedding(ids, ple.token_embd).view(shape) * math.sqrt(cfg.n_embd_per_layer)
         from_context = (self.ops.linear(x0, ple.model_proj) * cfg.n_embd ** -0.5).view(shape)
-        from_context = rms_norm(from_context, ple.proj_norm, cfg.rms_eps)
+        from_context = self.ops.rms_norm(from_context, ple.proj_norm, cfg.rms_eps)
         return (from_context + from_token) * 2.0 ** -0.5
 
     def _attention(self, il: int, w: GemmaLayer, x: torch.Tensor, positions: torch.Tensor,
                    rope_angles: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_eps
         n_tok, hd, n_kv = x.shape[0], cfg.head_dim[il], cfg.n_head_kv[il]
-        q = Rope.apply(rms_norm(self.ops.linear(x, w.wq).view(n_tok, cfg.n_head, hd), w.q_norm, cfg.rms_eps), *rope_angles)
         if cfg.has_kv(il):
-            k = self.ops.linear(x, w.wk).view(n_tok, n_kv, hd)
-            v = self.ops.linear(x, w.wv).view(n_tok, n_kv, hd) if w.wv is not None else k
-            k = Rope.apply(rms_norm(k, w.k_norm, cfg.rms_eps), *rope_angles)
+            weights = [w.wq, w.wk] + ([w.wv] if w.wv is not None else [])
+            q, k, *v = ops.linear_many(x, weights)
+            k = k.view(n_tok, n_kv, hd)
+            v = v[0].view(n_tok, n_kv, hd) if v else k  # no V projection: V is the raw K projection
+            k = Rope.apply(ops.rms_norm(k, w.k_norm, eps), *rope_angles)
             if cfg.v_norm:
-                v = rms_norm(v, None, cfg.rms_eps)
+                v = ops.rms_norm(v, None, eps)
             k_all, v_all, k_pos = cache.store(il, k, v)
         else:
+            q = ops.linear(x, w.wq)
             k_all, v_all, k_pos = cache.view(cfg.kv_source(il), n_tok)
+        q = Rope.apply(ops.rms_norm(q.view(n_tok, cfg.n_head, hd), w.q_norm, eps), *rope_angles)
         window = cfg.sliding_window if cfg.is_swa(il) else 0
-        out = self.ops.attention(q, k_all, v_all, positions, k_pos, cfg.attn_scale, window)
-        return self.ops.linear(out.reshape(n_tok, cfg.n_head * hd), w.wo)
+        out = ops.attention(q, k_all, v_all, positions, k_pos, cfg.attn_scale, window)
+        return ops.linear(out.reshape(n_tok, cfg.n_head * hd), w.wo)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,13 @@
-"""Building blocks shared by the Gemma models: RMSNorm, rotary embeddings, GELU.
+"""Building blocks shared by the Gemma models: rotary embeddings and GELU, in float32.
 
-All in float32. Norm weights are used as stored in the GGUF: for Gemma 3 llama.cpp's
-converter has already folded the `1 + w` convention into them, and Gemma 4 uses `x * w`.
+(RMSNorm is a kernel, `ops.rms_norm`. Norm weights are used as stored in the GGUF: for Gemma 3
+llama.cpp's converter has already folded the `1 + w` convention into them; Gemma 4 uses `x * w`.)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (no weight: plain RMS).
-    One fused op (a decode step runs ~130 of these; five ops each cost ~2 ms per token)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ import torch
 
 from turbollm.config import ModelConfig
 from turbollm.kernels import QTensor
-from turbollm.models.layers import rms_norm
 from turbollm.models.weights import TensorLoader
 
 
@@ -58,7 +57,7 @@ class MoEWeights:
 
 def route(h: torch.Tensor, w: MoEWeights, cfg: ModelConfig, ops) -> tuple[torch.Tensor, torch.Tensor]:
     """h [T, n_embd] -> (expert ids [T, k] int64, weights [T, k] float32)."""
-    r = rms_norm(h, None, cfg.rms_eps) * w.router_scale * cfg.n_embd ** -0.5
+    r = ops.rms_norm(h, None, cfg.rms_eps) * w.router_scale * cfg.n_embd ** -0.5
     probs = torch.softmax(ops.linear(r, w.router), dim=-1)
     weights, ids = torch.topk(probs, cfg.n_expert_used, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -70,5 +69,5 @@ def route(h: torch.Tensor, w: MoEWeights, cfg: ModelConfig, ops) -> tuple[torch.
 def moe_block(h: torch.Tensor, w: MoEWeights, cfg: ModelConfig, ops) -> torch.Tensor:
     """`ops` is the kernel backend (turbollm.kernels.backend)."""
     ids, weights = route(h, w, cfg, ops)
-    x = rms_norm(h, w.pre_norm, cfg.rms_eps)
-    return rms_norm(ops.moe_ffn(x, ids, weights, w.gate, w.up, w.down), w.post_norm, cfg.rms_eps)
+    x = ops.rms_norm(h, w.pre_norm, cfg.rms_eps)
+    return ops.rms_norm(ops.moe_ffn(x, ids, weights, w.gate, w.up, w.down), w.post_norm, cfg.rms_eps)

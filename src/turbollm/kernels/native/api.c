@@ -142,48 +142,78 @@ int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, 
     return 0;
 }
 
-/* ---- y[t, n] = W[n, :] . x[t, :] ----------------------------------------------------------- */
+/* ---- y_m[t, n] = W_m[n, :] . x[t, :] for several weights sharing one input ---------------- */
 
 #define ROWS_PER_CHUNK 16
+#define TL_MAX_MATS 8
 
 typedef struct {
-    const tl_kernels *kt;
-    const uint8_t *w;
-    int64_t w_row_bytes, n_rows, k;
-    const uint8_t *q;  /* quantized activations, n_tok rows */
-    int64_t q_row_bytes, n_tok;
-    float *y;
+    int n_mats;
+    const tl_kernels *kt[TL_MAX_MATS];
+    const uint8_t *w[TL_MAX_MATS];
+    int64_t w_row_bytes[TL_MAX_MATS], n_rows[TL_MAX_MATS], first_chunk[TL_MAX_MATS + 1];
+    const uint8_t *q[TL_MAX_MATS];  /* the quantized activations each weight reads */
+    int64_t q_row_bytes[TL_MAX_MATS];
+    float *y[TL_MAX_MATS];
+    int64_t k, n_tok;
     atomic_long next_chunk;
 } matmul_job;
 
 static void matmul_task(void *vctx, int ith, int nth) {
     (void)ith; (void)nth;
     matmul_job *j = vctx;
-    const int64_t n_chunks = (j->n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+    const int64_t n_chunks = j->first_chunk[j->n_mats];
+    int m = 0;
     for (;;) {
         const int64_t c = atomic_fetch_add_explicit(&j->next_chunk, 1, memory_order_relaxed);
         if (c >= n_chunks) break;
-        const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
+        while (c >= j->first_chunk[m + 1]) m++;  /* chunks are handed out in increasing order */
+        const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
+        const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
+        const tl_vec_dot_fn dot = j->kt[m]->vec_dot;
         for (int64_t t = 0; t < j->n_tok; t++) {
-            const uint8_t *qt = j->q + t * j->q_row_bytes;
-            float *yt = j->y + t * j->n_rows;
-            for (int64_t r = r0; r < r1; r++) yt[r] = j->kt->vec_dot((int)j->k, j->w + r * j->w_row_bytes, qt);
+            const uint8_t *qt = j->q[m] + t * j->q_row_bytes[m];
+            float *yt = j->y[m] + t * j->n_rows[m];
+            for (int64_t r = r0; r < r1; r++) yt[r] = dot((int)j->k, j->w[m] + r * j->w_row_bytes[m], qt);
         }
     }
 }
 
+int tl_matmul_multi(int n_mats, const int *types, const void *const *ws, const int64_t *w_row_bytes,
+                    const int64_t *n_rows, int64_t k, const float *x, int64_t n_tok, float *const *ys) {
+    if (n_mats < 1 || n_mats > TL_MAX_MATS) return -2;
+    matmul_job job = {.n_mats = n_mats, .k = k, .n_tok = n_tok};
+    uint8_t *owned[TL_MAX_MATS] = {0};
+    int rc = 0;
+    job.first_chunk[0] = 0;
+    for (int m = 0; m < n_mats && rc == 0; m++) {
+        const tl_kernels *kt = tl_kernels_for(types[m]);
+        rc = check(kt, k, w_row_bytes[m]);
+        if (rc) break;
+        job.kt[m] = kt;
+        job.w[m] = ws[m];
+        job.w_row_bytes[m] = w_row_bytes[m];
+        job.n_rows[m] = n_rows[m];
+        job.y[m] = ys[m];
+        job.first_chunk[m + 1] = job.first_chunk[m] + (n_rows[m] + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+        /* weights with the same activation format share one quantized copy of x */
+        for (int p = 0; p < m; p++) {
+            if (job.kt[p]->quantize_act == kt->quantize_act) { job.q[m] = job.q[p]; job.q_row_bytes[m] = job.q_row_bytes[p]; break; }
+        }
+        if (job.q[m] == NULL) {
+            owned[m] = quantize_rows(kt, x, n_tok, k, &job.q_row_bytes[m]);
+            if (owned[m] == NULL) rc = -3;
+            job.q[m] = owned[m];
+        }
+    }
+    if (rc == 0) tl_parallel(matmul_task, &job);
+    for (int m = 0; m < n_mats; m++) free(owned[m]);
+    return rc;
+}
+
 int tl_matmul(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k,
               const float *x, int64_t n_tok, float *y) {
-    const tl_kernels *kt = tl_kernels_for(type);
-    const int rc = check(kt, k, w_row_bytes);
-    if (rc) return rc;
-    int64_t q_row_bytes;
-    uint8_t *q = quantize_rows(kt, x, n_tok, k, &q_row_bytes);
-    if (q == NULL) return -3;
-    matmul_job job = {kt, w, w_row_bytes, n_rows, k, q, q_row_bytes, n_tok, y, 0};
-    tl_parallel(matmul_task, &job);
-    free(q);
-    return 0;
+    return tl_matmul_multi(1, &type, &w, &w_row_bytes, &n_rows, k, x, n_tok, &y);
 }
 
 /* ---- Mixture of Experts: each (token, slot) row through the expert ids[t, slot] ------------ */

@@ -89,6 +89,12 @@ int tl_simd_level(void);    /* 0 scalar, 1 avx2 */
 int tl_supports(int type);
 int tl_matmul(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k,
               const float *x, int64_t n_tok, float *y);
+int tl_matmul_multi(int n_mats, const int *types, const void *const *ws, const int64_t *w_row_bytes,
+                    const int64_t *n_rows, int64_t k, const float *x, int64_t n_tok, float *const *ys);
+void tl_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64_t dim, float eps);
+int tl_attention(const float *q, const float *k, const float *v, const int64_t *q_pos, const int64_t *k_pos,
+                 int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d, int64_t dv, int64_t n_keys,
+                 float scale, int64_t window, float softcap, float *out);
 int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_bytes, int64_t n_rows, int64_t k,
                  const int32_t *ids, int64_t n_tok, int64_t n_slot, const float *x, int x_per_slot, float *y);
 int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, float *y);
