@@ -106,6 +106,10 @@ def set_num_threads(n: int) -> None:
         _lib.tl_set_num_threads(int(n))
 
 
+def num_threads() -> int:
+    return _lib.tl_get_num_threads() if _lib is not None else 1
+
+
 def rest() -> None:
     """Let the kernel threads sleep now (before torch runs a large multithreaded op)."""
     if _lib is not None:

@@ -171,10 +171,14 @@ static void matmul_task(void *vctx, int ith, int nth) {
         const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
         const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
         const tl_vec_dot_fn dot = j->kt[m]->vec_dot;
+        const tl_vec_dot4_fn dot4 = j->kt[m]->vec_dot4;
+        const int64_t rb = j->w_row_bytes[m];
         for (int64_t t = 0; t < j->n_tok; t++) {
             const uint8_t *qt = j->q[m] + t * j->q_row_bytes[m];
             float *yt = j->y[m] + t * j->n_rows[m];
-            for (int64_t r = r0; r < r1; r++) yt[r] = dot((int)j->k, j->w[m] + r * j->w_row_bytes[m], qt);
+            int64_t r = r0;
+            if (dot4) for (; r + 4 <= r1; r += 4) dot4((int)j->k, j->w[m] + r * rb, rb, qt, yt + r);
+            for (; r < r1; r++) yt[r] = dot((int)j->k, j->w[m] + r * rb, qt);
         }
     }
 }

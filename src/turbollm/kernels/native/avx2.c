@@ -135,13 +135,23 @@ static float dot_q5_1(int n, const void *vw, const void *vx) {
 
 static float dot_q8_0(int n, const void *vw, const void *vx) {
     const block_q8_0 *w = vw; const block_q8_0 *x = vx;
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / TL_QK; i++) {
-        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
-        const __m256i q = _mm256_loadu_si256((const __m256i *)w[i].qs);
-        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
+    /* two blocks per iteration into two accumulators: the fmadd chain no longer serializes */
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int nb = n / TL_QK;
+    int i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const __m256 d0 = _mm256_set1_ps(tl_h2f(w[i].d) * tl_h2f(x[i].d));
+        const __m256 d1 = _mm256_set1_ps(tl_h2f(w[i + 1].d) * tl_h2f(x[i + 1].d));
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)w[i].qs), q1 = _mm256_loadu_si256((const __m256i *)w[i + 1].qs);
+        acc0 = _mm256_fmadd_ps(d0, pairs_to_ps(mul_i8_pairs(q0, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc0);
+        acc1 = _mm256_fmadd_ps(d1, pairs_to_ps(mul_i8_pairs(q1, _mm256_loadu_si256((const __m256i *)x[i + 1].qs))), acc1);
     }
-    return hsum_ps(acc);
+    for (; i < nb; i++) {
+        const __m256 d = _mm256_set1_ps(tl_h2f(w[i].d) * tl_h2f(x[i].d));
+        const __m256i q = _mm256_loadu_si256((const __m256i *)w[i].qs);
+        acc0 = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
 }
 
 static inline __m256i iq4nl_table(void) {
