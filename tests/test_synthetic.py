@@ -38,7 +38,7 @@ def test_small_variant_writes_loads_and_generates(tmp_path):
     cfg = model.config
     assert (cfg.n_layer, cfg.n_expert, cfg.n_expert_used, cfg.n_vocab) == (6, 8, 2, 4608)
     assert cfg.swa_layers == (True,) * 5 + (False,) and cfg.head_dim == (256,) * 5 + (512,)
-    assert model.network.layers[5].wv is None  # K = V on the global layer
+    assert model.network.layers[5].attn.wv is None  # K = V on the global layer
     ids = torch.tensor(model.encode("A synthetic model"))
     logits = model.network.logits(model.network.forward(ids, model.network.new_cache(len(ids))))
     assert torch.isfinite(logits).all() and logits.abs().max() <= 30.0  # soft-capped

@@ -1,7 +1,8 @@
 """Compute kernels behind one API, in two backends.
 
-A backend offers `linear`, `linear_many`, `embedding`, `moe_ffn`, `rms_norm` and `attention`,
-taking activations as torch tensors and weights as `QTensor`s:
+A backend offers `linear`, `linear_many`, `embedding`, `moe_ffn`, `rms_norm`, `attention`, and
+the sub-layer blocks `attention_block` and `ffn_block` (blocks.py), taking activations as torch
+tensors and weights as `QTensor`s:
 
 - `reference` (reference.py, attention.py): dequantize, then float32 maths in plain PyTorch,
   on any device. Exact: what the transformers oracles compute on the same weights.
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-from turbollm.kernels import fast, native, reference
+from turbollm.kernels import blocks, fast, native, reference
 from turbollm.kernels.attention import attention
 from turbollm.kernels.qtensor import QTensor
 from turbollm.kernels.reference import embedding, linear, moe_ffn
@@ -28,35 +29,15 @@ BACKENDS = ("auto", "fast", "reference")
 __all__ = ["BACKENDS", "QTensor", "attention", "backend", "embedding", "linear", "moe_ffn"]
 
 
-class _Reference:
-    name = "reference"
-    linear = staticmethod(reference.linear)
-    linear_many = staticmethod(reference.linear_many)
-    rms_norm = staticmethod(reference.rms_norm)
-    embedding = staticmethod(reference.embedding)
-    moe_ffn = staticmethod(reference.moe_ffn)
-    attention = staticmethod(attention)
-
-
-class _Fast:
-    name = "fast"
-    linear = staticmethod(fast.linear)
-    linear_many = staticmethod(fast.linear_many)
-    rms_norm = staticmethod(fast.rms_norm)
-    embedding = staticmethod(fast.embedding)
-    moe_ffn = staticmethod(fast.moe_ffn)
-    attention = staticmethod(fast.attention)
-
-
 def backend(name: str = "auto") -> type:
     """The kernel set to compute with: "auto", "fast" or "reference"."""
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "reference" or (name == "auto" and not native.available()):
-        return _Reference
+        return reference.Ops
     if name == "fast" and not native.available():
         raise ValueError(native.load_error() or "native kernels are not available")
-    return _Fast
+    return fast.Ops
 
 
 def use_threads(ops: type, n: int | None = None) -> int:

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from turbollm.kernels import native, reference
+import weakref
+
+from turbollm.kernels import blocks, native, reference
 from turbollm.kernels import attention as reference_attention
 from turbollm.kernels.qtensor import QTensor
 
@@ -27,7 +29,7 @@ DECODE_MAX_TOKENS = 32
 _TILE_ELEMENTS = 1024 * 1024  # dequantized weight tile for prefill: 4 MB of float32
 
 embedding = reference.embedding
-__all__ = ["attention", "embedding", "linear", "linear_many", "moe_ffn", "rms_norm"]
+__all__ = ["attention", "attention_block", "embedding", "ffn_block", "linear", "linear_many", "moe_ffn", "rms_norm"]
 
 
 @contextmanager
@@ -107,3 +109,50 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     h = (F.gelu(g, approximate="tanh") * u).reshape(n_tok * n_slot, n_ff).contiguous()
     out = native.matmul_id(h, down, ids, x_per_slot=True)  # [T, k, n_embd]
     return torch.einsum("tkd,tk->td", out, expert_weights.to(torch.float32))
+
+
+# C descriptors of the blocks, built on first use and dropped with the block
+_descs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _block_native_ok(x: torch.Tensor, weights: list[QTensor | None]) -> bool:
+    return (x.shape[0] <= DECODE_MAX_TOKENS and x.device.type == "cpu" and x.dtype == torch.float32
+            and all(w is None or _native_ok(x, w) for w in weights))
+
+
+def attention_block(x: torch.Tensor, b: blocks.AttentionBlock, rope: tuple[torch.Tensor, torch.Tensor],
+                    slots: blocks.KVSlots, positions: torch.Tensor) -> torch.Tensor:
+    """kernels.blocks.attention_block in one native call at decode size."""
+    cache_ok = slots.k.dtype == torch.float32 and slots.k.is_contiguous() and slots.v.is_contiguous()
+    if not (cache_ok and _block_native_ok(x, [b.wq, b.wk, b.wv, b.wo])):
+        return blocks.attention_block(Ops, x, b, rope, slots, positions)
+    desc = _descs.get(b)
+    if desc is None:
+        desc = _descs[b] = native.attention_desc(b)
+    cos, sin = rope
+    return native.attention_block(desc, x.contiguous(), cos.contiguous(), sin.contiguous(), slots, positions.contiguous())
+
+
+def ffn_block(h: torch.Tensor, b: blocks.FfnBlock, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.blocks.ffn_block in one native call at decode size."""
+    if not _block_native_ok(h, [b.gate, b.up, b.down]):
+        return blocks.ffn_block(Ops, h, b, residual)
+    desc = _descs.get(b)
+    if desc is None:
+        desc = _descs[b] = native.ffn_desc(b)
+    return native.ffn_block(desc, h.contiguous(), None if residual is None else residual.contiguous())
+
+
+
+class Ops:
+    """The fast backend (see turbollm.kernels.backend)."""
+
+    name = "fast"
+    linear = staticmethod(linear)
+    linear_many = staticmethod(linear_many)
+    rms_norm = staticmethod(rms_norm)
+    embedding = staticmethod(embedding)
+    moe_ffn = staticmethod(moe_ffn)
+    attention = staticmethod(attention)
+    attention_block = staticmethod(attention_block)
+    ffn_block = staticmethod(ffn_block)

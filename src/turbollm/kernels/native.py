@@ -41,11 +41,32 @@ _SIGNATURES = {
     "tl_matmul_id": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, ctypes.c_int, _P]),
     "tl_matmul_multi": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P, _I64, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P]),
+    "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, ctypes.c_int, _I64, _I64, _P, _P, _P]),
+    "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
     "tl_rms_norm": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float]),
     "tl_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                                     ctypes.c_float, _I64, ctypes.c_float, _P]),
     "tl_quantize_activations": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _P]),
 }
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("data", ctypes.c_void_p), ("row_bytes", ctypes.c_int64),
+                ("n_rows", ctypes.c_int64), ("n_cols", ctypes.c_int64)]
+
+
+class _AttnDesc(ctypes.Structure):
+    _fields_ = [("wq", _Weight), ("wk", _Weight), ("wv", _Weight), ("wo", _Weight),
+                ("norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("post_norm", ctypes.c_void_p), ("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64),
+                ("n_kv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("v_norm", ctypes.c_int),
+                ("scale", ctypes.c_float), ("eps", ctypes.c_float), ("softcap", ctypes.c_float),
+                ("window", ctypes.c_int64)]
+
+
+class _FfnDesc(ctypes.Structure):
+    _fields_ = [("gate", _Weight), ("up", _Weight), ("down", _Weight), ("norm", ctypes.c_void_p),
+                ("post_norm", ctypes.c_void_p), ("n_embd", ctypes.c_int64), ("eps", ctypes.c_float)]
+
 
 # Keep the tables alive: the library copies them, but only at tl_init.
 _TABLES: dict[str, np.ndarray] = {}
@@ -186,6 +207,47 @@ def matmul_id(x: torch.Tensor, w: QTensor, ids: torch.Tensor, x_per_slot: bool) 
                            _ptr(ids), n_tok, n_slot, _ptr(x), int(x_per_slot), _ptr(y))
     _check(rc, "expert matmul", w)
     return y
+
+
+def _weight(w: QTensor | None) -> _Weight:
+    if w is None:
+        return _Weight(0, None, 0, 0, 0)
+    return _Weight(int(w.qtype), w.data.data_ptr(), w.data.shape[-1], w.shape[0], w.shape[-1])
+
+
+def _tensor_ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def attention_desc(b) -> _AttnDesc:
+    """The C descriptor of a kernels.blocks.AttentionBlock (weights are referenced, not copied)."""
+    return _AttnDesc(_weight(b.wq), _weight(b.wk), _weight(b.wv), _weight(b.wo), _tensor_ptr(b.norm),
+                     _tensor_ptr(b.q_norm), _tensor_ptr(b.k_norm), _tensor_ptr(b.post_norm), b.norm.shape[0],
+                     b.n_head, b.n_kv, b.head_dim, int(b.v_norm), b.scale, b.eps, b.softcap, b.window)
+
+
+def ffn_desc(b) -> _FfnDesc:
+    return _FfnDesc(_weight(b.gate), _weight(b.up), _weight(b.down), _tensor_ptr(b.norm), _tensor_ptr(b.post_norm),
+                    b.norm.shape[0], b.eps)
+
+
+def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots,
+                    positions: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin), _ptr(slots.k),
+                                 _ptr(slots.v), int(slots.store), slots.start, slots.n_keys, _ptr(slots.positions),
+                                 _ptr(positions), _ptr(out))
+    if rc != 0:
+        raise RuntimeError(f"native attention block failed ({rc})")
+    return out
+
+
+def ffn_block(desc: _FfnDesc, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty_like(h)
+    rc = _lib.tl_ffn_block(ctypes.byref(desc), _ptr(h), h.shape[0], _tensor_ptr(residual), _ptr(out))
+    if rc != 0:
+        raise RuntimeError(f"native FFN block failed ({rc})")
+    return out
 
 
 def dequantize(w: QTensor, rows: slice | None = None) -> torch.Tensor:

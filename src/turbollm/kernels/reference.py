@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from turbollm.kernels import blocks
+from turbollm.kernels.attention import attention
 from turbollm.kernels.qtensor import QTensor
 
 # Dequantize at most this many weight elements at a time: 4 MB of float32 stays in cache and
@@ -80,3 +82,23 @@ def moe_ffn(
         h = linear(F.gelu(g, approximate="tanh") * u, down.select(expert)) * expert_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, h)
     return out
+
+
+class Ops:
+    """The reference backend (see turbollm.kernels.backend): exact float32, any device."""
+
+    name = "reference"
+    linear = staticmethod(linear)
+    linear_many = staticmethod(linear_many)
+    rms_norm = staticmethod(rms_norm)
+    embedding = staticmethod(embedding)
+    moe_ffn = staticmethod(moe_ffn)
+    attention = staticmethod(attention)
+
+    @staticmethod
+    def attention_block(x, b, rope, slots, positions):
+        return blocks.attention_block(Ops, x, b, rope, slots, positions)
+
+    @staticmethod
+    def ffn_block(h, b, residual=None):
+        return blocks.ffn_block(Ops, h, b, residual)

@@ -20,6 +20,18 @@ class LayerKVShape:
     head_dim: int
 
 
+@dataclass(frozen=True)
+class KVSlots:
+    """One layer's keys and values for one step (the contract of kernels.blocks.KVSlots)."""
+
+    k: torch.Tensor  # [capacity, n_kv, head_dim]
+    v: torch.Tensor
+    store: bool  # the layer writes the new tokens' K/V at slots start .. start + n_new - 1
+    start: int
+    n_keys: int  # slots to attend over, the new ones included
+    positions: torch.Tensor  # [capacity] position held by each slot
+
+
 class KVCache:
     """`layers[il]` is the K/V shape layer `il` stores, or None for a layer that stores nothing
     (Gemma 4's KV-shared layers read another layer's slots through `view`)."""
@@ -48,18 +60,10 @@ class KVCache:
                 f"{self.n_tokens} tokens in the context + {n_new} new exceed the context size of {self.capacity}"
             )
 
-    def store(self, il: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write the new tokens' K/V [T, n_head_kv, d] of layer `il` after the filled slots and
-        return (K, V, positions) of every filled slot including the new ones."""
-        start, stop = self.n_tokens, self.n_tokens + k.shape[0]
-        self.k[il][start:stop] = k
-        self.v[il][start:stop] = v
-        return self.k[il][:stop], self.v[il][:stop], self.positions[:stop]
-
-    def view(self, il: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(K, V, positions) of layer `il` including the `n_new` tokens stored this step."""
-        stop = self.n_tokens + n_new
-        return self.k[il][:stop], self.v[il][:stop], self.positions[:stop]
+    def slots(self, il: int, n_new: int, store: bool = True) -> KVSlots:
+        """The slots layer `il` uses this step: it writes `n_new` tokens after the filled ones
+        (store), or reads what layer `il` stored this step (a KV-shared layer, store=False)."""
+        return KVSlots(self.k[il], self.v[il], store, self.n_tokens, self.n_tokens + n_new, self.positions)
 
     def advance(self, n_new: int) -> None:
         """Commit `n_new` tokens once every layer has stored them."""

@@ -29,6 +29,7 @@ from turbollm.config import ModelConfig
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
 from turbollm.kv.cache import KVCache, LayerKVShape
+from turbollm.kernels.blocks import AttentionBlock, FfnBlock
 from turbollm.models.layers import Rope, gelu_tanh
 from turbollm.models.moe import MoEWeights, moe_block
 from turbollm.models.weights import TensorLoader
@@ -43,20 +44,9 @@ class PleLayerWeights:
 
 @dataclass(frozen=True)
 class GemmaLayer:
-    attn_norm: torch.Tensor
-    wq: QTensor
-    wk: QTensor | None  # None on KV-shared layers
-    wv: QTensor | None  # None on KV-shared layers and where V is the K projection
-    wo: QTensor
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor | None
-    post_attn_norm: torch.Tensor
-    ffn_norm: torch.Tensor
-    w_gate: QTensor
-    w_up: QTensor
-    w_down: QTensor
-    post_ffn_norm: torch.Tensor
-    post_ffn_norm_1: torch.Tensor | None = None  # dense branch of a MoE layer
+    attn: AttentionBlock  # x -> h = x + post_attention_norm(attention(attn_norm(x)))
+    ffn: FfnBlock  # dense MLP; post_norm is post_ffw_norm, or post_ffw_norm_1 in a MoE layer
+    post_ffn_norm: torch.Tensor | None = None  # MoE layers: post_ffw_norm over dense + experts
     moe: MoEWeights | None = None
     ple: PleLayerWeights | None = None
     out_scale: torch.Tensor | None = None  # Gemma 4 layer_output_scale, shape (1,)
@@ -65,23 +55,32 @@ class GemmaLayer:
 def _load_layer(t: TensorLoader, cfg: ModelConfig, il: int) -> GemmaLayer:
     p, d, hd, n_kv, ff = f"blk.{il}.", cfg.n_embd, cfg.head_dim[il], cfg.n_head_kv[il], cfg.n_ff[il]
     has_kv = cfg.has_kv(il)
-    return GemmaLayer(
-        attn_norm=t.dense(p + "attn_norm.weight", (d,)),
+    attn = AttentionBlock(
+        norm=t.dense(p + "attn_norm.weight", (d,)),
         wq=t.quantized(p + "attn_q.weight", (cfg.n_head * hd, d)),
         wk=t.quantized(p + "attn_k.weight", (n_kv * hd, d)) if has_kv else None,
-        # Gemma 3 always has V; Gemma 4 global layers may share the K projection
+        # Gemma 3 always has V; Gemma 4 global layers may use the K projection as V
         wv=(t.quantized(p + "attn_v.weight", (n_kv * hd, d)) if cfg.arch == "gemma3"
             else t.optional_quantized(p + "attn_v.weight", (n_kv * hd, d))) if has_kv else None,
         wo=t.quantized(p + "attn_output.weight", (d, cfg.n_head * hd)),
         q_norm=t.dense(p + "attn_q_norm.weight", (hd,)),
         k_norm=t.dense(p + "attn_k_norm.weight", (hd,)) if has_kv else None,
-        post_attn_norm=t.dense(p + "post_attention_norm.weight", (d,)),
-        ffn_norm=t.dense(p + "ffn_norm.weight", (d,)),
-        w_gate=t.quantized(p + "ffn_gate.weight", (ff, d)),
-        w_up=t.quantized(p + "ffn_up.weight", (ff, d)),
-        w_down=t.quantized(p + "ffn_down.weight", (d, ff)),
-        post_ffn_norm=t.dense(p + "post_ffw_norm.weight", (d,)),
-        post_ffn_norm_1=t.dense(p + "post_ffw_norm_1.weight", (d,)) if cfg.is_moe else None,
+        post_norm=t.dense(p + "post_attention_norm.weight", (d,)),
+        n_head=cfg.n_head, n_kv=n_kv, head_dim=hd, v_norm=cfg.v_norm, scale=cfg.attn_scale,
+        window=cfg.sliding_window if cfg.is_swa(il) else 0, eps=cfg.rms_eps,
+    )
+    post_ffw_norm = t.dense(p + "post_ffw_norm.weight", (d,))
+    ffn = FfnBlock(
+        norm=t.dense(p + "ffn_norm.weight", (d,)),
+        gate=t.quantized(p + "ffn_gate.weight", (ff, d)),
+        up=t.quantized(p + "ffn_up.weight", (ff, d)),
+        down=t.quantized(p + "ffn_down.weight", (d, ff)),
+        post_norm=t.dense(p + "post_ffw_norm_1.weight", (d,)) if cfg.is_moe else post_ffw_norm,
+        eps=cfg.rms_eps,
+    )
+    return GemmaLayer(
+        attn=attn, ffn=ffn,
+        post_ffn_norm=post_ffw_norm if cfg.is_moe else None,
         moe=MoEWeights.load(t, p, cfg) if cfg.is_moe else None,
         ple=PleLayerWeights(
             gate=t.quantized(p + "inp_gate.weight", (cfg.n_embd_per_layer, d)),
@@ -105,7 +104,7 @@ class Gemma:
     def __init__(self, cfg: ModelConfig, token_embd: QTensor, output: QTensor, output_norm: torch.Tensor,
                  layers: list[GemmaLayer], ple: PleWeights | None = None,
                  rope_freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                 ops: type = kernels.backend("reference")):
+                 ops: type = kernels.reference.Ops):
         self.cfg, self.token_embd, self.output, self.output_norm = cfg, token_embd, output, output_norm
         self.layers, self.ple, self.device = layers, ple, torch.device(device)
         self.ops = ops  # the kernel backend (turbollm.kernels.backend)
@@ -116,7 +115,7 @@ class Gemma:
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, device: torch.device | str = "cpu",
-                  ops: type = kernels.backend("reference")) -> "Gemma":
+                  ops: type = kernels.reference.Ops) -> "Gemma":
         t = TensorLoader(gf, device)
         d = cfg.n_embd
         token_embd = t.quantized("token_embd.weight", (cfg.n_vocab, d))
@@ -157,14 +156,12 @@ class Gemma:
         rope_angles = {swa: rope.angles(positions) for swa, rope in self.ropes.items()}
         ops, eps = self.ops, cfg.rms_eps
         for il, w in enumerate(self.layers):
-            attn = self._attention(il, w, ops.rms_norm(x, w.attn_norm, eps), positions,
-                                   rope_angles[cfg.is_swa(il)], cache)
-            h = x + ops.rms_norm(attn, w.post_attn_norm, eps)
-            gate, up = ops.linear_many(ops.rms_norm(h, w.ffn_norm, eps), [w.w_gate, w.w_up])
-            ffn = ops.linear(gelu_tanh(gate) * up, w.w_down)
-            if w.moe is not None:
-                ffn = ops.rms_norm(ffn, w.post_ffn_norm_1, eps) + moe_block(h, w.moe, cfg, ops)
-            x = h + ops.rms_norm(ffn, w.post_ffn_norm, eps)
+            slots = cache.slots(il, n_new) if cfg.has_kv(il) else cache.slots(cfg.kv_source(il), n_new, store=False)
+            h = ops.attention_block(x, w.attn, rope_angles[cfg.is_swa(il)], slots, positions)
+            if w.moe is None:
+                x = ops.ffn_block(h, w.ffn, residual=h)
+            else:
+                x = h + ops.rms_norm(ops.ffn_block(h, w.ffn) + moe_block(h, w.moe, cfg, ops), w.post_ffn_norm, eps)
             if w.ple is not None:
                 gated = gelu_tanh(ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
                 x = x + ops.rms_norm(ops.linear(gated, w.ple.proj), w.ple.post_norm, eps)
@@ -181,27 +178,6 @@ class Gemma:
         from_context = (self.ops.linear(x0, ple.model_proj) * cfg.n_embd ** -0.5).view(shape)
         from_context = self.ops.rms_norm(from_context, ple.proj_norm, cfg.rms_eps)
         return (from_context + from_token) * 2.0 ** -0.5
-
-    def _attention(self, il: int, w: GemmaLayer, x: torch.Tensor, positions: torch.Tensor,
-                   rope_angles: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
-        cfg, ops, eps = self.cfg, self.ops, self.cfg.rms_eps
-        n_tok, hd, n_kv = x.shape[0], cfg.head_dim[il], cfg.n_head_kv[il]
-        if cfg.has_kv(il):
-            weights = [w.wq, w.wk] + ([w.wv] if w.wv is not None else [])
-            q, k, *v = ops.linear_many(x, weights)
-            k = k.view(n_tok, n_kv, hd)
-            v = v[0].view(n_tok, n_kv, hd) if v else k  # no V projection: V is the raw K projection
-            k = Rope.apply(ops.rms_norm(k, w.k_norm, eps), *rope_angles)
-            if cfg.v_norm:
-                v = ops.rms_norm(v, None, eps)
-            k_all, v_all, k_pos = cache.store(il, k, v)
-        else:
-            q = ops.linear(x, w.wq)
-            k_all, v_all, k_pos = cache.view(cfg.kv_source(il), n_tok)
-        q = Rope.apply(ops.rms_norm(q.view(n_tok, cfg.n_head, hd), w.q_norm, eps), *rope_angles)
-        window = cfg.sliding_window if cfg.is_swa(il) else 0
-        out = ops.attention(q, k_all, v_all, positions, k_pos, cfg.attn_scale, window)
-        return ops.linear(out.reshape(n_tok, cfg.n_head * hd), w.wo)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,18 +34,8 @@ class Rope:
         self.inv_freq = inv_freq.to(device)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, 1, d] for `positions` [T]: compute once per forward, apply per layer."""
+        """(cos, sin) [T, 1, d] for `positions` [T]: computed once per forward, used by every
+        layer of this type (kernels.blocks.apply_rope)."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, d/2]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]
         return angles.cos(), angles.sin()
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, n_head, d] rotated by angles from `angles()`."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, n_head, d], positions [T] -> x rotated."""
-        return self.apply(x, *self.angles(positions))

@@ -79,16 +79,33 @@ static void quantize_q8_0(const float *x, void *vy, int64_t n) {
 
 /* ---- 32-element block formats ---------------------------------------------------------------- */
 
-static float dot_q4_0(int n, const void *vw, const void *vx) {
-    const block_q4_0 *w = vw; const block_q8_0 *x = vx;
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / TL_QK; i++) {
-        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
-        const __m256i q = _mm256_sub_epi8(nibbles_32(w[i].qs), _mm256_set1_epi8(8));
-        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
-    }
-    return hsum_ps(acc);
-}
+/* The 32-block kernels with signed weights share one loop: WEIGHTS(i) yields block i's 32
+ * signed weight bytes. Two blocks per iteration go to two accumulators so that consecutive
+ * fmadds do not wait on each other (measured on the q8_0 LM head: 10.0 -> 9.2 ms). */
+#define DOT_32(wtype, WEIGHTS)                                                                              \
+    const wtype *w = vw; const block_q8_0 *x = vx;                                                          \
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                          \
+    const int nb = n / TL_QK;                                                                                \
+    int i = 0;                                                                                               \
+    for (; i + 2 <= nb; i += 2) {                                                                            \
+        const __m256i q0 = WEIGHTS(i), q1 = WEIGHTS(i + 1);                                                  \
+        const __m256 p0 = pairs_to_ps(mul_i8_pairs(q0, _mm256_loadu_si256((const __m256i *)x[i].qs)));     \
+        const __m256 p1 = pairs_to_ps(mul_i8_pairs(q1, _mm256_loadu_si256((const __m256i *)x[i + 1].qs))); \
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(tl_h2f(w[i].d) * tl_h2f(x[i].d)), p0, acc0);                  \
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(tl_h2f(w[i + 1].d) * tl_h2f(x[i + 1].d)), p1, acc1);          \
+    }                                                                                                        \
+    for (; i < nb; i++) {                                                                                    \
+        const __m256 p = pairs_to_ps(mul_i8_pairs(WEIGHTS(i), _mm256_loadu_si256((const __m256i *)x[i].qs)));\
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(tl_h2f(w[i].d) * tl_h2f(x[i].d)), p, acc0);                   \
+    }                                                                                                        \
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+
+#define Q4_0_WEIGHTS(i) _mm256_sub_epi8(nibbles_32(w[i].qs), _mm256_set1_epi8(8))
+#define Q5_0_WEIGHTS(i) _mm256_sub_epi8(_mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh)), _mm256_set1_epi8(16))
+#define Q8_0_WEIGHTS(i) _mm256_loadu_si256((const __m256i *)w[i].qs)
+#define IQ4_NL_WEIGHTS(i) _mm256_shuffle_epi8(table, nibbles_32(w[i].qs))
+
+static float dot_q4_0(int n, const void *vw, const void *vx) { DOT_32(block_q4_0, Q4_0_WEIGHTS) }
 
 static float dot_q4_1(int n, const void *vw, const void *vx) {
     const block_q4_1 *w = vw; const block_q8_1 *x = vx;
@@ -108,16 +125,7 @@ static inline __m256i fifth_bits(const uint8_t *qh) {
     return _mm256_and_si256(bits_32(load_u32(qh)), _mm256_set1_epi8(0x10));
 }
 
-static float dot_q5_0(int n, const void *vw, const void *vx) {
-    const block_q5_0 *w = vw; const block_q8_0 *x = vx;
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / TL_QK; i++) {
-        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
-        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh)), _mm256_set1_epi8(16));
-        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
-    }
-    return hsum_ps(acc);
-}
+static float dot_q5_0(int n, const void *vw, const void *vx) { DOT_32(block_q5_0, Q5_0_WEIGHTS) }
 
 static float dot_q5_1(int n, const void *vw, const void *vx) {
     const block_q5_1 *w = vw; const block_q8_1 *x = vx;
@@ -133,26 +141,7 @@ static float dot_q5_1(int n, const void *vw, const void *vx) {
     return hsum_ps(acc) + mins;
 }
 
-static float dot_q8_0(int n, const void *vw, const void *vx) {
-    const block_q8_0 *w = vw; const block_q8_0 *x = vx;
-    /* two blocks per iteration into two accumulators: the fmadd chain no longer serializes */
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const int nb = n / TL_QK;
-    int i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m256 d0 = _mm256_set1_ps(tl_h2f(w[i].d) * tl_h2f(x[i].d));
-        const __m256 d1 = _mm256_set1_ps(tl_h2f(w[i + 1].d) * tl_h2f(x[i + 1].d));
-        const __m256i q0 = _mm256_loadu_si256((const __m256i *)w[i].qs), q1 = _mm256_loadu_si256((const __m256i *)w[i + 1].qs);
-        acc0 = _mm256_fmadd_ps(d0, pairs_to_ps(mul_i8_pairs(q0, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc0);
-        acc1 = _mm256_fmadd_ps(d1, pairs_to_ps(mul_i8_pairs(q1, _mm256_loadu_si256((const __m256i *)x[i + 1].qs))), acc1);
-    }
-    for (; i < nb; i++) {
-        const __m256 d = _mm256_set1_ps(tl_h2f(w[i].d) * tl_h2f(x[i].d));
-        const __m256i q = _mm256_loadu_si256((const __m256i *)w[i].qs);
-        acc0 = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc0);
-    }
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
-}
+static float dot_q8_0(int n, const void *vw, const void *vx) { DOT_32(block_q8_0, Q8_0_WEIGHTS) }
 
 static inline __m256i iq4nl_table(void) {
     const __m128i t = _mm_loadu_si128((const __m128i *)tl_iq4nl_values);
@@ -160,15 +149,8 @@ static inline __m256i iq4nl_table(void) {
 }
 
 static float dot_iq4_nl(int n, const void *vw, const void *vx) {
-    const block_iq4_nl *w = vw; const block_q8_0 *x = vx;
     const __m256i table = iq4nl_table();
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n / TL_QK; i++) {
-        const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
-        const __m256i q = _mm256_shuffle_epi8(table, nibbles_32(w[i].qs));
-        acc = _mm256_fmadd_ps(d, pairs_to_ps(mul_i8_pairs(q, _mm256_loadu_si256((const __m256i *)x[i].qs))), acc);
-    }
-    return hsum_ps(acc);
+    DOT_32(block_iq4_nl, IQ4_NL_WEIGHTS)
 }
 
 /* ---- K-quants -------------------------------------------------------------------------------- */

@@ -100,6 +100,26 @@ int tl_attention(const float *q, const float *k, const float *v, const int64_t *
                  float scale, int64_t window, float softcap, float *out);
 int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_bytes, int64_t n_rows, int64_t k,
                  const int32_t *ids, int64_t n_tok, int64_t n_slot, const float *x, int x_per_slot, float *y);
+/* fused decode blocks (blocks.c) */
+typedef struct { int type; const void *data; int64_t row_bytes, n_rows, n_cols; } tl_weight;  /* data NULL: absent */
+typedef struct {
+    tl_weight wq, wk, wv, wo;  /* wv absent: V is the raw K projection */
+    const float *norm, *q_norm, *k_norm, *post_norm;
+    int64_t n_embd, n_head, n_kv, head_dim;
+    int v_norm;
+    float scale, eps, softcap;
+    int64_t window;
+} tl_attn_desc;
+typedef struct {
+    tl_weight gate, up, down;
+    const float *norm, *post_norm;
+    int64_t n_embd;
+    float eps;
+} tl_ffn_desc;
+int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
+                       float *k_buf, float *v_buf, int store, int64_t start, int64_t n_keys,
+                       const int64_t *slot_pos, const int64_t *q_pos, float *out);
+int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
 int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, float *y);
 int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out);
 

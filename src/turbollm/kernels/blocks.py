@@ -1,0 +1,97 @@
+"""Sub-layer blocks: a pre-normed QK-normed attention and a dense gated FFN, as single calls.
+
+A block bundles its weights and shape; `attention_block` / `ffn_block` here compose it from a
+backend's single ops (the definition, and what the reference backend runs). The fast backend
+runs decode-sized calls of the same blocks in one native call each (native/blocks.c), which
+removes most of the Python between kernels.
+
+    attention: out = x + post_norm(Wo . attn(rope(q_norm(Wq n)), rope(k_norm(Wk n)), v_norm(Wv n))),
+               n = norm(x); K/V of the new tokens are stored into the cache slots first;
+               no Wv: V is the raw K projection; no Wk: the layer reads slots another layer stored
+    ffn:       out = [residual +] post_norm(Wdown . (gelu_tanh(Wgate n) * (Wup n))), n = norm(h)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from turbollm.kernels.qtensor import QTensor
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionBlock:
+    norm: torch.Tensor
+    wq: QTensor
+    wk: QTensor | None  # None: K/V come from another layer's cache slots
+    wv: QTensor | None  # None: V is the raw K projection (Gemma 4 global layers)
+    wo: QTensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor | None
+    post_norm: torch.Tensor
+    n_head: int
+    n_kv: int
+    head_dim: int
+    v_norm: bool  # RMS-norm V without a weight (Gemma 4)
+    scale: float
+    window: int  # > 0: sliding window
+    eps: float
+    softcap: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class FfnBlock:
+    norm: torch.Tensor
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+    post_norm: torch.Tensor
+    eps: float
+
+
+class KVSlots(Protocol):
+    """Where one layer's keys and values live for one step (see turbollm.kv.cache)."""
+
+    k: torch.Tensor  # [capacity, n_kv, head_dim]
+    v: torch.Tensor
+    store: bool  # whether this layer writes the new tokens' K/V
+    start: int  # slot of the first new token
+    n_keys: int  # slots to attend over, new ones included
+    positions: torch.Tensor  # [capacity] int64 position held by each slot, -1 if empty
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotation of x [T, n_head, d] by cos/sin [T, 1, d] (the two halves are the pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.Tensor, torch.Tensor],
+                    slots: KVSlots, positions: torch.Tensor) -> torch.Tensor:
+    n_tok, hd = x.shape[0], b.head_dim
+    n = ops.rms_norm(x, b.norm, b.eps)
+    if slots.store:
+        q, k, *v = ops.linear_many(n, [b.wq, b.wk] + ([b.wv] if b.wv is not None else []))
+        k = k.view(n_tok, b.n_kv, hd)
+        v = v[0].view(n_tok, b.n_kv, hd) if v else k
+        k = apply_rope(ops.rms_norm(k, b.k_norm, b.eps), *rope)
+        if b.v_norm:
+            v = ops.rms_norm(v, None, b.eps)
+        slots.k[slots.start:slots.start + n_tok] = k
+        slots.v[slots.start:slots.start + n_tok] = v
+    else:
+        q = ops.linear(n, b.wq)
+    q = apply_rope(ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps), *rope)
+    keys = slice(0, slots.n_keys)
+    out = ops.attention(q, slots.k[keys], slots.v[keys], positions, slots.positions[keys], b.scale, b.window, b.softcap)
+    return x + ops.rms_norm(ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo), b.post_norm, b.eps)
+
+
+def ffn_block(ops, h: torch.Tensor, b: FfnBlock, residual: torch.Tensor | None = None) -> torch.Tensor:
+    gate, up = ops.linear_many(ops.rms_norm(h, b.norm, b.eps), [b.gate, b.up])
+    out = ops.rms_norm(ops.linear(F.gelu(gate, approximate="tanh") * up, b.down), b.post_norm, b.eps)
+    return out if residual is None else residual + out

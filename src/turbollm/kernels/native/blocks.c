@@ -1,0 +1,128 @@
+/* Fused decode blocks: a whole attention sub-layer and a whole dense FFN sub-layer per call.
+ *
+ * A decode step of a small model spends as long in Python between kernels as in the kernels
+ * (about 200 us per layer for ~25 torch ops and wrappers); these blocks run the same sequence
+ * in C with one call each. They compute what turbollm.kernels.blocks composes from single
+ * ops: the same maths, only float summation orders differ.
+ *
+ *   attention: out = x + post_norm(Wo . attn(rope(q_norm(q)), rope(k_norm(k)), v_norm(v)))
+ *              with q, k, v = Wq, Wk, Wv . norm(x); new K/V stored into the cache first
+ *   ffn:       out = residual + post_norm(Wdown . (gelu_tanh(Wgate . n) * (Wup . n))), n = norm(h)
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tl.h"
+
+static int weight_ok(const tl_weight *w) { return w->data != NULL; }
+
+static int matmul_weights(const tl_weight *const *ws, int n, const float *x, int64_t n_tok, float *const *ys) {
+    int types[8];
+    const void *ptrs[8];
+    int64_t row_bytes[8], rows[8];
+    for (int i = 0; i < n; i++) {
+        types[i] = ws[i]->type;
+        ptrs[i] = ws[i]->data;
+        row_bytes[i] = ws[i]->row_bytes;
+        rows[i] = ws[i]->n_rows;
+    }
+    return tl_matmul_multi(n, types, ptrs, row_bytes, rows, ws[0]->n_cols, x, n_tok, ys);
+}
+
+/* per-head RMSNorm (optional weight) then NeoX rotation with cos/sin rows [n_tok, d] */
+static void norm_rope(float *x, int64_t n_tok, int64_t n_head, int64_t d, const float *w, float eps,
+                      const float *cos, const float *sin) {
+    const int64_t half = d / 2;
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int64_t h = 0; h < n_head; h++) {
+            float *v = x + (t * n_head + h) * d;
+            tl_rms_norm(v, w, v, 1, d, eps);
+            if (cos == NULL) continue;
+            const float *c = cos + t * d, *s = sin + t * d;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
+                       float *k_buf, float *v_buf, int store, int64_t start, int64_t n_keys,
+                       const int64_t *slot_pos, const int64_t *q_pos, float *out) {
+    const int64_t D = b->n_embd, hd = b->head_dim, q_dim = b->n_head * hd, kv_dim = b->n_kv * hd;
+    float *a = malloc(sizeof(float) * (size_t)(n_tok * D));
+    float *q = malloc(sizeof(float) * (size_t)(n_tok * q_dim));
+    float *att = malloc(sizeof(float) * (size_t)(n_tok * q_dim));
+    float *k = malloc(sizeof(float) * (size_t)(n_tok * kv_dim));
+    float *v = malloc(sizeof(float) * (size_t)(n_tok * kv_dim));
+    float *o = malloc(sizeof(float) * (size_t)(n_tok * D));
+    int rc = (a && q && att && k && v && o) ? 0 : -3;
+    if (rc == 0) {
+        tl_rms_norm(x, b->norm, a, n_tok, D, b->eps);
+        if (store) {
+            const tl_weight *ws[3] = {&b->wq, &b->wk, &b->wv};
+            float *ys[3] = {q, k, v};
+            rc = matmul_weights(ws, weight_ok(&b->wv) ? 3 : 2, a, n_tok, ys);
+            if (rc == 0 && !weight_ok(&b->wv)) memcpy(v, k, sizeof(float) * (size_t)(n_tok * kv_dim));  /* V = raw K */
+            if (rc == 0) {
+                norm_rope(k, n_tok, b->n_kv, hd, b->k_norm, b->eps, cos, sin);
+                if (b->v_norm) tl_rms_norm(v, NULL, v, n_tok * b->n_kv, hd, b->eps);
+                memcpy(k_buf + start * kv_dim, k, sizeof(float) * (size_t)(n_tok * kv_dim));
+                memcpy(v_buf + start * kv_dim, v, sizeof(float) * (size_t)(n_tok * kv_dim));
+            }
+        } else {
+            const tl_weight *ws[1] = {&b->wq};
+            float *ys[1] = {q};
+            rc = matmul_weights(ws, 1, a, n_tok, ys);
+        }
+    }
+    if (rc == 0) {
+        norm_rope(q, n_tok, b->n_head, hd, b->q_norm, b->eps, cos, sin);
+        rc = tl_attention(q, k_buf, v_buf, q_pos, slot_pos, n_tok, b->n_head, b->n_kv, hd, hd, n_keys,
+                          b->scale, b->window, b->softcap, att);
+    }
+    if (rc == 0) {
+        const tl_weight *ws[1] = {&b->wo};
+        float *ys[1] = {o};
+        rc = matmul_weights(ws, 1, att, n_tok, ys);
+    }
+    if (rc == 0) {
+        tl_rms_norm(o, b->post_norm, o, n_tok, D, b->eps);
+        for (int64_t i = 0; i < n_tok * D; i++) out[i] = x[i] + o[i];
+    }
+    free(a); free(q); free(att); free(k); free(v); free(o);
+    return rc;
+}
+
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out) {
+    const int64_t D = b->n_embd, F = b->gate.n_rows;
+    float *n = malloc(sizeof(float) * (size_t)(n_tok * D));
+    float *g = malloc(sizeof(float) * (size_t)(n_tok * F));
+    float *u = malloc(sizeof(float) * (size_t)(n_tok * F));
+    int rc = (n && g && u) ? 0 : -3;
+    if (rc == 0) {
+        tl_rms_norm(h, b->norm, n, n_tok, D, b->eps);
+        const tl_weight *ws[2] = {&b->gate, &b->up};
+        float *ys[2] = {g, u};
+        rc = matmul_weights(ws, 2, n, n_tok, ys);
+    }
+    if (rc == 0) {
+        for (int64_t i = 0; i < n_tok * F; i++) g[i] = gelu_tanh(g[i]) * u[i];
+        const tl_weight *ws[1] = {&b->down};
+        float *ys[1] = {n};  /* reuse: D floats per token */
+        rc = matmul_weights(ws, 1, g, n_tok, ys);
+    }
+    if (rc == 0) {
+        tl_rms_norm(n, b->post_norm, out, n_tok, D, b->eps);
+        if (residual) for (int64_t i = 0; i < n_tok * D; i++) out[i] += residual[i];
+    }
+    free(n); free(g); free(u);
+    return rc;
+}
