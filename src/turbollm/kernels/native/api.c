@@ -156,29 +156,26 @@ typedef struct {
     int64_t q_row_bytes[TL_MAX_MATS];
     float *y[TL_MAX_MATS];
     int64_t k, n_tok;
-    atomic_long next_chunk;
 } matmul_job;
 
+/* Each thread takes one contiguous range of chunks: long sequential reads keep the hardware
+ * prefetchers streaming (handing out chunks one by one interleaved the threads' reads and cost
+ * a third of the bandwidth on the layer weights). */
 static void matmul_task(void *vctx, int ith, int nth) {
-    (void)ith; (void)nth;
     matmul_job *j = vctx;
     const int64_t n_chunks = j->first_chunk[j->n_mats];
+    const int64_t c0 = n_chunks * ith / nth, c1 = n_chunks * (ith + 1) / nth;
     int m = 0;
-    for (;;) {
-        const int64_t c = atomic_fetch_add_explicit(&j->next_chunk, 1, memory_order_relaxed);
-        if (c >= n_chunks) break;
-        while (c >= j->first_chunk[m + 1]) m++;  /* chunks are handed out in increasing order */
+    for (int64_t c = c0; c < c1; c++) {
+        while (c >= j->first_chunk[m + 1]) m++;
         const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
         const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
         const tl_vec_dot_fn dot = j->kt[m]->vec_dot;
-        const tl_vec_dot4_fn dot4 = j->kt[m]->vec_dot4;
         const int64_t rb = j->w_row_bytes[m];
         for (int64_t t = 0; t < j->n_tok; t++) {
             const uint8_t *qt = j->q[m] + t * j->q_row_bytes[m];
             float *yt = j->y[m] + t * j->n_rows[m];
-            int64_t r = r0;
-            if (dot4) for (; r + 4 <= r1; r += 4) dot4((int)j->k, j->w[m] + r * rb, rb, qt, yt + r);
-            for (; r < r1; r++) yt[r] = dot((int)j->k, j->w[m] + r * rb, qt);
+            for (int64_t r = r0; r < r1; r++) yt[r] = dot((int)j->k, j->w[m] + r * rb, qt);
         }
     }
 }
@@ -233,18 +230,15 @@ typedef struct {
     const int64_t *group_start, *pair_q_row, *pair_y_row;
     int64_t n_groups;
     float *y;
-    atomic_long next;
 } matmul_id_job;
 
 static void matmul_id_task(void *vctx, int ith, int nth) {
-    (void)ith; (void)nth;
     matmul_id_job *j = vctx;
     const int64_t chunks = (j->n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK, n_items = j->n_groups * chunks;
-    for (;;) {
-        /* an item is one row chunk of one expert, applied to every pair routed to that expert:
-         * the chunk stays in cache while the expert's tokens pass through it */
-        const int64_t item = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
-        if (item >= n_items) break;
+    /* an item is one row chunk of one expert, applied to every pair routed to that expert: the
+     * chunk stays in cache while the expert's tokens pass through it. Each thread takes one
+     * contiguous range of items, so it streams through whole experts (see matmul_task). */
+    for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
         const int64_t g = item / chunks, c = item % chunks;
         const uint8_t *we = j->w + (int64_t)j->group_expert[g] * j->expert_bytes;
         const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
@@ -291,7 +285,7 @@ int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_by
         pair_y[at] = i;
     }
     matmul_id_job job = {kt, w, expert_bytes, w_row_bytes, n_rows, k, q, q_row_bytes,
-                         group_expert, group_start, pair_q, pair_y, n_groups, y, 0};
+                         group_expert, group_start, pair_q, pair_y, n_groups, y};
     tl_parallel(matmul_id_task, &job);
     free(q); free(count); free(pair_q); free(pair_y); free(group_start); free(group_expert);
     return 0;

@@ -425,7 +425,7 @@ static void deq_iq3_s(const void *vw, float *y, int64_t n) {
 
 static void set(tl_kernels *t, int type, tl_vec_dot_fn dot, tl_quantize_fn quant, tl_dequant_fn deq,
                 int act_block, int act_block_bytes, int w_block, int w_block_bytes) {
-    t[type] = (tl_kernels){dot, NULL, quant, deq, act_block, act_block_bytes, w_block, w_block_bytes};
+    t[type] = (tl_kernels){dot, quant, deq, act_block, act_block_bytes, w_block, w_block_bytes};
 }
 
 void tl_register_scalar(tl_kernels *t) {

@@ -16,6 +16,8 @@
 #include "tl.h"
 
 #define TL_MAX_THREADS 256
+#define SECTION_GEN(s) ((s) >> 32)
+#define SECTION_THREADS(s) ((int)((s) & 0xffffffffu))
 #define TL_HOT_NS 2000000  /* 2 ms: covers the gap between the kernel calls of a decode step */
 
 static inline int64_t now_ns(void) {
@@ -28,7 +30,10 @@ static struct {
     pthread_mutex_t call_lock;  /* one tl_parallel at a time */
     pthread_mutex_t lock;
     pthread_cond_t wake;
-    atomic_uint generation;  /* bumped for every parallel section */
+    /* generation (high 32 bits, bumped for every section) and the number of threads taking
+     * part in it (low 32 bits), in one word so that a worker never pairs a section with the
+     * thread count of another one */
+    atomic_ullong section;
     atomic_int pending;      /* workers still running the current section */
     atomic_llong hot_until;  /* workers spin until this time (ns), then sleep */
     tl_task_fn fn;
@@ -36,6 +41,7 @@ static struct {
     int n_threads;  /* threads taking part, caller included */
     int n_started;  /* worker threads created so far */
     pthread_t workers[TL_MAX_THREADS];
+    unsigned long long created_at[TL_MAX_THREADS];
 } pool = {
     .call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
     .wake = PTHREAD_COND_INITIALIZER, .n_threads = 1,
@@ -49,20 +55,27 @@ static inline void cpu_relax(void) {
 
 static void *worker_main(void *arg) {
     const int ith = (int)(intptr_t)arg;
-    unsigned seen = atomic_load(&pool.generation);
+    /* the generation when this worker was created (no section runs then): a worker that read
+     * it itself could start late, after the first section it belongs to, and miss it */
+    unsigned long long seen = pool.created_at[ith];
     for (;;) {
-        for (int spins = 0; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
+        unsigned long long s = atomic_load_explicit(&pool.section, memory_order_acquire);
+        for (int spins = 0; SECTION_GEN(s) == seen; spins++) {
             cpu_relax();
             if ((spins & 255) == 0 && now_ns() > atomic_load_explicit(&pool.hot_until, memory_order_relaxed)) break;
+            s = atomic_load_explicit(&pool.section, memory_order_acquire);
         }
-        if (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
+        if (SECTION_GEN(s) == seen) {
             pthread_mutex_lock(&pool.lock);
-            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            while (SECTION_GEN(s = atomic_load(&pool.section)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
             pthread_mutex_unlock(&pool.lock);
         }
-        seen = atomic_load(&pool.generation);
-        if (ith < pool.n_threads) {
-            pool.fn(pool.ctx, ith, pool.n_threads);
+        /* A worker may skip sections it takes no part in; a section it takes part in cannot
+         * end (nor fn and ctx change) before it has run its share. */
+        seen = SECTION_GEN(s);
+        const int n = SECTION_THREADS(s);
+        if (ith < n) {
+            pool.fn(pool.ctx, ith, n);
             atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
         }
     }
@@ -75,6 +88,7 @@ void tl_set_num_threads(int n) {
     pthread_mutex_lock(&pool.call_lock);
     while (pool.n_started < n - 1) {
         const int ith = pool.n_started + 1;
+        pool.created_at[ith] = SECTION_GEN(atomic_load(&pool.section));
         if (pthread_create(&pool.workers[pool.n_started], NULL, worker_main, (void *)(intptr_t)ith) != 0) break;
         pthread_detach(pool.workers[pool.n_started]);
         pool.n_started++;
@@ -97,7 +111,8 @@ void tl_parallel(tl_task_fn fn, void *ctx) {
     pool.ctx = ctx;
     atomic_store(&pool.pending, n - 1);
     pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    const unsigned long long gen = SECTION_GEN(atomic_load(&pool.section)) + 1;
+    atomic_store_explicit(&pool.section, (gen << 32) | (unsigned)n, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
     fn(ctx, 0, n);

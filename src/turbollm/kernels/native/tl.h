@@ -56,8 +56,6 @@ tl_half tl_f2h(float f);
 
 /* ---- vec_dot: n elements of one weight row with one quantized activation row ------------- */
 typedef float (*tl_vec_dot_fn)(int n, const void *w, const void *x);
-/* four consecutive weight rows (row_bytes apart) with one activation row: out[0..3] */
-typedef void (*tl_vec_dot4_fn)(int n, const void *w, int64_t row_bytes, const void *x, float *out);
 /* quantize one activation row of n floats into the activation format of a weight type */
 typedef void (*tl_quantize_fn)(const float *x, void *y, int64_t n);
 /* dequantize one weight row of n elements to float */
@@ -65,7 +63,6 @@ typedef void (*tl_dequant_fn)(const void *w, float *y, int64_t n);
 
 typedef struct {
     tl_vec_dot_fn vec_dot;
-    tl_vec_dot4_fn vec_dot4;  /* optional: NULL where only the one-row kernel exists */
     tl_quantize_fn quantize_act;
     tl_dequant_fn dequant;
     int act_block;       /* activation block size in elements (32 or 256) */

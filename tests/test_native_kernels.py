@@ -1,0 +1,208 @@
+"""The native CPU kernels against the PyTorch reference, on both code paths (portable C and AVX2).
+
+Decode products quantize activations to 8-bit blocks, so they differ from the float reference
+by at most half a quantization step per activation: for every output,
+    |native - reference| <= sum over blocks of (sum |w| in the block) * amax(x in block) / 254
+plus float rounding. The two code paths compute the same integer sums and must agree to float
+rounding. Dequantization, grouped expert products and the fused blocks have exact or tight
+twins to compare with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from turbollm.kernels import blocks, fast, native, reference
+from turbollm.kernels.attention import attention as reference_attention
+from turbollm.kernels.qtensor import QTensor
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built")
+
+NATIVE_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S]
+F16_AT = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2],
+          Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0], Q.IQ3_S: [0]}
+SIMD_LEVELS = [0, 1] if native.cpu_features()["avx2"] else [0]
+
+
+@pytest.fixture(params=SIMD_LEVELS, ids=lambda level: ["portable", "avx2"][level])
+def simd(request):
+    native.set_simd(bool(request.param))
+    yield request.param
+    native.set_simd(True)
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    before = native.num_threads()
+    native.set_num_threads(request.param)
+    yield request.param
+    native.set_num_threads(before)
+
+
+def random_weight(qtype: Q, n_rows: int, n_cols: int, seed: int = 0, n_expert: int | None = None) -> QTensor:
+    rng = np.random.default_rng(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = (n_expert or 1) * n_rows * n_cols // block
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    for at in F16_AT[qtype]:
+        raw[:, at:at + 2] = (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
+    shape = (n_rows, n_cols) if n_expert is None else (n_expert, n_rows, n_cols)
+    return QTensor(torch.from_numpy(raw).reshape(*shape[:-1], -1), qtype, shape, f"random {qtype.name}")
+
+
+def activation_block(qtype: Q) -> int:
+    return 256 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.IQ3_S) else 32
+
+
+def quantization_bound(w: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+    """[T, N] bound on |W x - W x_q| from rounding x to 8-bit blocks (half a step each)."""
+    n_rows, k = w.shape
+    amax = x.abs().view(x.shape[0], k // block, block).amax(-1)  # [T, blocks]
+    wsum = w.abs().view(n_rows, k // block, block).sum(-1)  # [N, blocks]
+    return (amax / 254.0) @ wsum.T
+
+
+# (rows, cols): one row, rows not a multiple of the chunk (16) or of the thread count, smallest K
+SHAPES = [(1, 256), (7, 256), (33, 512), (100, 768)]
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("n_rows, n_cols", SHAPES)
+def test_matmul_within_activation_quantization_bound(qtype, n_rows, n_cols, simd, threads):
+    w = random_weight(qtype, n_rows, n_cols, seed=n_rows)
+    x = torch.randn(3, n_cols, generator=torch.Generator().manual_seed(n_cols))
+    y = native.matmul(x, w)
+    wd = w.dequantize()
+    ref = x @ wd.T
+    bound = quantization_bound(wd, x, activation_block(qtype))
+    slack = 1e-4 * (x.abs() @ wd.abs().T) + 1e-6
+    if qtype in (Q.Q4_1, Q.Q5_1):  # the q8_1 block sum is stored as fp16: 2^-11 of |m| * |s| per block
+        slack = slack + 2.0 ** -10 * (x.abs() @ wd.abs().T)
+    assert ((y - ref).abs() <= bound + slack).all()
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: q.name)
+def test_simd_and_portable_paths_agree(qtype):
+    w = random_weight(qtype, 40, 1024, seed=3)
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(4))
+    native.set_simd(False)
+    portable = native.matmul(x, w)
+    native.set_simd(True)
+    fast_path = native.matmul(x, w)
+    scale = (x.abs() @ w.dequantize().abs().T)
+    assert ((portable - fast_path).abs() <= 1e-5 * scale + 1e-6).all()
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: q.name)
+def test_dequantize_is_bit_exact(qtype, simd):
+    w = random_weight(qtype, 37, 512, seed=5)
+    assert torch.equal(native.dequantize(w), w.dequantize())
+    assert torch.equal(native.dequantize(w, slice(5, 21)), w.dequantize()[5:21])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.IQ3_S], ids=lambda q: q.name)
+def test_matmul_many_equals_separate_products(qtype, threads):
+    ws = [random_weight(qtype, rows, 512, seed=rows) for rows in (48, 17, 1)] + [random_weight(Q.Q8_0, 9, 512)]
+    x = torch.randn(2, 512)
+    for y, w in zip(native.matmul_many(x, ws), ws):
+        assert torch.equal(y, native.matmul(x, w))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_expert_matmul_equals_one_product_per_expert(qtype, per_slot, threads):
+    n_expert, n_rows, n_cols, n_tok, k = 6, 24, 256, 5, 3
+    w = random_weight(qtype, n_rows, n_cols, seed=7, n_expert=n_expert)
+    ids = torch.tensor([[0, 5, 2], [2, 2, 1], [5, 0, 3], [4, 1, 0], [3, 3, 3]], dtype=torch.int32)
+    x = torch.randn(n_tok * k if per_slot else n_tok, n_cols)
+    y = native.matmul_id(x, w, ids, x_per_slot=per_slot)
+    for t in range(n_tok):
+        for s in range(k):
+            row = x[t * k + s] if per_slot else x[t]
+            assert torch.equal(y[t, s], native.matmul(row[None].contiguous(), w.select(int(ids[t, s])))[0])
+
+
+def test_moe_ffn_fast_within_quantization_noise_of_reference():
+    x = torch.randn(4, 256)
+    gate_up = random_weight(Q.Q8_0, 64, 256, seed=1, n_expert=8)
+    down = random_weight(Q.Q8_0, 256, 32, seed=2, n_expert=8)
+    ids = torch.tensor([[0, 3], [7, 3], [1, 2], [5, 6]])
+    weights = torch.rand(4, 2)
+    ref = reference.moe_ffn(x, ids, weights, gate_up, None, down)
+    out = fast.moe_ffn(x, ids, weights, gate_up, None, down)
+    assert torch.allclose(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("n_tok, window, softcap", [(1, 0, 0.0), (3, 5, 0.0), (1, 4, 30.0), (2, 0, 50.0)])
+def test_attention_matches_reference(n_tok, window, softcap, threads):
+    g = torch.Generator().manual_seed(n_tok)
+    n_keys, n_head, n_kv, d = 11, 8, 2, 64
+    q = torch.randn(n_tok, n_head, d, generator=g)
+    k = torch.randn(n_keys, n_kv, d, generator=g)
+    v = torch.randn(n_keys, n_kv, d, generator=g)
+    k_pos = torch.arange(n_keys)
+    k_pos[3] = -1  # an empty slot is never visible
+    q_pos = torch.arange(n_keys - n_tok, n_keys)
+    ref = reference_attention(q, k, v, q_pos, k_pos, 0.125, window, softcap)
+    out = native.attention(q, k, v, q_pos, k_pos, 0.125, window, softcap)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_matches_reference():
+    x, w = torch.randn(5, 640), torch.randn(640)
+    assert torch.allclose(native.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(native.rms_norm(x, None, 1e-6), reference.rms_norm(x, None, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+def _slots(n_keys_before: int, n_new: int, n_kv: int, d: int, store: bool):
+    from turbollm.kv.cache import KVSlots
+    cap = n_keys_before + n_new + 4
+    g = torch.Generator().manual_seed(9)
+    k, v = torch.randn(cap, n_kv, d, generator=g), torch.randn(cap, n_kv, d, generator=g)
+    return KVSlots(k, v, store, n_keys_before, n_keys_before + n_new, torch.arange(cap))
+
+
+@pytest.mark.parametrize("store, with_v", [(True, True), (True, False), (False, True)])
+def test_fused_attention_block_equals_composed(store, with_v):
+    d_model, n_head, n_kv, hd = 256, 4, 2, 64
+    wq = random_weight(Q.Q8_0, n_head * hd, d_model, seed=1)
+    wk = random_weight(Q.Q4_0, n_kv * hd, d_model, seed=2) if store else None
+    wv = random_weight(Q.Q5_0, n_kv * hd, d_model, seed=3) if store and with_v else None
+    wo = random_weight(Q.Q4_K, d_model, n_head * hd, seed=4)
+    ones = lambda n: 1.0 + 0.1 * torch.randn(n)
+    b = blocks.AttentionBlock(ones(d_model), wq, wk, wv, wo, ones(hd), ones(hd) if store else None, ones(d_model),
+                              n_head, n_kv, hd, v_norm=True, scale=1.0, window=6, eps=1e-6)
+    x = torch.randn(2, d_model)
+    positions = torch.tensor([7, 8])
+    angles = positions.float()[:, None] * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    angles = torch.cat((angles, angles), -1)[:, None, :]
+    rope = (angles.cos(), angles.sin())
+    composed_slots, fused_slots = _slots(7, 2, n_kv, hd, store), _slots(7, 2, n_kv, hd, store)
+    composed = blocks.attention_block(fast.Ops, x, b, rope, composed_slots, positions)
+    fused = fast.attention_block(x, b, rope, fused_slots, positions)
+    assert torch.allclose(fused, composed, atol=2e-4, rtol=2e-4)
+    assert torch.allclose(fused_slots.k, composed_slots.k, atol=2e-5) and torch.allclose(fused_slots.v, composed_slots.v, atol=2e-5)
+
+
+def test_fused_ffn_block_equals_composed():
+    d_model, ff = 256, 512
+    b = blocks.FfnBlock(1 + 0.1 * torch.randn(d_model), random_weight(Q.Q5_0, ff, d_model, 1),
+                        random_weight(Q.Q4_K, ff, d_model, 2), random_weight(Q.Q6_K, d_model, ff, 3),
+                        1 + 0.1 * torch.randn(d_model), 1e-6)
+    h = torch.randn(3, d_model)
+    for residual in (None, h):
+        assert torch.allclose(fast.ffn_block(h, b, residual), blocks.ffn_block(fast.Ops, h, b, residual), atol=1e-4, rtol=1e-4)
+
+
+def test_real_model_weights_within_bound(gemma3_model):
+    layer = gemma3_model.network.layers[0]
+    weights = [layer.attn.wq, layer.attn.wv, layer.attn.wo, layer.ffn.down, gemma3_model.network.token_embd]
+    assert {w.qtype for w in weights} >= {Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K}
+    for w in weights:
+        x = torch.randn(2, w.shape[1])
+        wd = w.dequantize()
+        bound = quantization_bound(wd, x, activation_block(w.qtype)) + 1e-4 * (x.abs() @ wd.abs().T)
+        assert ((native.matmul(x, w) - x @ wd.T).abs() <= bound).all(), w.name
