@@ -1,4 +1,4 @@
-"""Command line: `turbollm run | inspect`.
+"""Command line: `turbollm run | bench | inspect`.
 
 Each subcommand parses its flags into a frozen dataclass and hands it to one function.
 Errors caused by input are printed as one line (`error: ...`) with exit status 1.
@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system message (implies --chat)")
     run.add_argument("-v", "--verbose", action="store_true", help="print load time, memory and speed to stderr")
 
+    bench = sub.add_parser("bench", help="measure prompt and decode speed (llama-bench's tests and flags)")
+    _add_model_flag(bench)
+    bench.add_argument("-p", "--n-prompt", type=_int_list, default=(512,), help="prompt sizes, comma-separated (default 512)")
+    bench.add_argument("-n", "--n-gen", type=_int_list, default=(128,), help="decode lengths, comma-separated (default 128)")
+    bench.add_argument("-pg", "--prompt-gen", type=_pair_list, default=((1150, 2000),),
+                       help="prompt+decode tests as P,G pairs separated by ';' (default 1150,2000; 'none' to skip)")
+    bench.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test (default 5)")
+    bench.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
     inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
     inspect.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
     inspect.add_argument("--no-tensors", dest="tensors", action="store_false", help="omit the tensor table")
@@ -86,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                 ctx_size=args.ctx_size, threads=args.threads,
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
             ))
+        if args.command == "bench":
+            from turbollm.bench import BenchSettings
+            return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                                       prompt_gen=args.prompt_gen, threads=args.threads,
+                                       repetitions=args.repetitions, backend=args.backend), args.json)
         if args.command == "inspect":
             return inspect(InspectArgs(model=args.model, tensors=args.tensors))
     except TurbollmError as e:
@@ -100,6 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return 2
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _pair_list(text: str) -> tuple[tuple[int, int], ...]:
+    if text.strip().lower() == "none":
+        return ()
+    pairs = tuple(_int_list(item) for item in text.split(";") if item.strip())
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected PROMPT,GEN pairs separated by ';', got {text!r}")
+    return pairs
 
 
 def _read_prompt(a: RunArgs) -> str:
@@ -149,6 +181,20 @@ def run(a: RunArgs) -> int:
         print(f"decode: {stats.n_decode_steps} tokens in {stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.2f} tok/s), "
               f"{stats.n_generated} generated, finish: {stats.finish_reason}", file=sys.stderr)
         print(f"peak RSS = {mib(peak_rss_bytes())}, now: {rss_breakdown()}", file=sys.stderr)
+    return 0
+
+
+def bench(settings, as_json: bool) -> int:
+    import json
+
+    from turbollm.bench import format_table, run_bench
+
+    def progress(result) -> None:
+        if not as_json:
+            print(f"{result.name}: {result.avg_ts:.2f} ± {result.stddev_ts:.2f} tok/s", file=sys.stderr, flush=True)
+
+    report = run_bench(settings, progress)
+    print(json.dumps(report.to_json(), indent=2) if as_json else format_table(report))
     return 0
 
 

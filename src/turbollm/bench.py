@@ -1,0 +1,260 @@
+"""`turbollm bench`: llama-bench's tests on turbollm, with the figures that explain them.
+
+Tests follow llama-bench so the two tables can be read side by side:
+- `pp N`: N prompt tokens in one pass from an empty cache (logits of the last one included);
+- `tg N`: N tokens decoded one at a time from an empty cache, each feeding one random token;
+- `pp N+tg M` (llama-bench's `-pg`): both, timed together; tokens/s counts all N+M tokens.
+Tokens are random ids (seeded), as in llama-bench; each test runs once to warm up, then
+`repetitions` times. Alongside: load time, memory (RSS before and after load, peak) against
+the file and the KV cache, the bytes of weights a decode step reads, and how close decode
+comes to the memory bandwidth of this machine (copy and read benchmarks run here and now).
+
+Left out: sampling (llama-bench does not sample either), batched decoding of several sequences.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from turbollm import kernels
+from turbollm.gguf.reader import GGUFFile
+from turbollm.memory import peak_rss_bytes, rss_bytes
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str | None = None
+    n_prompt: tuple[int, ...] = (512,)
+    n_gen: tuple[int, ...] = (128,)
+    prompt_gen: tuple[tuple[int, int], ...] = ((1150, 2000),)  # the normalized-wall test
+    threads: int | None = None
+    repetitions: int = 5
+    backend: str = "auto"
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.repetitions < 1:
+            raise ValueError(f"-r/--repetitions must be at least 1, got {self.repetitions}")
+        for n in (*self.n_prompt, *self.n_gen, *(x for pg in self.prompt_gen for x in pg)):
+            if n < 1:
+                raise ValueError(f"test sizes must be positive, got {n}")
+
+
+@dataclass
+class TestResult:
+    name: str  # "pp512", "tg128", "pp1150+tg2000"
+    n_prompt: int
+    n_gen: int
+    seconds: list[float]
+
+    @property
+    def tokens_per_second(self) -> list[float]:
+        return [(self.n_prompt + self.n_gen) / s for s in self.seconds]
+
+    @property
+    def avg_ts(self) -> float:
+        return statistics.fmean(self.tokens_per_second)
+
+    @property
+    def stddev_ts(self) -> float:
+        ts = self.tokens_per_second
+        return statistics.stdev(ts) if len(ts) > 1 else 0.0
+
+
+@dataclass
+class BenchReport:
+    model: str
+    description: str  # "gemma3 270M Q4_K_M"
+    file_bytes: int
+    n_params: int
+    backend: str
+    threads: int
+    load_seconds: float
+    rss_before_load: int  # the interpreter, torch and turbollm, before the model
+    rss_after_load: int
+    peak_rss: int
+    max_kv_bytes: int  # the largest KV cache a test allocated
+    decode_weight_bytes: int  # weight bytes one decode step reads
+    copy_bandwidth: float  # bytes/s read + written, copy benchmark on the same threads
+    read_bandwidth: float  # bytes/s read, on the same threads
+    results: list[TestResult] = field(default_factory=list)
+
+    def decode_bandwidth_ratio(self) -> float | None:
+        """Achieved weight-read rate of the fastest tg test over the read bandwidth."""
+        tg = [r for r in self.results if r.n_prompt == 0]
+        if not tg:
+            return None
+        return max(r.avg_ts for r in tg) * self.decode_weight_bytes / self.read_bandwidth
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "results"}
+        out["decode_bandwidth_ratio"] = self.decode_bandwidth_ratio()
+        out["results"] = [{"test": r.name, "n_prompt": r.n_prompt, "n_gen": r.n_gen, "avg_ts": r.avg_ts,
+                           "stddev_ts": r.stddev_ts, "samples_ts": r.tokens_per_second,
+                           "samples_ns": [int(s * 1e9) for s in r.seconds]} for r in self.results]
+        return out
+
+
+def decode_weight_bytes(gf: GGUFFile, n_expert: int, n_expert_used: int) -> int:
+    """Bytes of weights one decode step reads: every tensor, except that an expert tensor is read
+    for the active experts only and an embedding table one row per token (the LM head, tied to
+    the token embedding in Gemma, reads the whole table)."""
+    tied = "output.weight" not in gf.tensors
+    total = 0
+    for t in gf.tensors.values():
+        if "_exps." in t.name and n_expert:
+            total += t.n_bytes * n_expert_used // n_expert
+        elif t.name == "per_layer_token_embd.weight" or (t.name == "token_embd.weight" and not tied):
+            total += t.n_bytes // t.shape[0]  # one row of the table
+        else:
+            total += t.n_bytes
+    return total
+
+
+def copy_bandwidth(threads: int, n_bytes: int = 256 * 2**20, repetitions: int = 10) -> float:
+    """Memory bandwidth in bytes/s from copying a buffer far larger than the caches: bytes read
+    plus bytes written, best of `repetitions` (STREAM's "copy" convention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = torch.ones(n_bytes // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # fault the pages in
+        best = min(_timed(lambda: dst.copy_(src)) for _ in range(repetitions))
+        return 2 * n_bytes / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def read_bandwidth(threads: int, n_bytes: int = 512 * 2**20, repetitions: int = 10) -> float:
+    """Bytes/s of reading a buffer far larger than the caches (a sum): the limit of a decode
+    step, which reads the weights and writes next to nothing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = torch.ones(n_bytes // 4, dtype=torch.float32)
+        return n_bytes / min(_timed(src.sum) for _ in range(repetitions))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class _Runner:
+    """Runs the three kinds of test on one loaded model with random tokens."""
+
+    def __init__(self, network, n_vocab: int, seed: int):
+        self.net, self.n_vocab = network, n_vocab
+        self.rng = torch.Generator().manual_seed(seed)
+        self.max_kv_bytes = 0
+
+    def _tokens(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.n_vocab, (n,), generator=self.rng, dtype=torch.int64)
+
+    def run(self, n_prompt: int, n_gen: int) -> float:
+        """Seconds for a prompt of n_prompt tokens, then n_gen single-token steps, each with logits."""
+        net = self.net
+        cache = net.new_cache(n_prompt + n_gen)
+        self.max_kv_bytes = max(self.max_kv_bytes, cache.nbytes)
+        prompt, steps = self._tokens(n_prompt), self._tokens(n_gen)
+        start = time.perf_counter()
+        for at in range(0, n_prompt, 512):  # the generation loop's prefill chunk
+            hidden = net.forward(prompt[at:at + 512], cache)
+        if n_prompt:
+            net.logits(hidden[-1:])
+        for i in range(n_gen):
+            net.logits(net.forward(steps[i:i + 1], cache))
+        return time.perf_counter() - start
+
+
+def run_bench(s: BenchSettings, progress=None) -> BenchReport:
+    from turbollm.api import Model  # the API is above this module; imported when used
+
+    rss_before = rss_bytes()
+    model = Model.load(s.model, threads=s.threads, backend=s.backend)
+    rss_after = rss_bytes()
+    cfg, gf = model.config, model.gguf
+    ops = model.network.ops
+    threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
+    backend = ops.name + (f" ({['portable C', 'AVX2'][kernels.native.simd_level()]})" if ops.name == "fast" else "")
+    needed = max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
+    if needed > model.ctx_size:
+        raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")
+    report = BenchReport(
+        model=str(gf.path), description=describe(gf), file_bytes=gf.file_size,
+        n_params=sum(t.n_elements for t in gf.tensors.values()), backend=backend, threads=threads,
+        load_seconds=model.load_seconds, rss_before_load=rss_before, rss_after_load=rss_after, peak_rss=0,
+        max_kv_bytes=0, decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
+        copy_bandwidth=0.0, read_bandwidth=0.0,
+    )
+    runner = _Runner(model.network, cfg.n_vocab, s.seed)
+    tests = ([(f"pp{n}", n, 0) for n in s.n_prompt] + [(f"tg{n}", 0, n) for n in s.n_gen]
+             + [(f"pp{p}+tg{g}", p, g) for p, g in s.prompt_gen])
+    for name, n_prompt, n_gen in tests:
+        long_test = n_prompt and n_gen  # the normalized-wall test: warming up would double its cost
+        if not long_test:
+            runner.run(n_prompt, min(n_gen, 8))
+        result = TestResult(name, n_prompt, n_gen, [runner.run(n_prompt, n_gen) for _ in range(s.repetitions)])
+        report.results.append(result)
+        if progress is not None:
+            progress(result)
+    report.peak_rss, report.max_kv_bytes = peak_rss_bytes(), runner.max_kv_bytes
+    # last: their buffers must not count in the peak
+    report.copy_bandwidth, report.read_bandwidth = copy_bandwidth(threads), read_bandwidth(threads)
+    return report
+
+
+def describe(gf: GGUFFile) -> str:
+    """'gemma3 270M Q4_K_M', as llama-bench names a model: architecture, size label, file type."""
+    from gguf import LlamaFileType
+
+    arch = gf.get("general.architecture", "?")
+    size = gf.get("general.size_label") or _size_label(sum(t.n_elements for t in gf.tensors.values()))
+    file_type = gf.get("general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else "?"
+    except ValueError:
+        quant = f"type {file_type}"
+    return f"{arch} {size} {quant}"
+
+
+def _size_label(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def format_table(r: BenchReport) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+    params = f"{r.n_params / 1e9:.2f} B" if r.n_params >= 1e9 else f"{r.n_params / 1e6:.2f} M"
+    head = ["model", "size", "params", "backend", "threads", "test", "t/s"]
+    rows = [[r.description, gib(r.file_bytes), params, r.backend, str(r.threads), t.name,
+             f"{t.avg_ts:.2f} ± {t.stddev_ts:.2f}"] for t in r.results]
+    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    out = [line(head), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(row) for row in rows]
+    for t in r.results:
+        if t.n_prompt and t.n_gen:
+            out.append(f"{t.name}: {statistics.fmean(t.seconds):.2f} s wall ({t.n_prompt} tokens in, {t.n_gen} out)")
+    model_rss = r.peak_rss - r.rss_before_load
+    budget = r.file_bytes + r.max_kv_bytes
+    out += [
+        f"load: {r.load_seconds:.2f} s; RSS before load {gib(r.rss_before_load)}, after load {gib(r.rss_after_load)}, "
+        f"peak {gib(r.peak_rss)}",
+        f"memory: peak - before load = {gib(model_rss)} vs file {gib(r.file_bytes)} + KV cache {gib(r.max_kv_bytes)} "
+        f"= {gib(budget)} ({model_rss / budget:.0%})",
+        f"decode reads {gib(r.decode_weight_bytes)} of weights per token; memory bandwidth here: "
+        f"copy {r.copy_bandwidth / 1e9:.1f} GB/s (read + written), read {r.read_bandwidth / 1e9:.1f} GB/s",
+    ]
+    ratio = r.decode_bandwidth_ratio()
+    if ratio is not None:
+        achieved = ratio * r.read_bandwidth
+        out.append(f"decode reads weights at {achieved / 1e9:.1f} GB/s = {ratio:.0%} of the read bandwidth, "
+                   f"{achieved / r.copy_bandwidth:.0%} of the copy bandwidth")
+    return "\n".join(out)

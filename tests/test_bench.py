@@ -1,0 +1,62 @@
+"""`turbollm bench`: what it runs and what it reports (behaviour, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from turbollm.bench import BenchSettings, decode_weight_bytes, format_table, run_bench
+from turbollm.cli import main
+from turbollm.gguf.reader import GGUFFile
+
+from conftest import REFERENCE_DIR
+
+
+def test_decode_bytes_count_active_experts_and_the_tied_head():
+    gf = GGUFFile(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q8_0.gguf")
+    experts = sum(t.n_bytes for t in gf.tensors.values() if "_exps." in t.name)
+    others = sum(t.n_bytes for t in gf.tensors.values() if "_exps." not in t.name)
+    assert "output.weight" not in gf.tensors and experts > 0  # tied LM head: the table is read whole
+    # 16 experts, 4 active: each expert tensor is read for a quarter of its experts
+    assert decode_weight_bytes(gf, 16, 4) == others + sum(
+        t.n_bytes * 4 // 16 for t in gf.tensors.values() if "_exps." in t.name)
+
+
+def test_bench_runs_every_test_and_reports_memory(default_model_path):
+    settings = BenchSettings(n_prompt=(8,), n_gen=(4,), prompt_gen=((6, 3),), threads=2, repetitions=2)
+    report = run_bench(settings)
+    assert [(r.name, r.n_prompt, r.n_gen, len(r.seconds)) for r in report.results] == [
+        ("pp8", 8, 0, 2), ("tg4", 0, 4, 2), ("pp6+tg3", 6, 3, 2)]
+    assert all(s > 0 for r in report.results for s in r.seconds)
+    assert report.results[2].tokens_per_second[0] == pytest.approx(9 / report.results[2].seconds[0])
+    assert report.description == "gemma3 270M Q4_K_M" and report.threads == 2
+    assert report.file_bytes == default_model_path.stat().st_size
+    assert report.rss_before_load <= report.rss_after_load <= report.peak_rss
+    assert report.max_kv_bytes > 0 and report.copy_bandwidth > 0
+    table = format_table(report)
+    assert "| gemma3 270M Q4_K_M" in table and "pp6+tg3" in table and "of the read bandwidth" in table
+    assert json.loads(json.dumps(report.to_json()))["results"][1]["test"] == "tg4"
+
+
+def test_bench_cli_json(capsys):
+    assert main(["bench", "-p", "4", "-n", "2", "-pg", "none", "-r", "1", "-t", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["test"] for r in out["results"]] == ["pp4", "tg2"] and out["threads"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-r", "0"], "repetitions must be at least 1"),
+    (["-p", "0"], "test sizes must be positive"),
+    (["-pg", "1000000,10"], "needs 1000010 tokens of context"),
+])
+def test_bench_refuses_bad_settings(capsys, flags, message):
+    assert main(["bench", "-n", "1", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bench_rejects_malformed_pairs(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "-pg", "1150"])
+    assert "PROMPT,GEN pairs" in capsys.readouterr().err
