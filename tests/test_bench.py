@@ -33,7 +33,10 @@ def test_bench_runs_every_test_and_reports_memory(default_model_path):
     assert report.description == "gemma3 270M Q4_K_M" and report.threads == 2
     assert report.file_bytes == default_model_path.stat().st_size
     assert report.rss_before_load <= report.rss_after_load <= report.peak_rss
-    assert report.max_kv_bytes > 0 and report.copy_bandwidth > 0
+    assert report.max_kv_bytes > 0 and report.copy_bandwidth > 0 and report.read_bandwidth > 0
+    # the weights are the file's own pages (mmap), never a copy: all of them were read, none twice
+    assert 0.9 * report.file_bytes < report.max_model_file_resident <= report.file_bytes + 4096  # last page whole
+    assert report.max_anonymous - report.anonymous_before_load >= report.max_kv_bytes
     table = format_table(report)
     assert "| gemma3 270M Q4_K_M" in table and "pp6+tg3" in table and "of the read bandwidth" in table
     assert json.loads(json.dumps(report.to_json()))["results"][1]["test"] == "tg4"

@@ -17,12 +17,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
-from turbollm.memory import peak_rss_bytes, rss_bytes
+from turbollm.memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class BenchReport:
     rss_after_load: int
     peak_rss: int
     max_kv_bytes: int  # the largest KV cache a test allocated
+    # what the model costs in memory, sampled after every run (None where /proc is missing):
+    anonymous_before_load: int | None  # allocated memory of the interpreter, torch and turbollm
+    max_anonymous: int | None  # allocated memory at most: before load + KV cache + buffers
+    max_model_file_resident: int | None  # pages of the GGUF resident (the mmapped weights)
     decode_weight_bytes: int  # weight bytes one decode step reads
     copy_bandwidth: float  # bytes/s read + written, copy benchmark on the same threads
     read_bandwidth: float  # bytes/s read, on the same threads
@@ -178,7 +183,7 @@ class _Runner:
 def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     from turbollm.api import Model  # the API is above this module; imported when used
 
-    rss_before = rss_bytes()
+    rss_before, anon_before = rss_bytes(), anonymous_bytes()
     model = Model.load(s.model, threads=s.threads, backend=s.backend)
     rss_after = rss_bytes()
     cfg, gf = model.config, model.gguf
@@ -189,10 +194,11 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     if needed > model.ctx_size:
         raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")
     report = BenchReport(
-        model=str(gf.path), description=describe(gf), file_bytes=gf.file_size,
+        model=str(Path(gf.path).resolve()), description=describe(gf), file_bytes=gf.file_size,
         n_params=sum(t.n_elements for t in gf.tensors.values()), backend=backend, threads=threads,
         load_seconds=model.load_seconds, rss_before_load=rss_before, rss_after_load=rss_after, peak_rss=0,
-        max_kv_bytes=0, decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
+        max_kv_bytes=0, anonymous_before_load=anon_before, max_anonymous=anon_before, max_model_file_resident=0,
+        decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
         copy_bandwidth=0.0, read_bandwidth=0.0,
     )
     runner = _Runner(model.network, cfg.n_vocab, s.seed)
@@ -202,7 +208,11 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
         long_test = n_prompt and n_gen  # the normalized-wall test: warming up would double its cost
         if not long_test:
             runner.run(n_prompt, min(n_gen, 8))
-        result = TestResult(name, n_prompt, n_gen, [runner.run(n_prompt, n_gen) for _ in range(s.repetitions)])
+        seconds = []
+        for _ in range(s.repetitions):
+            seconds.append(runner.run(n_prompt, n_gen))
+            _sample_memory(report)
+        result = TestResult(name, n_prompt, n_gen, seconds)
         report.results.append(result)
         if progress is not None:
             progress(result)
@@ -210,6 +220,14 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     # last: their buffers must not count in the peak
     report.copy_bandwidth, report.read_bandwidth = copy_bandwidth(threads), read_bandwidth(threads)
     return report
+
+
+def _sample_memory(report: BenchReport) -> None:
+    anon, resident = anonymous_bytes(), resident_file_bytes(report.model)
+    if anon is not None and report.max_anonymous is not None:
+        report.max_anonymous = max(report.max_anonymous, anon)
+    if resident is not None and report.max_model_file_resident is not None:
+        report.max_model_file_resident = max(report.max_model_file_resident, resident)
 
 
 def describe(gf: GGUFFile) -> str:
@@ -242,13 +260,16 @@ def format_table(r: BenchReport) -> str:
     for t in r.results:
         if t.n_prompt and t.n_gen:
             out.append(f"{t.name}: {statistics.fmean(t.seconds):.2f} s wall ({t.n_prompt} tokens in, {t.n_gen} out)")
-    model_rss = r.peak_rss - r.rss_before_load
-    budget = r.file_bytes + r.max_kv_bytes
+    out.append(f"load: {r.load_seconds:.2f} s; RSS before load {gib(r.rss_before_load)} (interpreter, torch, "
+               f"turbollm), after load {gib(r.rss_after_load)}, peak {gib(r.peak_rss)}")
+    if r.max_anonymous is not None and r.anonymous_before_load is not None and r.max_model_file_resident is not None:
+        grown = r.max_anonymous - r.anonymous_before_load
+        model = r.max_model_file_resident + grown
+        budget = r.file_bytes + r.max_kv_bytes
+        out.append(f"model memory: weights resident {gib(r.max_model_file_resident)} (mmapped, of {gib(r.file_bytes)}) "
+                   f"+ allocated {gib(grown)} (KV cache {gib(r.max_kv_bytes)} + compute buffers) = {gib(model)}, "
+                   f"{model / budget:.0%} of file + KV cache")
     out += [
-        f"load: {r.load_seconds:.2f} s; RSS before load {gib(r.rss_before_load)}, after load {gib(r.rss_after_load)}, "
-        f"peak {gib(r.peak_rss)}",
-        f"memory: peak - before load = {gib(model_rss)} vs file {gib(r.file_bytes)} + KV cache {gib(r.max_kv_bytes)} "
-        f"= {gib(budget)} ({model_rss / budget:.0%})",
         f"decode reads {gib(r.decode_weight_bytes)} of weights per token; memory bandwidth here: "
         f"copy {r.copy_bandwidth / 1e9:.1f} GB/s (read + written), read {r.read_bandwidth / 1e9:.1f} GB/s",
     ]

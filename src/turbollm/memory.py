@@ -31,6 +31,28 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def anonymous_bytes() -> int | None:
+    """Resident memory the process allocated itself (not file pages); None where unknown."""
+    kib = _status_kib("RssAnon")
+    return kib * 1024 if kib is not None else None
+
+
+def resident_file_bytes(path: str) -> int | None:
+    """Bytes of the file `path` mapped and resident in this process (its pages in /proc/self/smaps)."""
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=5)
+                if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header line
+                    inside = len(head) == 6 and head[5].rstrip("\n") == path
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return total
+
+
 def rss_breakdown() -> str:
     """'RSS X (anonymous Y, file-backed Z)': file-backed pages are the mmapped weights, shared
     with the page cache; anonymous pages are what the process allocated itself."""
