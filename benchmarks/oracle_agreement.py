@@ -1,6 +1,6 @@
 """Print how far turbollm's logits are from the two oracles of the default model.
 
-    python benchmarks/oracle_agreement.py [--reference ../shared/reference]
+    python benchmarks/oracle_agreement.py [--reference ../shared/reference] [--backend reference|fast]
 
 For each prompt of gemma3-270m-q4_k_m: max |ours - transformers| over the top-32 entries of
 every prompt position and over the full last row, top-1 agreement with both oracles, and the
@@ -24,9 +24,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", choices=("reference", "fast"), default="reference",
+                        help="kernels (fast: prompt rows use the prefill path, dequantized tiles + float GEMM)")
     args = parser.parse_args()
     folder = Path(args.reference) / "gemma3-270m-q4_k_m"
-    model = Model.load(threads=args.threads)
+    model = Model.load(threads=args.threads, backend=args.backend)
     net = model.network
     prompts = json.loads((folder / "prompts.json").read_text())
     print(f"{'prompt':<12} {'n':>4} {'hf top32 max':>13} {'hf last max':>12} {'top1=hf':>8} {'top1=llama':>11} {'llama med':>10} {'llama max':>10}")

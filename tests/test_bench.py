@@ -9,6 +9,7 @@ import pytest
 from turbollm.bench import BenchSettings, decode_weight_bytes, format_table, run_bench
 from turbollm.cli import main
 from turbollm.gguf.reader import GGUFFile
+from turbollm.memory import resident_file_bytes
 
 from conftest import REFERENCE_DIR
 
@@ -40,6 +41,18 @@ def test_bench_runs_every_test_and_reports_memory(default_model_path):
     table = format_table(report)
     assert "| gemma3 270M Q4_K_M" in table and "pp6+tg3" in table and "of the read bandwidth" in table
     assert json.loads(json.dumps(report.to_json()))["results"][1]["test"] == "tg4"
+
+
+def test_resident_file_pages_count_once_over_two_mappings(default_model_path):
+    path = str(default_model_path.resolve())
+    first, second = GGUFFile(path), GGUFFile(path)  # two mmaps of one file share its pages
+    info = first.tensors["token_embd.weight"]
+    before = resident_file_bytes(path)
+    assert int(first.tensor_bytes(info.name).sum()) == int(second.tensor_bytes(info.name).sum())
+    grown = resident_file_bytes(path) - before
+    # touched through both mappings, counted once (the kernel also maps a few neighbouring cached pages)
+    assert info.n_bytes * 0.9 < grown < info.n_bytes * 1.1
+    assert resident_file_bytes(path) <= first.file_size + 4096
 
 
 def test_bench_cli_json(capsys):

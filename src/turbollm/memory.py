@@ -38,19 +38,36 @@ def anonymous_bytes() -> int | None:
 
 
 def resident_file_bytes(path: str) -> int | None:
-    """Bytes of the file `path` mapped and resident in this process (its pages in /proc/self/smaps)."""
-    total, inside = 0, False
+    """Bytes of the file `path` resident in this process, each file page counted once.
+
+    A file mapped twice (two readers of one GGUF in a process) shares its pages, so summing
+    the mappings' Rss would count them twice. Instead each mapping's pages are looked up in
+    /proc/self/pagemap (bit 63: present; readable without privileges) and marked by their
+    offset in the file."""
+    import os
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
     try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split(maxsplit=5)
-                if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header line
-                    inside = len(head) == 6 and head[5].rstrip("\n") == path
-                elif inside and line.startswith("Rss:"):
-                    total += int(line.split()[1]) * 1024
+        n_pages = -(-os.stat(path).st_size // page)
+        resident = np.zeros(n_pages, dtype=bool)
+        with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or fields[5].rstrip("\n") != path:
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                first = int(fields[2], 16) // page  # the mapping's first page in the file
+                count = min((end - start) // page, n_pages - first)
+                if count <= 0:
+                    continue
+                pagemap.seek(start // page * 8)
+                entries = np.frombuffer(pagemap.read(count * 8), dtype=np.uint64)
+                resident[first : first + len(entries)] |= (entries >> np.uint64(63)).astype(bool)
     except OSError:
         return None
-    return total
+    return int(resident.sum()) * page
 
 
 def rss_breakdown() -> str:
