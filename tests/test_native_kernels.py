@@ -1,4 +1,5 @@
-"""The native CPU kernels against the PyTorch reference, on both code paths (portable C and AVX2).
+"""The native CPU kernels against the PyTorch reference, on every code path the CPU has
+(portable C, AVX2, AVX-512 VNNI).
 
 Decode products quantize activations to 8-bit blocks, so they differ from the float reference
 by at most half a quantization step per activation: for every output,
@@ -24,14 +25,15 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels n
 NATIVE_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S]
 F16_AT = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2],
           Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0], Q.IQ3_S: [0]}
-SIMD_LEVELS = [0, 1] if native.cpu_features()["avx2"] else [0]
+BEST_LEVEL = native.set_simd(len(native.SIMD_NAMES) - 1) if native.available() else 0
+SIMD_LEVELS = list(range(BEST_LEVEL + 1))
 
 
-@pytest.fixture(params=SIMD_LEVELS, ids=lambda level: ["portable", "avx2"][level])
+@pytest.fixture(params=SIMD_LEVELS, ids=lambda level: ["portable", "avx2", "vnni"][level])
 def simd(request):
-    native.set_simd(bool(request.param))
+    assert native.set_simd(request.param) == request.param
     yield request.param
-    native.set_simd(True)
+    native.set_simd(BEST_LEVEL)
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
@@ -85,13 +87,15 @@ def test_matmul_within_activation_quantization_bound(qtype, n_rows, n_cols, simd
 
 
 @pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: q.name)
-def test_simd_and_portable_paths_agree(qtype):
+@pytest.mark.parametrize("level", SIMD_LEVELS[1:], ids=lambda level: ["portable", "avx2", "vnni"][level])
+def test_simd_and_portable_paths_agree(qtype, level):
     w = random_weight(qtype, 40, 1024, seed=3)
     x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(4))
-    native.set_simd(False)
+    native.set_simd(0)
     portable = native.matmul(x, w)
-    native.set_simd(True)
+    native.set_simd(level)
     fast_path = native.matmul(x, w)
+    native.set_simd(BEST_LEVEL)
     scale = (x.abs() @ w.dequantize().abs().T)
     assert ((portable - fast_path).abs() <= 1e-5 * scale + 1e-6).all()
 

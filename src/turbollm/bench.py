@@ -189,7 +189,7 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     cfg, gf = model.config, model.gguf
     ops = model.network.ops
     threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
-    backend = ops.name + (f" ({['portable C', 'AVX2'][kernels.native.simd_level()]})" if ops.name == "fast" else "")
+    backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]})" if ops.name == "fast" else "")
     needed = max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
     if needed > model.ctx_size:
         raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")

@@ -2,11 +2,11 @@
 pointers of torch CPU tensors.
 
 `available()` says whether the library loaded; `simd_level()` which code path the CPU got
-(0 portable C, 1 AVX2+FMA+F16C). The functions here take the same arguments as the
+(SIMD_NAMES: 0 portable C, 1 AVX2+FMA+F16C, 2 that plus AVX-512 VNNI). The functions here take the same arguments as the
 reference kernels and compute the same products, except that decode-sized products
 quantize the activations to 8-bit blocks first, as ggml does.
 
-Set TURBOLLM_SIMD=0 to force the portable path (for testing it on a SIMD machine).
+Set TURBOLLM_SIMD=N to cap the level (0: the portable path, for testing it on a SIMD machine).
 """
 
 from __future__ import annotations
@@ -92,15 +92,19 @@ def _load() -> None:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     _lib = lib
-    set_simd(os.environ.get("TURBOLLM_SIMD", "1") != "0")
+    set_simd(int(os.environ.get("TURBOLLM_SIMD", len(SIMD_NAMES) - 1)))
     lib.tl_set_num_threads(torch.get_num_threads())
 
 
-def set_simd(enabled: bool) -> int:
-    """(Re)initialise with or without SIMD; returns the level in use."""
+SIMD_NAMES = ("portable C", "AVX2", "AVX2 + AVX-512 VNNI")
+
+
+def set_simd(max_level: int) -> int:
+    """(Re)initialise with the best code path the CPU has up to `max_level` (an index into
+    SIMD_NAMES; 0 forces the portable path); returns the level in use."""
     global _simd_level
     grid, kvalues = _tables()
-    _simd_level = _lib.tl_init(grid.ctypes.data, kvalues.ctypes.data, int(enabled))
+    _simd_level = _lib.tl_init(grid.ctypes.data, kvalues.ctypes.data, int(max_level))
     return _simd_level
 
 
@@ -118,7 +122,7 @@ def simd_level() -> int:
 
 def cpu_features() -> dict[str, bool]:
     bits = _lib.tl_cpu_features() if _lib else 0
-    names = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"]
+    names = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512vl"]
     return {name: bool(bits >> i & 1) for i, name in enumerate(names)}
 
 

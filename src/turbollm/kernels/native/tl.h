@@ -74,6 +74,7 @@ typedef struct {
 const tl_kernels *tl_kernels_for(int type);  /* NULL if the type has no native kernel */
 void tl_register_scalar(tl_kernels *table);  /* fills every supported type */
 void tl_register_avx2(tl_kernels *table);    /* overrides where an AVX2 version exists */
+void tl_register_vnni(tl_kernels *table);    /* overrides where an AVX-512 VNNI version exists */
 
 /* ---- threads ------------------------------------------------------------------------------ */
 typedef void (*tl_task_fn)(void *ctx, int ith, int nth);
@@ -83,9 +84,9 @@ int tl_get_num_threads(void);
 void tl_rest(void);  /* let the workers sleep now instead of spinning for the next section */
 
 /* ---- public API (ctypes) ------------------------------------------------------------------ */
-int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int use_simd);
-int tl_cpu_features(void);  /* bit 0 avx2, 1 fma, 2 f16c, 3 avx512f, 4 avx512bw, 5 avx512vnni */
-int tl_simd_level(void);    /* 0 scalar, 1 avx2 */
+int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int max_level);
+int tl_cpu_features(void);  /* bit 0 avx2, 1 fma, 2 f16c, 3 avx512f, 4 avx512bw, 5 avx512vnni, 6 avx512vl */
+int tl_simd_level(void);    /* 0 scalar, 1 avx2, 2 avx2 + avx512-vnni */
 int tl_supports(int type);
 int tl_matmul(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k,
               const float *x, int64_t n_tok, float *y);
