@@ -105,6 +105,13 @@ def test_dequantize_is_bit_exact(qtype, simd):
     w = random_weight(qtype, 37, 512, seed=5)
     assert torch.equal(native.dequantize(w), w.dequantize())
     assert torch.equal(native.dequantize(w, slice(5, 21)), w.dequantize()[5:21])
+    assert torch.equal(native.dequantize(w, dtype=torch.bfloat16), w.dequantize().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K], ids=lambda q: q.name)
+def test_bfloat16_dequantize_of_rows_longer_than_its_buffer(qtype):
+    w = random_weight(qtype, 3, 4096 + 512, seed=9)  # the C side converts 4096 elements at a time
+    assert torch.equal(native.dequantize(w, dtype=torch.bfloat16), w.dequantize().to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.IQ3_S], ids=lambda q: q.name)
@@ -115,12 +122,24 @@ def test_matmul_many_equals_separate_products(qtype, threads):
         assert torch.equal(y, native.matmul(x, w))
 
 
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: q.name)
+def test_a_tokens_product_does_not_depend_on_the_others(qtype, simd):
+    """Several tokens in one call (kernels that decode each weight block once for four
+    tokens) give each token exactly what it gets alone."""
+    w = random_weight(qtype, 21, 512, seed=11)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(12))  # two groups of four and one more
+    together = native.matmul(x, w)
+    for t in range(9):
+        assert torch.equal(together[t], native.matmul(x[t:t + 1].contiguous(), w)[0])
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_expert_matmul_equals_one_product_per_expert(qtype, per_slot, threads):
-    n_expert, n_rows, n_cols, n_tok, k = 6, 24, 256, 5, 3
+    n_expert, n_rows, n_cols, n_tok, k = 6, 24, 256, 7, 3
     w = random_weight(qtype, n_rows, n_cols, seed=7, n_expert=n_expert)
-    ids = torch.tensor([[0, 5, 2], [2, 2, 1], [5, 0, 3], [4, 1, 0], [3, 3, 3]], dtype=torch.int32)
+    # expert 3 gets 6 pairs, expert 0 five: groups of four and a remainder
+    ids = torch.tensor([[0, 5, 2], [2, 2, 1], [5, 0, 3], [4, 1, 0], [3, 3, 3], [0, 3, 1], [3, 0, 2]], dtype=torch.int32)
     x = torch.randn(n_tok * k if per_slot else n_tok, n_cols)
     y = native.matmul_id(x, w, ids, x_per_slot=per_slot)
     for t in range(n_tok):

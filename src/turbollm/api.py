@@ -60,16 +60,20 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
-             threads: int | None = None, device: str = "cpu", backend: str = "auto") -> "Model":
+             threads: int | None = None, device: str = "cpu", backend: str = "auto",
+             prefill: str = "auto") -> "Model":
         """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
         context; a larger value is refused rather than silently accepted. `backend` picks the
         kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
-        (exact float32 PyTorch, any device)."""
+        (exact float32 PyTorch, any device). `prefill` is the fast backend's prefill GEMM
+        precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16")."""
         start = time.perf_counter()
         if threads is not None and threads <= 0:
             raise TurbollmError(f"--threads must be positive, got {threads}")
         try:
             ops = kernels.backend(backend)
+            if ops.name == "fast":
+                kernels.fast.set_prefill_precision(prefill)
         except ValueError as e:
             raise TurbollmError(str(e)) from None
         kernels.use_threads(ops, threads)

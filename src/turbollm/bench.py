@@ -35,6 +35,7 @@ class BenchSettings:
     threads: int | None = None
     repetitions: int = 5
     backend: str = "auto"
+    prefill: str = "auto"
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -184,12 +185,13 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     from turbollm.api import Model  # the API is above this module; imported when used
 
     rss_before, anon_before = rss_bytes(), anonymous_bytes()
-    model = Model.load(s.model, threads=s.threads, backend=s.backend)
+    model = Model.load(s.model, threads=s.threads, backend=s.backend, prefill=s.prefill)
     rss_after = rss_bytes()
     cfg, gf = model.config, model.gguf
     ops = model.network.ops
     threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
-    backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]})" if ops.name == "fast" else "")
+    backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
+                          f"{kernels.fast.prefill_precision()} prefill)" if ops.name == "fast" else "")
     needed = max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
     if needed > model.ctx_size:
         raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")

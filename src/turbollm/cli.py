@@ -33,6 +33,7 @@ class RunArgs:
     chat: bool | None  # None: use the chat template if the GGUF has one
     system: str | None
     verbose: bool
+    prefill: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the chat template")
     mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is, no chat template")
     run.add_argument("--system", default=None, help="system message (implies --chat)")
+    _prefill_flag(run)
     run.add_argument("-v", "--verbose", action="store_true", help="print load time, memory and speed to stderr")
 
     bench = sub.add_parser("bench", help="measure prompt and decode speed (llama-bench's tests and flags)")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test (default 5)")
     bench.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
+    _prefill_flag(bench)
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
@@ -94,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, n_predict=args.n_predict,
                 temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
-                ctx_size=args.ctx_size, threads=args.threads,
+                ctx_size=args.ctx_size, threads=args.threads, prefill=args.prefill,
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
             ))
         if args.command == "bench":
             from turbollm.bench import BenchSettings
             return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
                                        prompt_gen=args.prompt_gen, threads=args.threads,
-                                       repetitions=args.repetitions, backend=args.backend), args.json)
+                                       repetitions=args.repetitions, backend=args.backend,
+                                       prefill=args.prefill), args.json)
         if args.command == "inspect":
             return inspect(InspectArgs(model=args.model, tensors=args.tensors))
     except TurbollmError as e:
@@ -116,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return 2
+
+
+def _prefill_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="precision of the prompt's float GEMMs: fp32 is exact, bf16 is ~3x faster where the CPU "
+                        "has AVX512-BF16/AMX (auto: bf16 there, else fp32)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -160,7 +170,7 @@ def run(a: RunArgs) -> int:
     params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                             repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
                             max_tokens=a.n_predict)
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads)
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill)
     if a.verbose:
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
         print(f"load time = {model.load_seconds:.2f} s, after load: {rss_breakdown()}", file=sys.stderr)

@@ -40,7 +40,7 @@ _SIGNATURES = {
     "tl_matmul": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, _I64, _P]),
     "tl_matmul_id": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, ctypes.c_int, _P]),
     "tl_matmul_multi": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P, _I64, _P, _I64, _P]),
-    "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P]),
+    "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, ctypes.c_int]),
     "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, ctypes.c_int, _I64, _I64, _P, _P, _P]),
     "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
     "tl_rms_norm": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float]),
@@ -122,7 +122,7 @@ def simd_level() -> int:
 
 def cpu_features() -> dict[str, bool]:
     bits = _lib.tl_cpu_features() if _lib else 0
-    names = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512vl"]
+    names = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512vl", "avx512bf16", "amx_bf16"]
     return {name: bool(bits >> i & 1) for i, name in enumerate(names)}
 
 
@@ -254,12 +254,15 @@ def ffn_block(desc: _FfnDesc, h: torch.Tensor, residual: torch.Tensor | None) ->
     return out
 
 
-def dequantize(w: QTensor, rows: slice | None = None) -> torch.Tensor:
-    """Rows of a 2-D weight as float32, bit-exact with the reference dequantizer."""
+def dequantize(w: QTensor, rows: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of a 2-D weight as float32 (bit-exact with the reference dequantizer) or bfloat16
+    (that, rounded to nearest even as `.to(torch.bfloat16)` rounds)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native dequantize writes float32 or bfloat16, not {dtype}")
     data = w.data if rows is None else w.data[rows]
     n_rows, n_in = data.shape[0], w.shape[-1]
-    y = torch.empty((n_rows, n_in), dtype=torch.float32)
-    rc = _lib.tl_dequantize(int(w.qtype), _ptr(data), data.shape[-1], n_rows, n_in, _ptr(y))
+    y = torch.empty((n_rows, n_in), dtype=dtype)
+    rc = _lib.tl_dequantize(int(w.qtype), _ptr(data), data.shape[-1], n_rows, n_in, _ptr(y), int(dtype == torch.bfloat16))
     _check(rc, "dequantize", w)
     return y
 

@@ -61,6 +61,7 @@ def moe_ffn(
     gate: QTensor,  # (n_expert, n_ff, n_embd), or gate and up fused as (n_expert, 2 * n_ff, n_embd)
     up: QTensor | None,  # (n_expert, n_ff, n_embd), None when `gate` is fused
     down: QTensor,  # (n_expert, n_embd, n_ff)
+    linear_fn=None,  # the product x @ W.T to use (default: this module's linear)
 ) -> torch.Tensor:  # [T, n_embd]
     """Sum over k of weight * down(gelu_tanh(gate x) * up x), for the chosen experts only.
 
@@ -69,17 +70,18 @@ def moe_ffn(
     Experts are visited in ascending order and their outputs accumulated with index_add,
     as transformers does.
     """
+    linear_ = linear if linear_fn is None else linear_fn
     out = torch.zeros_like(x)
     n_ff = down.shape[-1]
     for expert in torch.unique(expert_ids).tolist():
         token_idx, slot = torch.nonzero(expert_ids == expert, as_tuple=True)
         xe = x[token_idx]
         if up is None:
-            h = linear(xe, gate.select(expert))
+            h = linear_(xe, gate.select(expert))
             g, u = h[:, :n_ff], h[:, n_ff:]
         else:
-            g, u = linear(xe, gate.select(expert)), linear(xe, up.select(expert))
-        h = linear(F.gelu(g, approximate="tanh") * u, down.select(expert)) * expert_weights[token_idx, slot, None]
+            g, u = linear_(xe, gate.select(expert)), linear_(xe, up.select(expert))
+        h = linear_(F.gelu(g, approximate="tanh") * u, down.select(expert)) * expert_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, h)
     return out
 

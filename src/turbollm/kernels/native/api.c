@@ -70,6 +70,8 @@ int tl_cpu_features(void) {
     if (__builtin_cpu_supports("avx512bw")) f |= 16;
     if (__builtin_cpu_supports("avx512vnni")) f |= 32;
     if (__builtin_cpu_supports("avx512vl")) f |= 64;
+    if (__builtin_cpu_supports("avx512bf16")) f |= 128;
+    if (__builtin_cpu_supports("amx-bf16")) f |= 256;
 #endif
     return f;
 }
@@ -171,6 +173,16 @@ static inline void dot_rows(const tl_kernels *kt, int64_t k, const uint8_t *w, i
     for (int64_t r = r0; r < r1; r++) y[r] = kt->vec_dot((int)k, w + r * rb, q);
 }
 
+/* ys[u][r] = W[r, :] . qs[u] for four activation rows, each weight row decoded once for them */
+static inline void dot_rows_x4(const tl_kernels *kt, int64_t k, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1,
+                               const void *const *qs, float *const *ys) {
+    for (int64_t r = r0; r < r1; r++) {
+        float out[4];
+        kt->vec_dot_x4((int)k, w + r * rb, qs, out);
+        ys[0][r] = out[0]; ys[1][r] = out[1]; ys[2][r] = out[2]; ys[3][r] = out[3];
+    }
+}
+
 /* Each thread takes one contiguous range of chunks: long sequential reads keep the hardware
  * prefetchers streaming (handing out chunks one by one interleaved the threads' reads and cost
  * a third of the bandwidth on the layer weights). */
@@ -183,7 +195,19 @@ static void matmul_task(void *vctx, int ith, int nth) {
         while (c >= j->first_chunk[m + 1]) m++;
         const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
         const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
-        for (int64_t t = 0; t < j->n_tok; t++)
+        int64_t t = 0;
+        if (j->kt[m]->vec_dot_x4) {
+            for (; t + 4 <= j->n_tok; t += 4) {
+                const void *qs[4];
+                float *ys[4];
+                for (int u = 0; u < 4; u++) {
+                    qs[u] = j->q[m] + (t + u) * j->q_row_bytes[m];
+                    ys[u] = j->y[m] + (t + u) * j->n_rows[m];
+                }
+                dot_rows_x4(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, qs, ys);
+            }
+        }
+        for (; t < j->n_tok; t++)
             dot_rows(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, j->q[m] + t * j->q_row_bytes[m],
                      j->y[m] + t * j->n_rows[m]);
     }
@@ -251,7 +275,19 @@ static void matmul_id_task(void *vctx, int ith, int nth) {
         const int64_t g = item / chunks, c = item % chunks;
         const uint8_t *we = j->w + (int64_t)j->group_expert[g] * j->expert_bytes;
         const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
-        for (int64_t p = j->group_start[g]; p < j->group_start[g + 1]; p++) {
+        int64_t p = j->group_start[g];
+        if (j->kt->vec_dot_x4) {
+            for (; p + 4 <= j->group_start[g + 1]; p += 4) {
+                const void *qs[4];
+                float *ys[4];
+                for (int u = 0; u < 4; u++) {
+                    qs[u] = j->q + j->pair_q_row[p + u] * j->q_row_bytes;
+                    ys[u] = j->y + j->pair_y_row[p + u] * j->n_rows;
+                }
+                dot_rows_x4(j->kt, j->k, we, j->w_row_bytes, r0, r1, qs, ys);
+            }
+        }
+        for (; p < j->group_start[g + 1]; p++) {
             const uint8_t *qt = j->q + j->pair_q_row[p] * j->q_row_bytes;
             float *yt = j->y + j->pair_y_row[p] * j->n_rows;
             dot_rows(j->kt, j->k, we, j->w_row_bytes, r0, r1, qt, yt);
@@ -300,26 +336,46 @@ int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_by
     return 0;
 }
 
-/* ---- dequantization to float32, rows over threads --------------------------------------------- */
+/* ---- dequantization to float32 or bfloat16, rows over threads ------------------------------ */
 
 typedef struct {
     const tl_kernels *kt;
     const uint8_t *w;
     int64_t w_row_bytes, n_rows, k;
-    float *y;
+    void *y;
+    int bf16;  /* write bfloat16 (round to nearest even, as torch's .to(torch.bfloat16)) */
 } dequant_job;
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 static void dequant_task(void *vctx, int ith, int nth) {
     dequant_job *j = vctx;
     const int64_t per = (j->n_rows + nth - 1) / nth, r0 = ith * per, r1 = r0 + per < j->n_rows ? r0 + per : j->n_rows;
-    for (int64_t r = r0; r < r1; r++) j->kt->dequant(j->w + r * j->w_row_bytes, j->y + r * j->k, j->k);
+    if (!j->bf16) {
+        for (int64_t r = r0; r < r1; r++) j->kt->dequant(j->w + r * j->w_row_bytes, (float *)j->y + r * j->k, j->k);
+        return;
+    }
+    float row[4096];  /* one row at a time through a float buffer that stays in L1/L2 */
+    for (int64_t r = r0; r < r1; r++) {
+        uint16_t *out = (uint16_t *)j->y + r * j->k;
+        for (int64_t c = 0; c < j->k; c += 4096) {
+            const int64_t n = j->k - c < 4096 ? j->k - c : 4096;  /* a multiple of the block: 4096 is */
+            j->kt->dequant(j->w + r * j->w_row_bytes + c / j->kt->w_block * j->kt->w_block_bytes, row, n);
+            for (int64_t e = 0; e < n; e++) out[c + e] = f32_to_bf16(row[e]);
+        }
+    }
 }
 
-int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, float *y) {
+int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, void *y, int bf16) {
     const tl_kernels *kt = tl_kernels_for(type);
     const int rc = check(kt, k, w_row_bytes);
     if (rc) return rc;
-    dequant_job job = {kt, w, w_row_bytes, n_rows, k, y};
+    dequant_job job = {kt, w, w_row_bytes, n_rows, k, y, bf16};
     tl_parallel(dequant_task, &job);
     return 0;
 }

@@ -300,7 +300,58 @@ static float dot_iq3_s(int n, const void *vw, const void *vx) {
     return hsum_ps(acc);
 }
 
+/* ---- dequantizers for prefill tiles (bit-exact with scalar.c: y = scale * (float)q, one
+ * rounding, as gguf-py) ------------------------------------------------------------------------- */
+
+/* 32 signed bytes -> floats: the first 16 times d0, the next 16 times d1 */
+static inline void store_scaled_32(__m256i q, float d0, float d1, float *y) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m256 s0 = _mm256_set1_ps(d0), s1 = _mm256_set1_ps(d1);
+    _mm256_storeu_ps(y, _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+    _mm256_storeu_ps(y + 16, _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+    _mm256_storeu_ps(y + 24, _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+}
+
+#define DEQ_32(wtype, WEIGHTS)                                                  \
+    const wtype *w = vw;                                                        \
+    for (int64_t i = 0; i < n / TL_QK; i++, y += TL_QK) {                        \
+        const float d = h2f(w[i].d);                                            \
+        store_scaled_32(WEIGHTS(i), d, d, y);                                   \
+    }
+
+static void deq_q4_0(const void *vw, float *y, int64_t n) { DEQ_32(block_q4_0, Q4_0_WEIGHTS) }
+static void deq_q5_0(const void *vw, float *y, int64_t n) { DEQ_32(block_q5_0, Q5_0_WEIGHTS) }
+static void deq_iq4_nl(const void *vw, float *y, int64_t n) {
+    const __m256i table = iq4nl_table();
+    DEQ_32(block_iq4_nl, IQ4_NL_WEIGHTS)
+}
+
+static void deq_q6_K(const void *vw, float *y, int64_t n) {
+    const block_q6_K *w = vw;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
+    for (int64_t i = 0; i < n / TL_QK_K; i++, y += TL_QK_K) {
+        const float d = h2f(w[i].d);
+        for (int h = 0; h < 2; h++) {
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(w[i].qh + 32 * h));
+            const __m256i lows[4] = {_mm256_and_si256(ql0, low4), _mm256_and_si256(ql1, low4),
+                                     _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                     _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4)};
+            for (int s = 0; s < 4; s++) {
+                const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), m3), 4);
+                const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lows[s], high), m32);
+                const int g = 8 * h + 2 * s;
+                store_scaled_32(q, d * (float)w[i].scales[g], d * (float)w[i].scales[g + 1], y + 128 * h + 32 * s);
+            }
+        }
+    }
+}
+
 void tl_register_avx2(tl_kernels *t) {
+    t[TL_Q4_0].dequant = deq_q4_0; t[TL_Q5_0].dequant = deq_q5_0; t[TL_IQ4_NL].dequant = deq_iq4_nl;
+    t[TL_Q6_K].dequant = deq_q6_K;
     t[TL_Q4_0].vec_dot = dot_q4_0; t[TL_Q4_0].quantize_act = quantize_q8_0;
     t[TL_Q4_1].vec_dot = dot_q4_1;
     t[TL_Q5_0].vec_dot = dot_q5_0; t[TL_Q5_0].quantize_act = quantize_q8_0;

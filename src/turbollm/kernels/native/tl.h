@@ -56,6 +56,9 @@ tl_half tl_f2h(float f);
 
 /* ---- vec_dot: n elements of one weight row with one quantized activation row ------------- */
 typedef float (*tl_vec_dot_fn)(int n, const void *w, const void *x);
+/* one weight row with four activation rows: out[t] = w . x[t]; each weight block is decoded
+ * once for the four (prefill of the experts, whose few tokens each make GEMMs too small) */
+typedef void (*tl_vec_dot_x4_fn)(int n, const void *w, const void *const *x, float *out);
 /* quantize one activation row of n floats into the activation format of a weight type */
 typedef void (*tl_quantize_fn)(const float *x, void *y, int64_t n);
 /* dequantize one weight row of n elements to float */
@@ -69,6 +72,7 @@ typedef struct {
     int act_block_bytes; /* bytes of one activation block */
     int w_block;         /* weight block size in elements */
     int w_block_bytes;
+    tl_vec_dot_x4_fn vec_dot_x4;  /* optional */
 } tl_kernels;
 
 const tl_kernels *tl_kernels_for(int type);  /* NULL if the type has no native kernel */
@@ -85,7 +89,8 @@ void tl_rest(void);  /* let the workers sleep now instead of spinning for the ne
 
 /* ---- public API (ctypes) ------------------------------------------------------------------ */
 int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int max_level);
-int tl_cpu_features(void);  /* bit 0 avx2, 1 fma, 2 f16c, 3 avx512f, 4 avx512bw, 5 avx512vnni, 6 avx512vl */
+int tl_cpu_features(void);  /* bit 0 avx2, 1 fma, 2 f16c, 3 avx512f, 4 avx512bw, 5 avx512vnni, 6 avx512vl,
+                               7 avx512bf16, 8 amx-bf16 */
 int tl_simd_level(void);    /* 0 scalar, 1 avx2, 2 avx2 + avx512-vnni */
 int tl_supports(int type);
 int tl_matmul(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k,
@@ -118,7 +123,8 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
                        float *k_buf, float *v_buf, int store, int64_t start, int64_t n_keys,
                        const int64_t *slot_pos, const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
-int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, float *y);
+/* y: float32, or bfloat16 when bf16 != 0 */
+int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, void *y, int bf16);
 int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out);
 
 #endif
