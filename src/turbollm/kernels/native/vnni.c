@@ -141,29 +141,71 @@ static void dot_x4_q4_0(int n, const void *vw, const void *const *vx, float *out
         out[t] = hsum_ps(acc[t]) + q4_0_tail(w, i, nb, vx[t], soa_scales(vx[t], nb), soa_sums(vx[t], nb));
 }
 
-/* signed weights: |w| . sign(y, w), four products per int32 lane */
+/* ---- signed weights (Q8_0, Q5_0, IQ4_NL): the same eight-block scheme on |w| . sign(y, w) --- */
+
 static inline __m256i signed_block(__m256i q, __m256i y) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
 }
 
-/* the 32-block kernels with signed weights: WEIGHTS(i) yields block i's 32 signed bytes; two
- * blocks per iteration into two accumulators, as in avx2.c */
-#define DOT_32_SIGNED(wtype, WEIGHTS)                                                                      \
-    const wtype *w = vw; const block_q8_0 *x = vx;                                                          \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                          \
-    const int nb = n / TL_QK;                                                                                \
-    int i = 0;                                                                                               \
-    for (; i + 2 <= nb; i += 2) {                                                                            \
-        const __m256i s0 = signed_block(WEIGHTS(i), _mm256_loadu_si256((const __m256i *)x[i].qs));         \
-        const __m256i s1 = signed_block(WEIGHTS(i + 1), _mm256_loadu_si256((const __m256i *)x[i + 1].qs)); \
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d)), _mm256_cvtepi32_ps(s0), acc0);   \
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i + 1].d) * h2f(x[i + 1].d)), _mm256_cvtepi32_ps(s1), acc1); \
-    }                                                                                                        \
-    for (; i < nb; i++) {                                                                                    \
-        const __m256i s = signed_block(WEIGHTS(i), _mm256_loadu_si256((const __m256i *)x[i].qs));          \
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d)), _mm256_cvtepi32_ps(s), acc0);    \
-    }                                                                                                        \
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+#define SCALES8(w) _mm256_cvtph_ps(_mm_setr_epi16((short)(w)[0].d, (short)(w)[1].d, (short)(w)[2].d, (short)(w)[3].d, \
+                                                  (short)(w)[4].d, (short)(w)[5].d, (short)(w)[6].d, (short)(w)[7].d))
+
+static inline __m256 signed_step8(const __m256i *q, const int8_t *yq, const float *yd, __m256 dw, __m256 acc) {
+    __m256i s[8];
+    for (int b = 0; b < 8; b++) s[b] = signed_block(q[b], _mm256_loadu_si256((const __m256i *)(yq + 32 * b)));
+    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(yd)), _mm256_cvtepi32_ps(sum8(s)), acc);
+}
+
+static inline int hsum_epi32(__m256i s) {
+    __m128i t = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
+    t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
+    return _mm_cvtsi128_si32(t);
+}
+
+/* dot_NAME (one activation row) and dot_x4_NAME (four, each bit-identical to dot_NAME);
+ * WEIGHTS(i) yields block i's 32 signed weight bytes, SETUP declares what it needs */
+#define SIGNED_KERNELS(name, wtype, WEIGHTS, SETUP)                                                          \
+static float dot_##name(int n, const void *vw, const void *vx) {                                             \
+    SETUP                                                                                                     \
+    const wtype *w = vw;                                                                                      \
+    const int nb = n / TL_QK;                                                                                 \
+    const int8_t *yq = vx; const float *yd = soa_scales(vx, nb);                                              \
+    __m256 acc = _mm256_setzero_ps();                                                                         \
+    int i = 0;                                                                                                \
+    for (; i + 8 <= nb; i += 8) {                                                                             \
+        __m256i q[8];                                                                                         \
+        for (int b = 0; b < 8; b++) q[b] = WEIGHTS(i + b);                                                    \
+        acc = signed_step8(q, yq + 32 * i, yd + i, SCALES8(w + i), acc);                                      \
+    }                                                                                                         \
+    float tail = 0.0f;                                                                                        \
+    for (; i < nb; i++)                                                                                       \
+        tail += h2f(w[i].d) * yd[i] * (float)hsum_epi32(signed_block(WEIGHTS(i), _mm256_loadu_si256((const __m256i *)(yq + 32 * i)))); \
+    return hsum_ps(acc) + tail;                                                                               \
+}                                                                                                             \
+static void dot_x4_##name(int n, const void *vw, const void *const *vx, float *out) {                       \
+    for (int t = 0; t < 4; t++) out[t] = 0.0f;                                                                \
+    SETUP                                                                                                     \
+    const wtype *w = vw;                                                                                      \
+    const int nb = n / TL_QK;                                                                                 \
+    __m256 acc[4];                                                                                            \
+    for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();                                                 \
+    int i = 0;                                                                                                \
+    for (; i + 8 <= nb; i += 8) {                                                                             \
+        __m256i q[8];                                                                                         \
+        for (int b = 0; b < 8; b++) q[b] = WEIGHTS(i + b);                                                    \
+        const __m256 dw = SCALES8(w + i);                                                                     \
+        for (int t = 0; t < 4; t++)                                                                           \
+            acc[t] = signed_step8(q, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, dw, acc[t]);  \
+    }                                                                                                         \
+    for (int t = 0; t < 4; t++) {                                                                             \
+        const int8_t *yq = vx[t]; const float *yd = soa_scales(vx[t], nb);                                    \
+        float tail = 0.0f;                                                                                    \
+        for (int j = i; j < nb; j++)                                                                          \
+            tail += h2f(w[j].d) * yd[j] * (float)hsum_epi32(signed_block(WEIGHTS(j), _mm256_loadu_si256((const __m256i *)(yq + 32 * j)))); \
+        out[t] = hsum_ps(acc[t]) + tail;                                                                      \
+    }                                                                                                         \
+}
 
 /* 32 bits -> 32 bytes of 0x00 / 0x10 (the fifth bits of a q5 block) */
 static inline __m256i fifth_bits(const uint8_t *qh) {
@@ -175,22 +217,23 @@ static inline __m256i fifth_bits(const uint8_t *qh) {
 #define Q8_0_WEIGHTS(i) _mm256_loadu_si256((const __m256i *)w[i].qs)
 #define Q5_0_WEIGHTS(i) _mm256_sub_epi8(_mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh)), _mm256_set1_epi8(16))
 #define IQ4_NL_WEIGHTS(i) _mm256_shuffle_epi8(table, nibbles_32(w[i].qs))
+#define NO_SETUP
+#define IQ4_NL_SETUP const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tl_iq4nl_values));
 
-static float dot_q8_0(int n, const void *vw, const void *vx) { DOT_32_SIGNED(block_q8_0, Q8_0_WEIGHTS) }
-static float dot_q5_0(int n, const void *vw, const void *vx) { DOT_32_SIGNED(block_q5_0, Q5_0_WEIGHTS) }
-
-static float dot_iq4_nl(int n, const void *vw, const void *vx) {
-    const __m128i t = _mm_loadu_si128((const __m128i *)tl_iq4nl_values);
-    const __m256i table = _mm256_set_m128i(t, t);
-    DOT_32_SIGNED(block_iq4_nl, IQ4_NL_WEIGHTS)
-}
+SIGNED_KERNELS(q8_0, block_q8_0, Q8_0_WEIGHTS, NO_SETUP)
+SIGNED_KERNELS(q5_0, block_q5_0, Q5_0_WEIGHTS, NO_SETUP)
+SIGNED_KERNELS(iq4_nl, block_iq4_nl, IQ4_NL_WEIGHTS, IQ4_NL_SETUP)
 
 void tl_register_vnni(tl_kernels *t) {
     t[TL_Q4_0].vec_dot = dot_q4_0; t[TL_Q4_0].vec_dot_x4 = dot_x4_q4_0;
     t[TL_Q4_0].quantize_act = quantize_q8_0_soa; t[TL_Q4_0].act_block_bytes = 32 + 4 + 4;
-    t[TL_Q5_0].vec_dot = dot_q5_0;
-    t[TL_Q8_0].vec_dot = dot_q8_0;
-    t[TL_IQ4_NL].vec_dot = dot_iq4_nl;
+    const int types[3] = {TL_Q5_0, TL_Q8_0, TL_IQ4_NL};
+    const tl_vec_dot_fn dots[3] = {dot_q5_0, dot_q8_0, dot_iq4_nl};
+    const tl_vec_dot_x4_fn dots_x4[3] = {dot_x4_q5_0, dot_x4_q8_0, dot_x4_iq4_nl};
+    for (int k = 0; k < 3; k++) {
+        t[types[k]].vec_dot = dots[k]; t[types[k]].vec_dot_x4 = dots_x4[k];
+        t[types[k]].quantize_act = quantize_q8_0_soa; t[types[k]].act_block_bytes = 32 + 4 + 4;
+    }
 }
 #else
 #include "tl.h"
