@@ -96,16 +96,23 @@ static inline __m256 q4_0_step8(const __m256i *q, const int8_t *yq, const float 
     return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(yd)), _mm256_cvtepi32_ps(isum), acc);
 }
 
-static inline float q4_0_tail(const block_q4_0 *w, int i, int nb, const int8_t *yq, const float *yd, const int32_t *ys) {
-    float tail = 0.0f;
-    for (; i < nb; i++) {
-        const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_32(w[i].qs), _mm256_loadu_si256((const __m256i *)(yq + 32 * i)));
-        __m128i t = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
-        t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
-        tail += h2f(w[i].d) * yd[i] * (float)(_mm_cvtsi128_si32(t) - 8 * ys[i]);
+/* the last r < 8 blocks as one step: missing blocks have zero weights and zero scales */
+static inline __m256 q4_0_partial(const block_q4_0 *w, int r, const int8_t *yq, const float *yd, const int32_t *ys,
+                                  __m256 acc) {
+    __m256i s[8];
+    uint16_t h[8] = {0};
+    for (int b = 0; b < 8; b++) {
+        if (b < r) {
+            s[b] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_32(w[b].qs), _mm256_loadu_si256((const __m256i *)(yq + 32 * b)));
+            h[b] = w[b].d;
+        } else {
+            s[b] = _mm256_setzero_si256();
+        }
     }
-    return tail;
+    const __mmask8 m = (__mmask8)((1u << r) - 1);
+    const __m256i isum = _mm256_sub_epi32(sum8(s), _mm256_slli_epi32(_mm256_maskz_loadu_epi32(m, ys), 3));
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_maskz_loadu_ps(m, yd)), _mm256_cvtepi32_ps(isum), acc);
 }
 
 static float dot_q4_0(int n, const void *vw, const void *vx) {
@@ -119,7 +126,8 @@ static float dot_q4_0(int n, const void *vw, const void *vx) {
         for (int b = 0; b < 8; b++) q[b] = nibbles_32(w[i + b].qs);
         acc = q4_0_step8(q, yq + 32 * i, yd + i, ys + i, q4_0_scales8(w + i), acc);
     }
-    return hsum_ps(acc) + q4_0_tail(w, i, nb, yq, yd, ys);
+    if (i < nb) acc = q4_0_partial(w + i, nb - i, yq + 32 * i, yd + i, ys + i, acc);
+    return hsum_ps(acc);
 }
 
 /* The same for four activation rows, each weight block decoded once for the four; each
@@ -137,8 +145,12 @@ static void dot_x4_q4_0(int n, const void *vw, const void *const *vx, float *out
         for (int t = 0; t < 4; t++)
             acc[t] = q4_0_step8(q, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, soa_sums(vx[t], nb) + i, dw, acc[t]);
     }
-    for (int t = 0; t < 4; t++)
-        out[t] = hsum_ps(acc[t]) + q4_0_tail(w, i, nb, vx[t], soa_scales(vx[t], nb), soa_sums(vx[t], nb));
+    for (int t = 0; t < 4; t++) {
+        if (i < nb)
+            acc[t] = q4_0_partial(w + i, nb - i, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i,
+                                  soa_sums(vx[t], nb) + i, acc[t]);
+        out[t] = hsum_ps(acc[t]);
+    }
 }
 
 /* ---- signed weights (Q8_0, Q5_0, IQ4_NL): the same eight-block scheme on |w| . sign(y, w) --- */
@@ -156,11 +168,13 @@ static inline __m256 signed_step8(const __m256i *q, const int8_t *yq, const floa
     return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(yd)), _mm256_cvtepi32_ps(sum8(s)), acc);
 }
 
-static inline int hsum_epi32(__m256i s) {
-    __m128i t = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
-    t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
-    return _mm_cvtsi128_si32(t);
+/* the last r < 8 blocks as one step (q[b] for b < r; the rest are ignored) */
+static inline __m256 signed_partial(const __m256i *q, const uint16_t *h, int r, const int8_t *yq, const float *yd, __m256 acc) {
+    __m256i s[8];
+    for (int b = 0; b < 8; b++)
+        s[b] = b < r ? signed_block(q[b], _mm256_loadu_si256((const __m256i *)(yq + 32 * b))) : _mm256_setzero_si256();
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_maskz_loadu_ps((__mmask8)((1u << r) - 1), yd)), _mm256_cvtepi32_ps(sum8(s)), acc);
 }
 
 /* dot_NAME (one activation row) and dot_x4_NAME (four, each bit-identical to dot_NAME);
@@ -178,13 +192,14 @@ static float dot_##name(int n, const void *vw, const void *vx) {                
         for (int b = 0; b < 8; b++) q[b] = WEIGHTS(i + b);                                                    \
         acc = signed_step8(q, yq + 32 * i, yd + i, SCALES8(w + i), acc);                                      \
     }                                                                                                         \
-    float tail = 0.0f;                                                                                        \
-    for (; i < nb; i++)                                                                                       \
-        tail += h2f(w[i].d) * yd[i] * (float)hsum_epi32(signed_block(WEIGHTS(i), _mm256_loadu_si256((const __m256i *)(yq + 32 * i)))); \
-    return hsum_ps(acc) + tail;                                                                               \
+    if (i < nb) {                                                                                             \
+        __m256i q[8]; uint16_t h[8] = {0};                                                                    \
+        for (int b = 0; b < nb - i; b++) { q[b] = WEIGHTS(i + b); h[b] = w[i + b].d; }                        \
+        acc = signed_partial(q, h, nb - i, yq + 32 * i, yd + i, acc);                                         \
+    }                                                                                                         \
+    return hsum_ps(acc);                                                                                      \
 }                                                                                                             \
 static void dot_x4_##name(int n, const void *vw, const void *const *vx, float *out) {                       \
-    for (int t = 0; t < 4; t++) out[t] = 0.0f;                                                                \
     SETUP                                                                                                     \
     const wtype *w = vw;                                                                                      \
     const int nb = n / TL_QK;                                                                                 \
@@ -198,13 +213,13 @@ static void dot_x4_##name(int n, const void *vw, const void *const *vx, float *o
         for (int t = 0; t < 4; t++)                                                                           \
             acc[t] = signed_step8(q, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, dw, acc[t]);  \
     }                                                                                                         \
-    for (int t = 0; t < 4; t++) {                                                                             \
-        const int8_t *yq = vx[t]; const float *yd = soa_scales(vx[t], nb);                                    \
-        float tail = 0.0f;                                                                                    \
-        for (int j = i; j < nb; j++)                                                                          \
-            tail += h2f(w[j].d) * yd[j] * (float)hsum_epi32(signed_block(WEIGHTS(j), _mm256_loadu_si256((const __m256i *)(yq + 32 * j)))); \
-        out[t] = hsum_ps(acc[t]) + tail;                                                                      \
+    if (i < nb) {                                                                                             \
+        __m256i q[8]; uint16_t h[8] = {0};                                                                    \
+        for (int b = 0; b < nb - i; b++) { q[b] = WEIGHTS(i + b); h[b] = w[i + b].d; }                        \
+        for (int t = 0; t < 4; t++)                                                                           \
+            acc[t] = signed_partial(q, h, nb - i, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, acc[t]); \
     }                                                                                                         \
+    for (int t = 0; t < 4; t++) out[t] = hsum_ps(acc[t]);                                                     \
 }
 
 /* 32 bits -> 32 bytes of 0x00 / 0x10 (the fifth bits of a q5 block) */
