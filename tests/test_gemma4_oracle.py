@@ -134,25 +134,26 @@ def test_prompt_tokens_equal_llamacpp(gemma4, name):
 
 def test_moe_routing_matches_transformers(gemma4):
     """The experts chosen for every prompt token in every layer (F32 weights: no near-tie flips)."""
-    from turbollm.models import moe
+    from turbollm.kernels import blocks
 
     load, record = gemma4
     model = load("moe", "F32")
     ref = record("moe", "chat")
     chosen = []
-    original = moe.route
+    original = blocks.route
 
-    def spy(h, w, cfg, ops):
-        ids, weights = original(h, w, cfg, ops)
+    def spy(ops, h, b):
+        ids, weights = original(ops, h, b)
         chosen.append((ids.clone(), weights.clone()))
         return ids, weights
 
-    moe.route = spy
+    blocks.route = spy
     try:
         _prompt_logits(model, ref["tokens"])
     finally:
-        moe.route = original
+        blocks.route = original
     n = len(ref["tokens"])
+    assert len(chosen) == model.config.n_layer
     for il, (ids, weights) in enumerate(chosen):
         order = torch.argsort(ids, dim=1)
         ref_ids = np.sort(ref["hf_router_topk_idx"][il, :n], axis=1)

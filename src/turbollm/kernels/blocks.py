@@ -1,4 +1,5 @@
-"""Sub-layer blocks: a pre-normed QK-normed attention and a dense gated FFN, as single calls.
+"""Sub-layer blocks: a pre-normed QK-normed attention, a dense gated FFN and a Mixture of
+Experts, as single calls.
 
 A block bundles its weights and shape; `attention_block` / `ffn_block` here compose it from a
 backend's single ops (the definition, and what the reference backend runs). The fast backend
@@ -9,6 +10,9 @@ removes most of the Python between kernels.
                n = norm(x); K/V of the new tokens are stored into the cache slots first;
                no Wv: V is the raw K projection; no Wk: the layer reads slots another layer stored
     ffn:       out = [residual +] post_norm(Wdown . (gelu_tanh(Wgate n) * (Wup n))), n = norm(h)
+    moe:       out = post_norm(sum_k w_k expert_k(pre_norm(h))), expert = down(gelu_tanh(gate) * up);
+               the k experts and w_k: softmax(W_router (rms(h) * router_scale / sqrt(n_embd))),
+               top k, renormalised to sum 1, times the expert's own scale (Gemma 4's router)
 """
 
 from __future__ import annotations
@@ -49,6 +53,20 @@ class FfnBlock:
     up: QTensor
     down: QTensor
     post_norm: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True, eq=False)
+class MoEBlock:
+    router: QTensor  # (n_expert, n_embd)
+    router_scale: torch.Tensor  # (n_embd,)
+    expert_scale: torch.Tensor | None  # (n_expert,)
+    pre_norm: torch.Tensor  # (n_embd,)
+    post_norm: torch.Tensor  # (n_embd,)
+    gate: QTensor  # (n_expert, 2 * n_ff, n_embd) fused with up, or (n_expert, n_ff, n_embd)
+    up: QTensor | None  # (n_expert, n_ff, n_embd) when not fused
+    down: QTensor  # (n_expert, n_embd, n_ff)
+    n_used: int  # experts per token
     eps: float
 
 
@@ -95,3 +113,20 @@ def ffn_block(ops, h: torch.Tensor, b: FfnBlock, residual: torch.Tensor | None =
     gate, up = ops.linear_many(ops.rms_norm(h, b.norm, b.eps), [b.gate, b.up])
     out = ops.rms_norm(ops.linear(F.gelu(gate, approximate="tanh") * up, b.down), b.post_norm, b.eps)
     return out if residual is None else residual + out
+
+
+def route(ops, h: torch.Tensor, b: MoEBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [T, n_embd] -> (expert ids [T, k] int64, weights [T, k] float32)."""
+    r = ops.rms_norm(h, None, b.eps) * b.router_scale * h.shape[-1] ** -0.5
+    probs = torch.softmax(ops.linear(r, b.router), dim=-1)
+    weights, ids = torch.topk(probs, b.n_used, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if b.expert_scale is not None:
+        weights = weights * b.expert_scale[ids]
+    return ids, weights
+
+
+def moe_block(ops, h: torch.Tensor, b: MoEBlock) -> torch.Tensor:
+    ids, weights = route(ops, h, b)
+    x = ops.rms_norm(h, b.pre_norm, b.eps)
+    return ops.rms_norm(ops.moe_ffn(x, ids, weights, b.gate, b.up, b.down), b.post_norm, b.eps)

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "tl_matmul": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, _I64, _P]),
     "tl_matmul_id": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, ctypes.c_int, _P]),
     "tl_matmul_multi": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P, _I64, _P, _I64, _P]),
+    "tl_moe_block": (ctypes.c_int, [ctypes.c_void_p, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, ctypes.c_int]),
     "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, ctypes.c_int, _I64, _I64, _P, _P, _P]),
     "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
@@ -66,6 +67,15 @@ class _AttnDesc(ctypes.Structure):
 class _FfnDesc(ctypes.Structure):
     _fields_ = [("gate", _Weight), ("up", _Weight), ("down", _Weight), ("norm", ctypes.c_void_p),
                 ("post_norm", ctypes.c_void_p), ("n_embd", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
+class _MoeDesc(ctypes.Structure):
+    _fields_ = [("router", ctypes.c_void_p), ("router_scale", ctypes.c_void_p), ("expert_scale", ctypes.c_void_p),
+                ("pre_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("gate", _Weight), ("up", _Weight), ("down", _Weight),
+                ("gate_expert_bytes", ctypes.c_int64), ("up_expert_bytes", ctypes.c_int64),
+                ("down_expert_bytes", ctypes.c_int64), ("n_embd", ctypes.c_int64), ("n_ff", ctypes.c_int64),
+                ("n_expert", ctypes.c_int64), ("n_used", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
 # Keep the tables alive: the library copies them, but only at tl_init.
@@ -233,6 +243,29 @@ def attention_desc(b) -> _AttnDesc:
 def ffn_desc(b) -> _FfnDesc:
     return _FfnDesc(_weight(b.gate), _weight(b.up), _weight(b.down), _tensor_ptr(b.norm), _tensor_ptr(b.post_norm),
                     b.norm.shape[0], b.eps)
+
+
+def moe_desc(b) -> _MoeDesc:
+    """The C view of a kernels.blocks.MoEBlock (the tensors stay owned by the block)."""
+    def expert_bytes(w: QTensor | None) -> int:
+        return 0 if w is None else w.data.stride(0)
+
+    def one_expert(w: QTensor | None) -> _Weight:
+        return _weight(None if w is None else w.select(0))
+
+    n_expert, n_embd, n_ff = b.down.shape
+    return _MoeDesc(_ptr(b.router.data), _tensor_ptr(b.router_scale), _tensor_ptr(b.expert_scale),
+                    _tensor_ptr(b.pre_norm), _tensor_ptr(b.post_norm), one_expert(b.gate), one_expert(b.up),
+                    one_expert(b.down), expert_bytes(b.gate), expert_bytes(b.up), expert_bytes(b.down),
+                    n_embd, n_ff, n_expert, b.n_used, b.eps)
+
+
+def moe_block(desc: _MoeDesc, h: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(h)
+    rc = _lib.tl_moe_block(ctypes.byref(desc), _ptr(h), h.shape[0], _ptr(out))
+    if rc != 0:
+        raise RuntimeError(f"native MoE block failed ({rc})")
+    return out
 
 
 def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots,

@@ -104,3 +104,7 @@ class Ops:
     @staticmethod
     def ffn_block(h, b, residual=None):
         return blocks.ffn_block(Ops, h, b, residual)
+
+    @staticmethod
+    def moe_block(h, b):
+        return blocks.moe_block(Ops, h, b)

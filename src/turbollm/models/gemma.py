@@ -31,7 +31,7 @@ from turbollm.kernels import QTensor
 from turbollm.kv.cache import KVCache, LayerKVShape
 from turbollm.kernels.blocks import AttentionBlock, FfnBlock
 from turbollm.models.layers import Rope, gelu_tanh
-from turbollm.models.moe import MoEWeights, moe_block
+from turbollm.models.moe import load_moe_block
 from turbollm.models.weights import TensorLoader
 
 
@@ -47,7 +47,7 @@ class GemmaLayer:
     attn: AttentionBlock  # x -> h = x + post_attention_norm(attention(attn_norm(x)))
     ffn: FfnBlock  # dense MLP; post_norm is post_ffw_norm, or post_ffw_norm_1 in a MoE layer
     post_ffn_norm: torch.Tensor | None = None  # MoE layers: post_ffw_norm over dense + experts
-    moe: MoEWeights | None = None
+    moe: MoEBlock | None = None
     ple: PleLayerWeights | None = None
     out_scale: torch.Tensor | None = None  # Gemma 4 layer_output_scale, shape (1,)
 
@@ -81,7 +81,7 @@ def _load_layer(t: TensorLoader, cfg: ModelConfig, il: int) -> GemmaLayer:
     return GemmaLayer(
         attn=attn, ffn=ffn,
         post_ffn_norm=post_ffw_norm if cfg.is_moe else None,
-        moe=MoEWeights.load(t, p, cfg) if cfg.is_moe else None,
+        moe=load_moe_block(t, p, cfg) if cfg.is_moe else None,
         ple=PleLayerWeights(
             gate=t.quantized(p + "inp_gate.weight", (cfg.n_embd_per_layer, d)),
             proj=t.quantized(p + "proj.weight", (d, cfg.n_embd_per_layer)),
@@ -161,7 +161,7 @@ class Gemma:
             if w.moe is None:
                 x = ops.ffn_block(h, w.ffn, residual=h)
             else:
-                x = h + ops.rms_norm(ops.ffn_block(h, w.ffn) + moe_block(h, w.moe, cfg, ops), w.post_ffn_norm, eps)
+                x = h + ops.rms_norm(ops.ffn_block(h, w.ffn) + ops.moe_block(h, w.moe), w.post_ffn_norm, eps)
             if w.ple is not None:
                 gated = gelu_tanh(ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
                 x = x + ops.rms_norm(ops.linear(gated, w.ple.proj), w.ple.post_norm, eps)

@@ -8,6 +8,9 @@
  *   attention: out = x + post_norm(Wo . attn(rope(q_norm(q)), rope(k_norm(k)), v_norm(v)))
  *              with q, k, v = Wq, Wk, Wv . norm(x); new K/V stored into the cache first
  *   ffn:       out = residual + post_norm(Wdown . (gelu_tanh(Wgate . n) * (Wup . n))), n = norm(h)
+ *   moe:       out = post_norm(sum_k w_k expert_k(pre_norm(h))), the k experts and weights w_k from
+ *              softmax(W_router (rms(h) * router_scale / sqrt(n_embd))): top k, renormalised,
+ *              times the expert's scale
  */
 #include <math.h>
 #include <stdlib.h>
@@ -124,5 +127,97 @@ int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const floa
         if (residual) for (int64_t i = 0; i < n_tok * D; i++) out[i] += residual[i];
     }
     free(n); free(g); free(u);
+    return rc;
+}
+
+/* ---- Mixture of Experts ------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *router, *r;
+    int64_t n_embd, n_expert, n_tok;
+    float *logits;
+} router_job;
+
+static void router_task(void *vctx, int ith, int nth) {
+    router_job *j = vctx;
+    const int64_t n = j->n_tok * j->n_expert;
+    for (int64_t i = n * ith / nth; i < n * (ith + 1) / nth; i++) {
+        const int64_t t = i / j->n_expert, e = i % j->n_expert;
+        j->logits[i] = tl_dot_f32(j->router + e * j->n_embd, j->r + t * j->n_embd, j->n_embd);
+    }
+}
+
+/* softmax over n probabilities, then the k largest (the lower id first among equals),
+ * renormalised to sum 1 and times the expert's scale */
+static void choose_experts(const float *logits, int64_t n, int64_t k, const float *expert_scale, float *p,
+                           int32_t *ids, float *weights) {
+    float top = logits[0], sum = 0.0f;
+    for (int64_t e = 1; e < n; e++) top = logits[e] > top ? logits[e] : top;
+    for (int64_t e = 0; e < n; e++) { p[e] = expf(logits[e] - top); sum += p[e]; }
+    for (int64_t e = 0; e < n; e++) p[e] /= sum;
+    float chosen = 0.0f;
+    for (int64_t s = 0; s < k; s++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < n; e++) {
+            int taken = 0;
+            for (int64_t u = 0; u < s; u++) taken |= ids[u] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ids[s] = (int32_t)best;
+        weights[s] = p[best];
+        chosen += p[best];
+    }
+    for (int64_t s = 0; s < k; s++) {
+        weights[s] /= chosen;
+        if (expert_scale) weights[s] *= expert_scale[ids[s]];
+    }
+}
+
+int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out) {
+    const int64_t D = b->n_embd, F = b->n_ff, E = b->n_expert, K = b->n_used, G = b->gate.n_rows;
+    const int fused = b->up.data == NULL;
+    float *r = malloc(sizeof(float) * (size_t)(n_tok * D));
+    float *logits = malloc(sizeof(float) * (size_t)(n_tok * E)), *p = malloc(sizeof(float) * (size_t)E);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(n_tok * K));
+    float *weights = malloc(sizeof(float) * (size_t)(n_tok * K));
+    float *g = malloc(sizeof(float) * (size_t)(n_tok * K * G));
+    float *u = fused ? NULL : malloc(sizeof(float) * (size_t)(n_tok * K * F));
+    float *a = malloc(sizeof(float) * (size_t)(n_tok * K * F));
+    float *d = malloc(sizeof(float) * (size_t)(n_tok * K * D));
+    int rc = (r && logits && p && ids && weights && g && (fused || u) && a && d) ? 0 : -3;
+    if (rc == 0) {
+        /* route: the same float operations, in the same order, as blocks.route */
+        const float inv_sqrt = 1.0f / sqrtf((float)D);
+        tl_rms_norm(h, NULL, r, n_tok, D, b->eps);
+        for (int64_t i = 0; i < n_tok * D; i++) r[i] = r[i] * b->router_scale[i % D] * inv_sqrt;
+        router_job job = {b->router, r, D, E, n_tok, logits};
+        tl_parallel(router_task, &job);
+        for (int64_t t = 0; t < n_tok; t++)
+            choose_experts(logits + t * E, E, K, b->expert_scale, p, ids + t * K, weights + t * K);
+        /* the experts */
+        tl_rms_norm(h, b->pre_norm, r, n_tok, D, b->eps);
+        rc = tl_matmul_id(b->gate.type, b->gate.data, b->gate_expert_bytes, b->gate.row_bytes, G, D, ids, n_tok, K, r, 0, g);
+        if (rc == 0 && !fused)
+            rc = tl_matmul_id(b->up.type, b->up.data, b->up_expert_bytes, b->up.row_bytes, F, D, ids, n_tok, K, r, 0, u);
+    }
+    if (rc == 0) {
+        for (int64_t i = 0; i < n_tok * K; i++) {
+            const float *gi = g + i * G, *ui = fused ? gi + F : u + i * F;
+            for (int64_t f = 0; f < F; f++) a[i * F + f] = gelu_tanh(gi[f]) * ui[f];
+        }
+        rc = tl_matmul_id(b->down.type, b->down.data, b->down_expert_bytes, b->down.row_bytes, D, F, ids, n_tok, K, a, 1, d);
+    }
+    if (rc == 0) {
+        for (int64_t t = 0; t < n_tok; t++) {
+            float *o = r + t * D;  /* reuse */
+            for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+            for (int64_t s = 0; s < K; s++) {
+                const float w = weights[t * K + s], *ds = d + (t * K + s) * D;
+                for (int64_t i = 0; i < D; i++) o[i] += w * ds[i];
+            }
+        }
+        tl_rms_norm(r, b->post_norm, out, n_tok, D, b->eps);
+    }
+    free(r); free(logits); free(p); free(ids); free(weights); free(g); free(u); free(a); free(d);
     return rc;
 }

@@ -27,6 +27,8 @@ TL_CLONES static float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+float tl_dot_f32(const float *a, const float *b, int64_t n) { return dot_f32(a, b, n); }
+
 TL_CLONES static void axpy_f32(float a, const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }

@@ -123,6 +123,18 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
                        float *k_buf, float *v_buf, int store, int64_t start, int64_t n_keys,
                        const int64_t *slot_pos, const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
+typedef struct {
+    const float *router;        /* [n_expert, n_embd] float32 */
+    const float *router_scale;  /* [n_embd] */
+    const float *expert_scale;  /* [n_expert], or NULL */
+    const float *pre_norm, *post_norm;
+    tl_weight gate, up, down;   /* one expert's shape; gate holds gate and up fused when up is absent */
+    int64_t gate_expert_bytes, up_expert_bytes, down_expert_bytes;
+    int64_t n_embd, n_ff, n_expert, n_used;
+    float eps;
+} tl_moe_desc;
+int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out);
+float tl_dot_f32(const float *a, const float *b, int64_t n);
 /* y: float32, or bfloat16 when bf16 != 0 */
 int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, void *y, int bf16);
 int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out);
