@@ -1,4 +1,4 @@
-/* AVX2 + FMA + F16C versions of the dot products (and the q8_0 activation quantizer).
+/* AVX2 + FMA + F16C versions of the dot products and dequantizers.
  *
  * This file is compiled for that target with a pragma, so the rest of the library stays
  * portable; tl_init registers these only when the CPU reports all three features. Each
@@ -51,63 +51,13 @@ static inline __m256 pairs_to_ps(__m256i p16) {
 
 static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-/* ---- activation quantizer ------------------------------------------------------------------ */
-
-static void quantize_q8_0(const float *x, void *vy, int64_t n) {
-    block_q8_0 *y = vy;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t i = 0; i < n / TL_QK; i++, x += TL_QK) {
-        __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
-        y[i].d = tl_f2h(amax / 127.0f);
-        const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
-        const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), round));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), round));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), round));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), round));
-        i0 = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  /* undo lane interleave */
-        _mm256_storeu_si256((__m256i *)y[i].qs, i0);
-    }
-}
-
 /* ---- 32-element block formats ---------------------------------------------------------------- */
 
-/* The 32-block kernels with signed weights share one loop: WEIGHTS(i) yields block i's 32
- * signed weight bytes. Two blocks per iteration go to two accumulators so that consecutive
- * fmadds do not wait on each other (measured on the q8_0 LM head: 10.0 -> 9.2 ms). Block scales
- * convert with F16C, not the 256 KiB table, which competes with the weights for the cache
- * (Q4_0 19 -> 22 GB/s). */
-#define DOT_32(wtype, WEIGHTS)                                                                              \
-    const wtype *w = vw; const block_q8_0 *x = vx;                                                          \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                          \
-    const int nb = n / TL_QK;                                                                                \
-    int i = 0;                                                                                               \
-    for (; i + 2 <= nb; i += 2) {                                                                            \
-        const __m256i q0 = WEIGHTS(i), q1 = WEIGHTS(i + 1);                                                  \
-        const __m256 p0 = pairs_to_ps(mul_i8_pairs(q0, _mm256_loadu_si256((const __m256i *)x[i].qs)));     \
-        const __m256 p1 = pairs_to_ps(mul_i8_pairs(q1, _mm256_loadu_si256((const __m256i *)x[i + 1].qs))); \
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d)), p0, acc0);                  \
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i + 1].d) * h2f(x[i + 1].d)), p1, acc1);          \
-    }                                                                                                        \
-    for (; i < nb; i++) {                                                                                    \
-        const __m256 p = pairs_to_ps(mul_i8_pairs(WEIGHTS(i), _mm256_loadu_si256((const __m256i *)x[i].qs)));\
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d)), p, acc0);                   \
-    }                                                                                                        \
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
-
+/* WEIGHTS(i): block i of a 32-block format as 32 signed weight bytes */
 #define Q4_0_WEIGHTS(i) _mm256_sub_epi8(nibbles_32(w[i].qs), _mm256_set1_epi8(8))
 #define Q5_0_WEIGHTS(i) _mm256_sub_epi8(_mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh)), _mm256_set1_epi8(16))
 #define Q8_0_WEIGHTS(i) _mm256_loadu_si256((const __m256i *)w[i].qs)
 #define IQ4_NL_WEIGHTS(i) _mm256_shuffle_epi8(table, nibbles_32(w[i].qs))
-
-static float dot_q4_0(int n, const void *vw, const void *vx) { DOT_32(block_q4_0, Q4_0_WEIGHTS) }
 
 static float dot_q4_1(int n, const void *vw, const void *vx) {
     const block_q4_1 *w = vw; const block_q8_1 *x = vx;
@@ -127,7 +77,6 @@ static inline __m256i fifth_bits(const uint8_t *qh) {
     return _mm256_and_si256(bits_32(load_u32(qh)), _mm256_set1_epi8(0x10));
 }
 
-static float dot_q5_0(int n, const void *vw, const void *vx) { DOT_32(block_q5_0, Q5_0_WEIGHTS) }
 
 static float dot_q5_1(int n, const void *vw, const void *vx) {
     const block_q5_1 *w = vw; const block_q8_1 *x = vx;
@@ -143,17 +92,17 @@ static float dot_q5_1(int n, const void *vw, const void *vx) {
     return hsum_ps(acc) + mins;
 }
 
-static float dot_q8_0(int n, const void *vw, const void *vx) { DOT_32(block_q8_0, Q8_0_WEIGHTS) }
 
 static inline __m256i iq4nl_table(void) {
     const __m128i t = _mm_loadu_si128((const __m128i *)tl_iq4nl_values);
     return _mm256_set_m128i(t, t);
 }
 
-static float dot_iq4_nl(int n, const void *vw, const void *vx) {
-    const __m256i table = iq4nl_table();
-    DOT_32(block_iq4_nl, IQ4_NL_WEIGHTS)
-}
+
+/* the dots of Q4_0, Q5_0, Q8_0 and IQ4_NL: the eight-block kernels of eight_blocks.h */
+#define E8_DOT_U8S8(q, y) _mm256_madd_epi16(_mm256_maddubs_epi16((q), (y)), _mm256_set1_epi16(1))
+#define E8_PREFIX avx2
+#include "eight_blocks.h"
 
 /* ---- K-quants -------------------------------------------------------------------------------- */
 
@@ -350,14 +299,11 @@ static void deq_q6_K(const void *vw, float *y, int64_t n) {
 }
 
 void tl_register_avx2(tl_kernels *t) {
+    avx2_register(t);  /* Q4_0, Q5_0, Q8_0, IQ4_NL: eight_blocks.h */
     t[TL_Q4_0].dequant = deq_q4_0; t[TL_Q5_0].dequant = deq_q5_0; t[TL_IQ4_NL].dequant = deq_iq4_nl;
     t[TL_Q6_K].dequant = deq_q6_K;
-    t[TL_Q4_0].vec_dot = dot_q4_0; t[TL_Q4_0].quantize_act = quantize_q8_0;
     t[TL_Q4_1].vec_dot = dot_q4_1;
-    t[TL_Q5_0].vec_dot = dot_q5_0; t[TL_Q5_0].quantize_act = quantize_q8_0;
     t[TL_Q5_1].vec_dot = dot_q5_1;
-    t[TL_Q8_0].vec_dot = dot_q8_0; t[TL_Q8_0].quantize_act = quantize_q8_0;
-    t[TL_IQ4_NL].vec_dot = dot_iq4_nl; t[TL_IQ4_NL].quantize_act = quantize_q8_0;
     t[TL_Q4_K].vec_dot = dot_q4_K;
     t[TL_Q5_K].vec_dot = dot_q5_K;
     t[TL_Q6_K].vec_dot = dot_q6_K;
