@@ -166,21 +166,35 @@ typedef struct {
     int64_t k, n_tok;
 } matmul_job;
 
-/* y[r] = W[r, :] . q for rows r0..r1-1. (Four rows per call sharing the activation loads was
- * faster in cache but 40% slower streaming from memory: measured, dropped.) */
-static inline void dot_rows(const tl_kernels *kt, int64_t k, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1,
-                            const uint8_t *q, float *y) {
-    for (int64_t r = r0; r < r1; r++) y[r] = kt->vec_dot((int)k, w + r * rb, q);
-}
-
-/* ys[u][r] = W[r, :] . qs[u] for four activation rows, each weight row decoded once for them */
-static inline void dot_rows_x4(const tl_kernels *kt, int64_t k, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1,
-                               const void *const *qs, float *const *ys) {
-    for (int64_t r = r0; r < r1; r++) {
-        float out[4];
-        kt->vec_dot_x4((int)k, w + r * rb, qs, out);
-        ys[0][r] = out[0]; ys[1][r] = out[1]; ys[2][r] = out[2]; ys[3][r] = out[3];
+/* Rows r0..r1-1 of W against n activation rows: row u of q is q_rows[u] (u when q_rows is NULL),
+ * its outputs go to row y_rows[u] (or u) of y, y_row_len floats per row. Four activation rows
+ * per call where the type has a four-token kernel (each weight block decoded once for them).
+ * (Four weight rows per call sharing the activation loads was faster in cache but 40% slower
+ * streaming from memory: measured, dropped.) */
+static void dot_rows(const tl_kernels *kt, int64_t k, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1,
+                     const uint8_t *q, int64_t q_row_bytes, const int64_t *q_rows,
+                     float *y, int64_t y_row_len, const int64_t *y_rows, int64_t n) {
+#define Q_ROW(u) (q + (q_rows ? q_rows[u] : (u)) * q_row_bytes)
+#define Y_ROW(u) (y + (y_rows ? y_rows[u] : (u)) * y_row_len)
+    int64_t u = 0;
+    if (kt->vec_dot_x4) {
+        for (; u + 4 <= n; u += 4) {
+            const void *qs[4] = {Q_ROW(u), Q_ROW(u + 1), Q_ROW(u + 2), Q_ROW(u + 3)};
+            float *ys[4] = {Y_ROW(u), Y_ROW(u + 1), Y_ROW(u + 2), Y_ROW(u + 3)};
+            for (int64_t r = r0; r < r1; r++) {
+                float out[4];
+                kt->vec_dot_x4((int)k, w + r * rb, qs, out);
+                ys[0][r] = out[0]; ys[1][r] = out[1]; ys[2][r] = out[2]; ys[3][r] = out[3];
+            }
+        }
     }
+    for (; u < n; u++) {
+        const uint8_t *qu = Q_ROW(u);
+        float *yu = Y_ROW(u);
+        for (int64_t r = r0; r < r1; r++) yu[r] = kt->vec_dot((int)k, w + r * rb, qu);
+    }
+#undef Q_ROW
+#undef Y_ROW
 }
 
 /* Each thread takes one contiguous range of chunks: long sequential reads keep the hardware
@@ -195,21 +209,8 @@ static void matmul_task(void *vctx, int ith, int nth) {
         while (c >= j->first_chunk[m + 1]) m++;
         const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
         const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
-        int64_t t = 0;
-        if (j->kt[m]->vec_dot_x4) {
-            for (; t + 4 <= j->n_tok; t += 4) {
-                const void *qs[4];
-                float *ys[4];
-                for (int u = 0; u < 4; u++) {
-                    qs[u] = j->q[m] + (t + u) * j->q_row_bytes[m];
-                    ys[u] = j->y[m] + (t + u) * j->n_rows[m];
-                }
-                dot_rows_x4(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, qs, ys);
-            }
-        }
-        for (; t < j->n_tok; t++)
-            dot_rows(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, j->q[m] + t * j->q_row_bytes[m],
-                     j->y[m] + t * j->n_rows[m]);
+        dot_rows(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, j->q[m], j->q_row_bytes[m], NULL,
+                 j->y[m], j->n_rows[m], NULL, j->n_tok);
     }
 }
 
@@ -275,23 +276,9 @@ static void matmul_id_task(void *vctx, int ith, int nth) {
         const int64_t g = item / chunks, c = item % chunks;
         const uint8_t *we = j->w + (int64_t)j->group_expert[g] * j->expert_bytes;
         const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
-        int64_t p = j->group_start[g];
-        if (j->kt->vec_dot_x4) {
-            for (; p + 4 <= j->group_start[g + 1]; p += 4) {
-                const void *qs[4];
-                float *ys[4];
-                for (int u = 0; u < 4; u++) {
-                    qs[u] = j->q + j->pair_q_row[p + u] * j->q_row_bytes;
-                    ys[u] = j->y + j->pair_y_row[p + u] * j->n_rows;
-                }
-                dot_rows_x4(j->kt, j->k, we, j->w_row_bytes, r0, r1, qs, ys);
-            }
-        }
-        for (; p < j->group_start[g + 1]; p++) {
-            const uint8_t *qt = j->q + j->pair_q_row[p] * j->q_row_bytes;
-            float *yt = j->y + j->pair_y_row[p] * j->n_rows;
-            dot_rows(j->kt, j->k, we, j->w_row_bytes, r0, r1, qt, yt);
-        }
+        const int64_t p0 = j->group_start[g];
+        dot_rows(j->kt, j->k, we, j->w_row_bytes, r0, r1, j->q, j->q_row_bytes, j->pair_q_row + p0,
+                 j->y, j->n_rows, j->pair_y_row + p0, j->group_start[g + 1] - p0);
     }
 }
 

@@ -11,25 +11,9 @@
  */
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma,f16c")
-#include <immintrin.h>
 #include <string.h>
 
-#include "tl.h"
-
-static inline float h2f(tl_half h) { return _cvtsh_ss(h); }
-
-static inline float hsum_ps(__m256 x) {
-    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
-/* 16 bytes of nibbles -> 32 bytes: low nibbles first, then high nibbles (ggml order) */
-static inline __m256i nibbles_32(const uint8_t *p) {
-    const __m128i t = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
-}
+#include "x86_simd.h"
 
 /* 32 bits -> 32 bytes of 0x00 / 0xFF */
 static inline __m256i bits_32(uint32_t bits) {
@@ -52,12 +36,6 @@ static inline __m256 pairs_to_ps(__m256i p16) {
 static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
 /* ---- 32-element block formats ---------------------------------------------------------------- */
-
-/* WEIGHTS(i): block i of a 32-block format as 32 signed weight bytes */
-#define Q4_0_WEIGHTS(i) _mm256_sub_epi8(nibbles_32(w[i].qs), _mm256_set1_epi8(8))
-#define Q5_0_WEIGHTS(i) _mm256_sub_epi8(_mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh)), _mm256_set1_epi8(16))
-#define Q8_0_WEIGHTS(i) _mm256_loadu_si256((const __m256i *)w[i].qs)
-#define IQ4_NL_WEIGHTS(i) _mm256_shuffle_epi8(table, nibbles_32(w[i].qs))
 
 static float dot_q4_1(int n, const void *vw, const void *vx) {
     const block_q4_1 *w = vw; const block_q8_1 *x = vx;
@@ -92,11 +70,6 @@ static float dot_q5_1(int n, const void *vw, const void *vx) {
     return hsum_ps(acc) + mins;
 }
 
-
-static inline __m256i iq4nl_table(void) {
-    const __m128i t = _mm_loadu_si128((const __m128i *)tl_iq4nl_values);
-    return _mm256_set_m128i(t, t);
-}
 
 
 /* the dots of Q4_0, Q5_0, Q8_0 and IQ4_NL: the eight-block kernels of eight_blocks.h */

@@ -211,10 +211,7 @@ int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out
         for (int64_t t = 0; t < n_tok; t++) {
             float *o = r + t * D;  /* reuse */
             for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-            for (int64_t s = 0; s < K; s++) {
-                const float w = weights[t * K + s], *ds = d + (t * K + s) * D;
-                for (int64_t i = 0; i < D; i++) o[i] += w * ds[i];
-            }
+            for (int64_t s = 0; s < K; s++) tl_axpy_f32(weights[t * K + s], d + (t * K + s) * D, o, D);
         }
         tl_rms_norm(r, b->post_norm, out, n_tok, D, b->eps);
     }

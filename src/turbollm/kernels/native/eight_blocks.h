@@ -4,9 +4,8 @@
  *   E8_DOT_U8S8(q, y)  32 unsigned x 32 signed bytes -> 8 int32 lanes whose sum is q . y
  *                      (vpdpbusd; or maddubs + madd with ones on AVX2)
  *   E8_PREFIX          a name for its functions: E8(dot_q4_0) becomes <prefix>_dot_q4_0
- * and h2f, hsum_ps, nibbles_32, and Q8_0_WEIGHTS(i), Q5_0_WEIGHTS(i), IQ4_NL_WEIGHTS(i) (block
- * i's 32 signed weight bytes; IQ4_NL's reads a `table` of its levels). E8(register)(table)
- * installs the kernels. Everything here is static to the including file.
+ * after x86_simd.h, and the fifth_bits that Q5_0_WEIGHTS reads. E8(register)(table) installs
+ * the kernels. Everything here is static to the including file.
  */
 #ifndef E8_PREFIX
 #error "define E8_DOT_U8S8 and E8_PREFIX before including eight_blocks.h"
@@ -17,12 +16,12 @@
 #define E8_CAT(a, b) E8_CAT2(a, b)
 #define E8(name) E8_CAT(E8_PREFIX, name)
 
-/* ---- Q4_0: eight blocks at a time ------------------------------------------------------------
+/* ---- eight blocks at a time ------------------------------------------------------------------
  *
- * Per block the AVX2 kernel spends more instructions on the scales (two fp16 conversions, a
+ * Per block a one-block kernel spends more instructions on the scales (two fp16 conversions, a
  * product, a broadcast) and on the float conversion than on the integer dot itself. Here eight
  * blocks' int32 lane sums are reduced to one vector of eight block sums, so the scales,
- * the 8 * sum(y) correction, the conversion and the multiply-add happen once per eight blocks,
+ * Q4_0's 8 * sum(y) correction, the conversion and the multiply-add happen once per eight blocks,
  * as vectors. The activations come in a layout made for it (E8(quantize_q8_0)): the 32-byte
  * quants of every block, then each block's scale as a float, then each block's sum of quants.
  * The values are those of q8_0 (the scale is the same fp16 number), so only the order of the
@@ -70,158 +69,84 @@ static inline __m256i sum8(const __m256i *s) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-static inline __m256 q4_0_scales8(const block_q4_0 *w) {
-    const __m128i h = _mm_setr_epi16((short)w[0].d, (short)w[1].d, (short)w[2].d, (short)w[3].d,
-                                     (short)w[4].d, (short)w[5].d, (short)w[6].d, (short)w[7].d);
-    return _mm256_cvtph_ps(h);
-}
-
-/* the dot of one row with one activation row, given the row's decoded nibbles for blocks i..i+7 */
-static inline __m256 q4_0_step8(const __m256i *q, const int8_t *yq, const float *yd, const int32_t *ys,
-                                __m256 dw, __m256 acc) {
-    __m256i s[8];
-    for (int b = 0; b < 8; b++) s[b] = E8_DOT_U8S8(q[b], _mm256_loadu_si256((const __m256i *)(yq + 32 * b)));
-    const __m256i isum = _mm256_sub_epi32(sum8(s), _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)ys), 3));
-    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(yd)), _mm256_cvtepi32_ps(isum), acc);
-}
-
-/* the last r < 8 blocks as one step: missing blocks have zero weights and zero scales */
-static inline __m256 q4_0_partial(const block_q4_0 *w, int r, const int8_t *yq, const float *yd, const int32_t *ys,
-                                  __m256 acc) {
-    __m256i s[8];
-    uint16_t h[8] = {0};
-    for (int b = 0; b < 8; b++) {
-        if (b < r) {
-            s[b] = E8_DOT_U8S8(nibbles_32(w[b].qs), _mm256_loadu_si256((const __m256i *)(yq + 32 * b)));
-            h[b] = w[b].d;
-        } else {
-            s[b] = _mm256_setzero_si256();
-        }
-    }
-    int32_t sums[8] = {0};
-    float scales[8] = {0};
-    memcpy(sums, ys, sizeof(int32_t) * (size_t)r);
-    memcpy(scales, yd, sizeof(float) * (size_t)r);
-    const __m256i isum = _mm256_sub_epi32(sum8(s), _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)sums), 3));
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(scales)), _mm256_cvtepi32_ps(isum), acc);
-}
-
-static float E8(dot_q4_0)(int n, const void *vw, const void *vx) {
-    const block_q4_0 *w = vw;
-    const int nb = n / TL_QK;
-    const int8_t *yq = vx; const float *yd = soa_scales(vx, nb); const int32_t *ys = soa_sums(vx, nb);
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= nb; i += 8) {
-        __m256i q[8];
-        for (int b = 0; b < 8; b++) q[b] = nibbles_32(w[i + b].qs);
-        acc = q4_0_step8(q, yq + 32 * i, yd + i, ys + i, q4_0_scales8(w + i), acc);
-    }
-    if (i < nb) acc = q4_0_partial(w + i, nb - i, yq + 32 * i, yd + i, ys + i, acc);
-    return hsum_ps(acc);
-}
-
-/* The same for four activation rows, each weight block decoded once for the four; each
- * token's result is bit-identical to E8(dot_q4_0)'s. */
-static void E8(dot_x4_q4_0)(int n, const void *vw, const void *const *vx, float *out) {
-    const block_q4_0 *w = vw;
-    const int nb = n / TL_QK;
-    __m256 acc[4];
-    for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= nb; i += 8) {
-        __m256i q[8];
-        for (int b = 0; b < 8; b++) q[b] = nibbles_32(w[i + b].qs);
-        const __m256 dw = q4_0_scales8(w + i);
-        for (int t = 0; t < 4; t++)
-            acc[t] = q4_0_step8(q, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, soa_sums(vx[t], nb) + i, dw, acc[t]);
-    }
-    for (int t = 0; t < 4; t++) {
-        if (i < nb)
-            acc[t] = q4_0_partial(w + i, nb - i, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i,
-                                  soa_sums(vx[t], nb) + i, acc[t]);
-        out[t] = hsum_ps(acc[t]);
-    }
-}
-
-/* ---- signed weights (Q8_0, Q5_0, IQ4_NL): the same eight-block scheme on |w| . sign(y, w) --- */
-
-static inline __m256i signed_block(__m256i q, __m256i y) {
-    return E8_DOT_U8S8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-}
-
 #define SCALES8(w) _mm256_cvtph_ps(_mm_setr_epi16((short)(w)[0].d, (short)(w)[1].d, (short)(w)[2].d, (short)(w)[3].d, \
                                                   (short)(w)[4].d, (short)(w)[5].d, (short)(w)[6].d, (short)(w)[7].d))
 
-static inline __m256 signed_step8(const __m256i *q, const int8_t *yq, const float *yd, __m256 dw, __m256 acc) {
+/* One step: r <= 8 blocks (from block i) of one weight row against activation row x, added to
+ * acc. q holds the blocks' weight bytes: unsigned for Q4_0 (its nibbles 0..15; the - 8 is taken
+ * off as 8 * the activation's block sums), else signed (|w| . sign(y, w)). dw: the blocks'
+ * scales, zero past r. Called with constant r and is_unsigned, it compiles to straight code. */
+static inline __attribute__((always_inline)) __m256
+step8(const __m256i *q, int r, int is_unsigned, __m256 dw, const void *x, int nb, int i, __m256 acc) {
+    const int8_t *yq = (const int8_t *)x + 32 * i;
     __m256i s[8];
-    for (int b = 0; b < 8; b++) s[b] = signed_block(q[b], _mm256_loadu_si256((const __m256i *)(yq + 32 * b)));
-    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(yd)), _mm256_cvtepi32_ps(sum8(s)), acc);
+    for (int b = 0; b < 8; b++) {
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(yq + 32 * b));
+        s[b] = b >= r ? _mm256_setzero_si256()
+             : is_unsigned ? E8_DOT_U8S8(q[b], y)
+             : E8_DOT_U8S8(_mm256_sign_epi8(q[b], q[b]), _mm256_sign_epi8(y, q[b]));
+    }
+    __m256i isum = sum8(s);
+    __m256 yd;
+    if (r == 8) {
+        yd = _mm256_loadu_ps(soa_scales(x, nb) + i);
+        if (is_unsigned) isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(soa_sums(x, nb) + i)), 3));
+    } else {  /* the last step: only r of the activation's scales and sums exist */
+        float scales[8] = {0};
+        int32_t sums[8] = {0};
+        memcpy(scales, soa_scales(x, nb) + i, sizeof(float) * (size_t)r);
+        memcpy(sums, soa_sums(x, nb) + i, sizeof(int32_t) * (size_t)r);
+        yd = _mm256_loadu_ps(scales);
+        if (is_unsigned) isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)sums), 3));
+    }
+    return _mm256_fmadd_ps(_mm256_mul_ps(dw, yd), _mm256_cvtepi32_ps(isum), acc);
 }
 
-/* the last r < 8 blocks as one step (q[b] for b < r; the rest are ignored) */
-static inline __m256 signed_partial(const __m256i *q, const uint16_t *h, int r, const int8_t *yq, const float *yd, __m256 acc) {
-    __m256i s[8];
-    for (int b = 0; b < 8; b++)
-        s[b] = b < r ? signed_block(q[b], _mm256_loadu_si256((const __m256i *)(yq + 32 * b))) : _mm256_setzero_si256();
-    float scales[8] = {0};
-    memcpy(scales, yd, sizeof(float) * (size_t)r);
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-    return _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(scales)), _mm256_cvtepi32_ps(sum8(s)), acc);
-}
-
-/* E8(dot_NAME) (one activation row) and E8(dot_x4_NAME) (four, each bit-identical to the first);
- * WEIGHTS(i) yields block i's 32 signed weight bytes, SETUP declares what it needs */
-#define SIGNED_KERNELS(name, wtype, WEIGHTS, SETUP)                                                          \
-static float E8(dot_##name)(int n, const void *vw, const void *vx) {                                             \
-    SETUP                                                                                                     \
-    const wtype *w = vw;                                                                                      \
-    const int nb = n / TL_QK;                                                                                 \
-    const int8_t *yq = vx; const float *yd = soa_scales(vx, nb);                                              \
-    __m256 acc = _mm256_setzero_ps();                                                                         \
-    int i = 0;                                                                                                \
-    for (; i + 8 <= nb; i += 8) {                                                                             \
-        __m256i q[8];                                                                                         \
-        for (int b = 0; b < 8; b++) q[b] = WEIGHTS(i + b);                                                    \
-        acc = signed_step8(q, yq + 32 * i, yd + i, SCALES8(w + i), acc);                                      \
-    }                                                                                                         \
-    if (i < nb) {                                                                                             \
-        __m256i q[8]; uint16_t h[8] = {0};                                                                    \
-        for (int b = 0; b < nb - i; b++) { q[b] = WEIGHTS(i + b); h[b] = w[i + b].d; }                        \
-        acc = signed_partial(q, h, nb - i, yq + 32 * i, yd + i, acc);                                         \
-    }                                                                                                         \
-    return hsum_ps(acc);                                                                                      \
-}                                                                                                             \
-static void E8(dot_x4_##name)(int n, const void *vw, const void *const *vx, float *out) {                       \
+/* E8(dot_NAME): one weight row with one activation row; E8(dot_x4_NAME): with four, each weight
+ * block decoded once for the four. Both are one body (E8(rows_NAME)), so a token's result is
+ * bit-identical whichever way it is computed. WEIGHTS(i): block i's 32 weight bytes (unsigned
+ * when IS_UNSIGNED); SETUP declares what WEIGHTS reads. */
+#define E8_KERNELS(name, wtype, WEIGHTS, SETUP, IS_UNSIGNED)                                                 \
+static inline __attribute__((always_inline)) void                                                           \
+E8(rows_##name)(int n, const void *vw, const void *const *vx, int n_x, float *out) {                         \
     SETUP                                                                                                     \
     const wtype *w = vw;                                                                                      \
     const int nb = n / TL_QK;                                                                                 \
     __m256 acc[4];                                                                                            \
-    for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();                                                 \
+    for (int t = 0; t < n_x; t++) acc[t] = _mm256_setzero_ps();                                               \
     int i = 0;                                                                                                \
     for (; i + 8 <= nb; i += 8) {                                                                             \
         __m256i q[8];                                                                                         \
         for (int b = 0; b < 8; b++) q[b] = WEIGHTS(i + b);                                                    \
         const __m256 dw = SCALES8(w + i);                                                                     \
-        for (int t = 0; t < 4; t++)                                                                           \
-            acc[t] = signed_step8(q, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, dw, acc[t]);  \
+        for (int t = 0; t < n_x; t++) acc[t] = step8(q, 8, IS_UNSIGNED, dw, vx[t], nb, i, acc[t]);           \
     }                                                                                                         \
     if (i < nb) {                                                                                             \
-        __m256i q[8]; uint16_t h[8] = {0};                                                                    \
+        __m256i q[8];                                                                                         \
+        uint16_t h[8] = {0};                                                                                  \
         for (int b = 0; b < nb - i; b++) { q[b] = WEIGHTS(i + b); h[b] = w[i + b].d; }                        \
-        for (int t = 0; t < 4; t++)                                                                           \
-            acc[t] = signed_partial(q, h, nb - i, (const int8_t *)vx[t] + 32 * i, soa_scales(vx[t], nb) + i, acc[t]); \
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));                              \
+        for (int t = 0; t < n_x; t++) acc[t] = step8(q, nb - i, IS_UNSIGNED, dw, vx[t], nb, i, acc[t]);      \
     }                                                                                                         \
-    for (int t = 0; t < 4; t++) out[t] = hsum_ps(acc[t]);                                                     \
+    for (int t = 0; t < n_x; t++) out[t] = hsum_ps(acc[t]);                                                   \
+}                                                                                                             \
+static float E8(dot_##name)(int n, const void *vw, const void *vx) {                                         \
+    float out;                                                                                                \
+    E8(rows_##name)(n, vw, &vx, 1, &out);                                                                     \
+    return out;                                                                                               \
+}                                                                                                             \
+static void E8(dot_x4_##name)(int n, const void *vw, const void *const *vx, float *out) {                   \
+    E8(rows_##name)(n, vw, vx, 4, out);                                                                       \
 }
 
+#define Q4_0_NIBBLES(i) nibbles_32(w[i].qs)
 #define NO_SETUP
-#define IQ4_NL_SETUP const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tl_iq4nl_values));
+#define IQ4_NL_SETUP const __m256i table = iq4nl_table();
 
-SIGNED_KERNELS(q8_0, block_q8_0, Q8_0_WEIGHTS, NO_SETUP)
-SIGNED_KERNELS(q5_0, block_q5_0, Q5_0_WEIGHTS, NO_SETUP)
-SIGNED_KERNELS(iq4_nl, block_iq4_nl, IQ4_NL_WEIGHTS, IQ4_NL_SETUP)
+E8_KERNELS(q4_0, block_q4_0, Q4_0_NIBBLES, NO_SETUP, 1)
+E8_KERNELS(q8_0, block_q8_0, Q8_0_WEIGHTS, NO_SETUP, 0)
+E8_KERNELS(q5_0, block_q5_0, Q5_0_WEIGHTS, NO_SETUP, 0)
+E8_KERNELS(iq4_nl, block_iq4_nl, IQ4_NL_WEIGHTS, IQ4_NL_SETUP, 0)
 
 /* Q4_0, Q5_0, Q8_0 and IQ4_NL: these dots, their four-token twins and the activation layout */
 static void E8(register)(tl_kernels *t) {

@@ -33,6 +33,8 @@ TL_CLONES static void axpy_f32(float a, const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+void tl_axpy_f32(float a, const float *x, float *y, int64_t n) { axpy_f32(a, x, y, n); }
+
 TL_CLONES void tl_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64_t dim, float eps) {
     for (int64_t r = 0; r < n_rows; r++, x += dim, y += dim) {
         const float scale = 1.0f / sqrtf(dot_f32(x, x, dim) / (float)dim + eps);

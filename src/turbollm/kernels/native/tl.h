@@ -135,6 +135,7 @@ typedef struct {
 } tl_moe_desc;
 int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out);
 float tl_dot_f32(const float *a, const float *b, int64_t n);
+void tl_axpy_f32(float a, const float *x, float *y, int64_t n);  /* y += a x */
 /* y: float32, or bfloat16 when bf16 != 0 */
 int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, void *y, int bf16);
 int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out);
