@@ -62,8 +62,9 @@ def test_greedy_continuation_leaves_llamacpp_only_where_it_was_unsure(fast_model
     assert len(differ) == 0 or differ[0] >= 8  # measured: identical for 48 steps on 4 prompts, 9 on chat_turn
 
 
-@pytest.mark.parametrize("precision, max_distance", [("fp32", 1e-3), ("bf16", 0.6)])
-def test_prefill_precision_against_transformers(default_model_path, gemma3_oracle, precision, max_distance):
+@pytest.mark.parametrize("precision, min_distance, max_distance", [("fp32", 0.0, 1e-3), ("bf16", 1e-2, 0.6)])
+def test_prefill_precision_against_transformers(default_model_path, gemma3_oracle, precision, min_distance,
+                                                max_distance):
     """The 856-token prompt in one forward pass: the prefill GEMMs. fp32 tiles are the
     reference's maths (measured 4.3e-5 from transformers); bf16 rounds tiles and activations
     (measured 0.29 at most, below llama.cpp's own ~0.5 from exact maths) and must still make
@@ -79,7 +80,7 @@ def test_prefill_precision_against_transformers(default_model_path, gemma3_oracl
         logits = net.logits(net.forward(ids, net.new_cache(len(ids))))
         at_hf = torch.gather(logits, 1, torch.from_numpy(ref["hf_topk_idx"].astype(np.int64))).numpy()
         distance = np.abs(at_hf - ref["hf_topk_val"]).max(axis=1)
-        assert distance.max() < max_distance
+        assert min_distance <= distance.max() < max_distance  # bf16: the rounding really happened
         sure = ref["hf_topk_val"][:, 0] - ref["hf_topk_val"][:, 1] > 0.5
         np.testing.assert_array_equal(logits.argmax(1).numpy()[sure], ref["hf_topk_idx"][:, 0][sure])
     finally:
