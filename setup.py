@@ -13,7 +13,7 @@ setup(
     ext_modules=[
         Extension(
             "turbollm.kernels._tlnative",
-            sources=[NATIVE + name for name in ("api.c", "threads.c", "scalar.c", "avx2.c", "vnni.c", "ops.c", "blocks.c")],
+            sources=[NATIVE + name for name in ("api.c", "threads.c", "scalar.c", "avx2.c", "vnni.c", "ops.c", "blocks.c", "kv.c")],
             depends=[NATIVE + name for name in ("tl.h", "x86_simd.h", "eight_blocks.h")],
             # -ffp-contract=off: no silent fused multiply-adds, so dequantization stays bit-exact
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-Wall"],

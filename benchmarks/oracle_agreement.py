@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from turbollm import Model
+from turbollm.kv.cache import CacheConfig
+
+F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 
 def main() -> None:
@@ -35,7 +38,7 @@ def main() -> None:
     for name in prompts:
         ref = dict(np.load(folder / f"{name}.npz"))
         ids = torch.from_numpy(ref["tokens"].astype(np.int64))
-        hidden = net.forward(ids, net.new_cache(len(ids)))
+        hidden = net.forward(ids, net.new_cache(len(ids), F32_CACHE))
         hf_diff, llama_diff, top1 = [], [], []
         for start in range(0, len(ids), 128):
             logits = net.logits(hidden[start:start + 128])

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from turbollm import Model, SamplingParams
+from turbollm.kv.cache import CacheConfig
+
+F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 PROMPTS = ["short_en", "code_py", "unicode_mix", "chat_turn", "long_swa"]
 LLAMA_MARGIN = 1.0
@@ -21,7 +24,7 @@ LLAMA_MARGIN = 1.0
 
 @pytest.fixture(scope="module")
 def fast_model(default_model_path):
-    model = Model.load(default_model_path, backend="fast", threads=2)
+    model = Model.load(default_model_path, backend="fast", threads=2, cache=F32_CACHE)
     assert model.network.ops.name == "fast"
     return model
 
@@ -33,7 +36,7 @@ def test_decode_kernels_make_llamacpps_sure_choices(fast_model, gemma3_oracle, n
     n = len(ref["tokens"])
     # the prompt, then llama.cpp's greedy tokens (teacher forcing): every step's choice is compared
     ids = torch.from_numpy(np.concatenate([ref["tokens"], ref["greedy"][:-1]]).astype(np.int64))
-    cache = net.new_cache(len(ids))
+    cache = net.new_cache(len(ids), F32_CACHE)
     top1, distance = [], []
     for i in range(len(ids)):
         logits = net.logits(net.forward(ids[i:i + 1], cache))[0]
@@ -71,13 +74,13 @@ def test_prefill_precision_against_transformers(default_model_path, gemma3_oracl
     every choice transformers is sure of."""
     from turbollm.kernels import fast
 
-    model = Model.load(default_model_path, backend="fast", threads=2, prefill=precision)
+    model = Model.load(default_model_path, backend="fast", threads=2, prefill=precision, cache=F32_CACHE)
     assert fast.prefill_precision() == precision
     try:
         ref = gemma3_oracle("long_swa")
         net = model.network
         ids = torch.from_numpy(ref["tokens"].astype(np.int64))
-        logits = net.logits(net.forward(ids, net.new_cache(len(ids))))
+        logits = net.logits(net.forward(ids, net.new_cache(len(ids), F32_CACHE)))
         at_hf = torch.gather(logits, 1, torch.from_numpy(ref["hf_topk_idx"].astype(np.int64))).numpy()
         distance = np.abs(at_hf - ref["hf_topk_val"]).max(axis=1)
         assert min_distance <= distance.max() < max_distance  # bf16: the rounding really happened

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from turbollm import SamplingParams
+from turbollm.kv.cache import CacheConfig
+
+F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 PROMPTS = ["short_en", "code_py", "unicode_mix", "chat_turn", "long_swa"]
 N_STEPS = 48
@@ -35,7 +38,7 @@ def forced(gemma3_model, gemma3_oracle):
         ref = gemma3_oracle(name)
         n = len(ref["tokens"])
         ids = np.concatenate([ref["tokens"], ref["greedy"][:N_STEPS - 1]]).astype(np.int64)
-        hidden = network.forward(torch.from_numpy(ids), network.new_cache(len(ids)))
+        hidden = network.forward(torch.from_numpy(ids), network.new_cache(len(ids), F32_CACHE))
         hf_idx = torch.from_numpy(ref["hf_topk_idx"].astype(np.int64))
         vals, idx, at_hf = [], [], []
         for start in range(0, len(ids), 128):

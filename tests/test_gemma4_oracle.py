@@ -18,6 +18,9 @@ import torch
 
 from conftest import REFERENCE_DIR
 from turbollm import Model, SamplingParams
+from turbollm.kv.cache import CacheConfig
+
+F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 MODELS = ["moe", "dense", "ple"]
 VARIANTS = ["F32", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "IQ4_NL", "IQ3_M"]
@@ -40,7 +43,7 @@ def gemma4():
         key = (name, variant)
         if key not in models:
             models[key] = Model.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf",
-                                     backend="reference")
+                                     backend="reference", cache=F32_CACHE)
         return models[key]
 
     def record(name: str, prompt: str) -> dict:
@@ -56,7 +59,7 @@ def gemma4():
 def _prompt_logits(model: Model, tokens: np.ndarray) -> torch.Tensor:
     net = model.network
     ids = torch.from_numpy(tokens.astype(np.int64))
-    return net.logits(net.forward(ids, net.new_cache(len(ids))))
+    return net.logits(net.forward(ids, net.new_cache(len(ids), F32_CACHE)))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -14,7 +14,7 @@ from turbollm.api import _split_at_stop
 from turbollm.cli import main as cli_main
 from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import Sampler
-from turbollm.kv.cache import KVCache, LayerKVShape
+from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
 
 
 # ---- sampler -------------------------------------------------------------------------------
@@ -76,12 +76,12 @@ class ScriptedModel:
     def __init__(self, script: list[int], vocab: int = 16):
         self.script, self.vocab, self.calls = script, vocab, 0
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache([LayerKVShape(1, 2)], capacity)
+    def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache:
+        return KVCache(plan_kv([LayerKVShape(1, 2)], capacity, config))
 
     def forward(self, ids, cache):
-        cache.check_room(len(ids))
-        cache.advance(len(ids))
+        cache.begin(len(ids))
+        cache.advance()
         return torch.zeros(len(ids), 1)
 
     def logits(self, hidden):
@@ -109,11 +109,12 @@ def test_generation_stops_at_max_tokens_and_at_the_context_end():
 
 
 def test_kv_cache_refuses_overflow_and_truncates():
-    cache = KVCache([LayerKVShape(1, 4)], capacity=3)
+    cache = KVCache(plan_kv([LayerKVShape(1, 4)], 3))
     cache.check_room(3)
     with pytest.raises(Exception, match="exceed the context size of 3"):
-        cache.check_room(4)
-    cache.advance(2)
+        cache.begin(4)
+    cache.begin(2)
+    cache.advance()
     cache.truncate(1)
     assert cache.n_tokens == 1
     with pytest.raises(ValueError):

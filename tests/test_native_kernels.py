@@ -189,34 +189,46 @@ def test_rms_norm_matches_reference():
     assert torch.allclose(native.rms_norm(x, None, 1e-6), reference.rms_norm(x, None, 1e-6), atol=1e-5, rtol=1e-5)
 
 
-def _slots(n_keys_before: int, n_new: int, n_kv: int, d: int, store: bool):
-    from turbollm.kv.cache import KVSlots
-    cap = n_keys_before + n_new + 4
+def _cache_step(cache_type: str, n_before: int, n_new: int, n_kv: int, d: int, store: bool, window: int = 0):
+    """A one-layer cache holding `n_before` committed tokens, in a step of `n_new` more: the
+    layer's KVSlots. A reading (KV-shared) layer finds its tail filled, as its source leaves it."""
+    from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+    cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type)))
     g = torch.Generator().manual_seed(9)
-    k, v = torch.randn(cap, n_kv, d, generator=g), torch.randn(cap, n_kv, d, generator=g)
-    return KVSlots(k, v, store, n_keys_before, n_keys_before + n_new, torch.arange(cap))
+    cache.begin(n_before)
+    cache.slots(0).write(torch.randn(n_before, n_kv, d, generator=g), torch.randn(n_before, n_kv, d, generator=g))
+    cache.advance()
+    cache.begin(n_new)
+    slots = cache.slots(0, store=store)
+    if not store:
+        slots.write(torch.randn(n_new, n_kv, d, generator=g), torch.randn(n_new, n_kv, d, generator=g))
+    return slots
 
 
-@pytest.mark.parametrize("store, with_v", [(True, True), (True, False), (False, True)])
-def test_fused_attention_block_equals_composed(store, with_v):
-    d_model, n_head, n_kv, hd = 256, 4, 2, 64
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0", "q4_1", "iq4_nl", "turbo3"])
+@pytest.mark.parametrize("store, with_v, window", [(True, True, 6), (True, False, 0), (False, True, 6)])
+def test_fused_attention_block_equals_composed(store, with_v, window, cache_type):
+    d_model, n_head, n_kv, hd = 256, 4, 2, 128
     wq = random_weight(Q.Q8_0, n_head * hd, d_model, seed=1)
     wk = random_weight(Q.Q4_0, n_kv * hd, d_model, seed=2) if store else None
     wv = random_weight(Q.Q5_0, n_kv * hd, d_model, seed=3) if store and with_v else None
     wo = random_weight(Q.Q4_K, d_model, n_head * hd, seed=4)
     ones = lambda n: 1.0 + 0.1 * torch.randn(n)
     b = blocks.AttentionBlock(ones(d_model), wq, wk, wv, wo, ones(hd), ones(hd) if store else None, ones(d_model),
-                              n_head, n_kv, hd, v_norm=True, scale=1.0, window=6, eps=1e-6)
+                              n_head, n_kv, hd, v_norm=True, scale=0.1, window=window, eps=1e-6)
     x = torch.randn(2, d_model)
     positions = torch.tensor([7, 8])
     angles = positions.float()[:, None] * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
     angles = torch.cat((angles, angles), -1)[:, None, :]
     rope = (angles.cos(), angles.sin())
-    composed_slots, fused_slots = _slots(7, 2, n_kv, hd, store), _slots(7, 2, n_kv, hd, store)
+    composed_slots = _cache_step(cache_type, 7, 2, n_kv, hd, store, window)
+    fused_slots = _cache_step(cache_type, 7, 2, n_kv, hd, store, window)
     composed = blocks.attention_block(fast.Ops, x, b, rope, composed_slots, positions)
     fused = fast.attention_block(x, b, rope, fused_slots, positions)
     assert torch.allclose(fused, composed, atol=2e-4, rtol=2e-4)
-    assert torch.allclose(fused_slots.k, composed_slots.k, atol=2e-5) and torch.allclose(fused_slots.v, composed_slots.v, atol=2e-5)
+    # the C encoder wrote the bytes the reference encoder writes (the K/V inputs agree to ~1e-6)
+    assert (fused_slots.tail_k != composed_slots.tail_k).float().mean() < 0.01
+    assert (fused_slots.tail_v != composed_slots.tail_v).float().mean() < 0.01
 
 
 def test_fused_ffn_block_equals_composed():

@@ -12,6 +12,9 @@ from gguf import GGMLQuantizationType as Q
 from conftest import REFERENCE_DIR
 from turbollm import Model, SamplingParams
 from turbollm.synthetic import PRESETS, tensor_plan, write
+from turbollm.kv.cache import CacheConfig
+
+F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 
 def test_26b_a4b_plan_has_the_official_layout():
@@ -40,7 +43,7 @@ def test_small_variant_writes_loads_and_generates(tmp_path):
     assert cfg.swa_layers == (True,) * 5 + (False,) and cfg.head_dim == (256,) * 5 + (512,)
     assert model.network.layers[5].attn.wv is None  # K = V on the global layer
     ids = torch.tensor(model.encode("A synthetic model"))
-    logits = model.network.logits(model.network.forward(ids, model.network.new_cache(len(ids))))
+    logits = model.network.logits(model.network.forward(ids, model.network.new_cache(len(ids), F32_CACHE)))
     assert torch.isfinite(logits).all() and logits.abs().max() <= 30.0  # soft-capped
     out = model.generate("Hello", SamplingParams(temperature=0, max_tokens=4))
     assert len(out.token_ids) + (out.finish_reason == "stop") >= 1

@@ -24,6 +24,7 @@ from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import SamplingParams
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
+from turbollm.kv.cache import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
 from turbollm.tokenizer import StreamDecoder, Tokenizer
 
@@ -54,19 +55,20 @@ class StreamPiece:
 
 class Model:
     def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, network: Gemma,
-                 ctx_size: int, load_seconds: float):
+                 ctx_size: int, load_seconds: float, cache: CacheConfig = CacheConfig()):
         self.gguf, self.config, self.tokenizer, self.network = gguf, config, tokenizer, network
-        self.ctx_size, self.load_seconds = ctx_size, load_seconds
+        self.ctx_size, self.load_seconds, self.cache = ctx_size, load_seconds, cache
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
              threads: int | None = None, device: str = "cpu", backend: str = "auto",
-             prefill: str = "auto") -> "Model":
+             prefill: str = "auto", cache: CacheConfig = CacheConfig()) -> "Model":
         """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
         context; a larger value is refused rather than silently accepted. `backend` picks the
         kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
         (exact float32 PyTorch, any device). `prefill` is the fast backend's prefill GEMM
-        precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16")."""
+        precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16"). `cache` sets
+        the KV cache codecs and layout (kv.cache.CacheConfig: f16 K and V by default, as llama.cpp)."""
         start = time.perf_counter()
         if threads is not None and threads <= 0:
             raise TurbollmError(f"--threads must be positive, got {threads}")
@@ -86,7 +88,11 @@ class Model:
         if not 0 < ctx <= config.n_ctx_train:
             raise TurbollmError(f"--ctx-size {ctx} is outside 1..{config.n_ctx_train} (the model's training context)")
         network = Gemma.from_gguf(gf, config, device, ops)
-        return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start)
+        try:
+            plan_kv(network.kv_layout(), 1, cache)  # every codec fits the head sizes
+        except ValueError as e:
+            raise TurbollmError(str(e)) from None
+        return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start, cache)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
@@ -115,7 +121,7 @@ class Model:
         decoder = StreamDecoder(self.tokenizer)
         held = ""  # text that might be the start of a stop string
         tokens = generate_tokens(self.network, prompt_ids, params, eog_ids=self.tokenizer.eog_ids,
-                                 ctx_size=self.ctx_size, stats=stats)
+                                 ctx_size=self.ctx_size, stats=stats, cache_config=self.cache)
         for token in tokens:
             if generated is not None:
                 generated.append(token)

@@ -23,6 +23,7 @@ import torch
 
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
+from turbollm.kv.cache import CacheConfig
 from turbollm.memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 
 
@@ -37,6 +38,7 @@ class BenchSettings:
     backend: str = "auto"
     prefill: str = "auto"
     seed: int = 1234
+    cache: CacheConfig = CacheConfig()
 
     def __post_init__(self) -> None:
         if self.repetitions < 1:
@@ -157,8 +159,8 @@ def _timed(fn) -> float:
 class _Runner:
     """Runs the three kinds of test on one loaded model with random tokens."""
 
-    def __init__(self, network, n_vocab: int, seed: int):
-        self.net, self.n_vocab = network, n_vocab
+    def __init__(self, network, n_vocab: int, seed: int, cache: CacheConfig):
+        self.net, self.n_vocab, self.cache_config = network, n_vocab, cache
         self.rng = torch.Generator().manual_seed(seed)
         self.max_kv_bytes = 0
 
@@ -168,7 +170,7 @@ class _Runner:
     def run(self, n_prompt: int, n_gen: int) -> float:
         """Seconds for a prompt of n_prompt tokens, then n_gen single-token steps, each with logits."""
         net = self.net
-        cache = net.new_cache(n_prompt + n_gen)
+        cache = net.new_cache(n_prompt + n_gen, self.cache_config)
         self.max_kv_bytes = max(self.max_kv_bytes, cache.nbytes)
         prompt, steps = self._tokens(n_prompt), self._tokens(n_gen)
         start = time.perf_counter()
@@ -192,6 +194,7 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
     backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
                           f"{kernels.fast.prefill_precision()} prefill)" if ops.name == "fast" else "")
+    backend += f", KV cache {s.cache.label}"
     needed = max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
     if needed > model.ctx_size:
         raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")
@@ -203,7 +206,7 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
         decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
         copy_bandwidth=0.0, read_bandwidth=0.0,
     )
-    runner = _Runner(model.network, cfg.n_vocab, s.seed)
+    runner = _Runner(model.network, cfg.n_vocab, s.seed, s.cache)
     tests = ([(f"pp{n}", n, 0) for n in s.n_prompt] + [(f"tg{n}", 0, n) for n in s.n_gen]
              + [(f"pp{p}+tg{g}", p, g) for p, g in s.prompt_gen])
     for name, n_prompt, n_gen in tests:

@@ -1,4 +1,4 @@
-"""Command line: `turbollm run | bench | inspect`.
+"""Command line: `turbollm run | bench | quality | inspect`.
 
 Each subcommand parses its flags into a frozen dataclass and hands it to one function.
 Errors caused by input are printed as one line (`error: ...`) with exit status 1.
@@ -11,8 +11,10 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from turbollm.errors import TurbollmError
+from turbollm.kv.cache import CacheConfig
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,29 @@ class RunArgs:
     system: str | None
     verbose: bool
     prefill: str = "auto"
+    cache: CacheConfig = CacheConfig()
+
+
+@dataclass(frozen=True)
+class QualityArgs:
+    model: str | None
+    text_file: str | None
+    cache_types: tuple[str, ...]
+    turbo_block: int
+    threads: int | None
+    prefill: str
+    max_tokens: int | None
+    as_json: bool
+    plot: str | None
 
 
 @dataclass(frozen=True)
 class InspectArgs:
     model: str | None
     tensors: bool
+
+
+DEFAULT_QUALITY_TYPES = ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2@2", "q8_0/turbo4")
 
 
 def _add_model_flag(p: argparse.ArgumentParser) -> None:
@@ -69,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is, no chat template")
     run.add_argument("--system", default=None, help="system message (implies --chat)")
     _prefill_flag(run)
+    _cache_flags(run)
     run.add_argument("-v", "--verbose", action="store_true", help="print load time, memory and speed to stderr")
 
     bench = sub.add_parser("bench", help="measure prompt and decode speed (llama-bench's tests and flags)")
@@ -81,7 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test (default 5)")
     bench.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
     _prefill_flag(bench)
+    _cache_flags(bench)
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    quality = sub.add_parser("quality", help="measure what KV cache types cost: perplexity, KL and top-1 vs f16, bytes")
+    _add_model_flag(quality)
+    quality.add_argument("--text", dest="text_file", default=None,
+                         help="UTF-8 text to score (default: the bundled public-domain text)")
+    quality.add_argument("--cache-types", type=lambda t: tuple(x for x in t.split(",") if x.strip()),
+                         default=DEFAULT_QUALITY_TYPES,
+                         help="comma-separated entries K[/V][@N]: K and V codecs, N boundary layers kept at f16 "
+                              f"(default {','.join(DEFAULT_QUALITY_TYPES)})")
+    quality.add_argument("--cache-turbo-block", dest="turbo_block", type=int, choices=(32, 128), default=128,
+                         help="TurboQuant rotation block (default 128)")
+    quality.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    quality.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _prefill_flag(quality)
+    quality.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    quality.add_argument("--plot", default=None, metavar="PNG", help="also draw the results to this PNG file")
 
     inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
     inspect.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
@@ -99,13 +136,18 @@ def main(argv: list[str] | None = None) -> int:
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
                 ctx_size=args.ctx_size, threads=args.threads, prefill=args.prefill,
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
+                cache=_cache_config(args),
             ))
         if args.command == "bench":
             from turbollm.bench import BenchSettings
             return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
                                        prompt_gen=args.prompt_gen, threads=args.threads,
                                        repetitions=args.repetitions, backend=args.backend,
-                                       prefill=args.prefill), args.json)
+                                       prefill=args.prefill, cache=_cache_config(args)), args.json)
+        if args.command == "quality":
+            return quality(QualityArgs(model=args.model, text_file=args.text_file, cache_types=args.cache_types,
+                                       turbo_block=args.turbo_block, threads=args.threads, prefill=args.prefill,
+                                       max_tokens=args.max_tokens, as_json=args.json, plot=args.plot))
         if args.command == "inspect":
             return inspect(InspectArgs(model=args.model, tensors=args.tensors))
     except TurbollmError as e:
@@ -126,6 +168,26 @@ def _prefill_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", choices=("auto", "fp32", "bf16"), default="auto",
                    help="precision of the prompt's float GEMMs: fp32 is exact, bf16 is ~3x faster where the CPU "
                         "has AVX512-BF16/AMX (auto: bf16 there, else fp32)")
+
+
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    from turbollm.kv.codecs import CACHE_TYPES
+    names = ", ".join(CACHE_TYPES)
+    p.add_argument("-ctk", "--cache-type-k", default="f16", type=str.lower, metavar="TYPE",
+                   help=f"KV cache codec for K (default f16): {names}")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", type=str.lower, metavar="TYPE",
+                   help="KV cache codec for V (default f16), same choices")
+    p.add_argument("--cache-boundary-layers", type=int, default=0, metavar="N",
+                   help="keep the K/V of the first and last N layers at f16 whatever the cache types (default 0)")
+    p.add_argument("--cache-turbo-block", type=int, choices=(32, 128), default=128,
+                   help="TurboQuant rotation block: 128 (bits + 0.125 per value) or 32 (bits + 0.5)")
+    p.add_argument("--swa-full", action="store_true",
+                   help="sliding-window layers keep the whole context instead of a ring of `window` positions")
+
+
+def _cache_config(args) -> CacheConfig:
+    return CacheConfig(args.cache_type_k, args.cache_type_v, args.cache_boundary_layers, args.cache_turbo_block,
+                       args.swa_full)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -170,7 +232,7 @@ def run(a: RunArgs) -> int:
     params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                             repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
                             max_tokens=a.n_predict)
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill)
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache)
     if a.verbose:
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
         print(f"load time = {model.load_seconds:.2f} s, after load: {rss_breakdown()}", file=sys.stderr)
@@ -205,6 +267,44 @@ def bench(settings, as_json: bool) -> int:
 
     report = run_bench(settings, progress)
     print(json.dumps(report.to_json(), indent=2) if as_json else format_table(report))
+    return 0
+
+
+def quality(a: QualityArgs) -> int:
+    import json
+
+    from turbollm import quality as q
+    from turbollm.api import Model
+
+    configs = [q.parse_cache_entry(entry, a.turbo_block) for entry in a.cache_types]
+    if a.text_file is not None:
+        try:
+            with open(a.text_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TurbollmError(f"cannot read text file {a.text_file}: {e}") from None
+    else:
+        text = q.default_text()
+    model = Model.load(a.model, threads=a.threads, prefill=a.prefill)
+    ids = model.tokenizer.encode(text, add_special=True, parse_special=False)
+    if a.max_tokens is not None:
+        if a.max_tokens < 2:
+            raise TurbollmError(f"--max-tokens must be at least 2, got {a.max_tokens}")
+        ids = ids[:a.max_tokens]
+    if len(ids) > model.ctx_size:
+        raise TurbollmError(f"the text has {len(ids)} tokens, more than the model's context of {model.ctx_size}: "
+                            f"pass --max-tokens {model.ctx_size} or a shorter --text")
+
+    def progress(name: str) -> None:
+        if not a.as_json:
+            print(f"ran {name}", file=sys.stderr, flush=True)
+
+    report = q.measure(model.network, ids, configs, model_name=Path(model.gguf.path).name, progress=progress)
+    print(json.dumps(report.to_json(), indent=2) if a.as_json else q.format_table(report))
+    if a.plot:
+        q.plot(report, a.plot)
+        if not a.as_json:
+            print(f"plot written to {a.plot}", file=sys.stderr)
     return 0
 
 

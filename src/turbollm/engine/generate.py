@@ -16,11 +16,11 @@ import torch
 
 from turbollm.engine.sampler import Sampler, SamplingParams
 from turbollm.errors import ContextLengthError
-from turbollm.kv.cache import KVCache
+from turbollm.kv.cache import CacheConfig, KVCache
 
 
 class CausalLM(Protocol):
-    def new_cache(self, capacity: int) -> KVCache: ...
+    def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache: ...
     def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -52,6 +52,7 @@ def generate_tokens(
     ctx_size: int,
     stats: GenerationStats | None = None,
     n_batch: int = 512,
+    cache_config: CacheConfig = CacheConfig(),
 ) -> Iterator[int]:
     """Yield generated token ids until an end-of-generation token (not yielded), `max_tokens`,
     or the end of the context. `stats.finish_reason` says which."""
@@ -69,7 +70,7 @@ def generate_tokens(
     stats.finish_reason = "length"
     if max_new == 0:
         return
-    cache = model.new_cache(n_prompt + max_new)
+    cache = model.new_cache(n_prompt + max_new, cache_config)
     sampler = Sampler(params)
     history = list(prompt_ids)
 

@@ -71,14 +71,16 @@ class MoEBlock:
 
 
 class KVSlots(Protocol):
-    """Where one layer's keys and values live for one step (see turbollm.kv.cache)."""
+    """Where one layer's keys and values live for one step (turbollm.kv.cache.KVSlots): coded
+    slots plus a tail for the step's new tokens."""
 
-    k: torch.Tensor  # [capacity, n_kv, head_dim]
-    v: torch.Tensor
-    store: bool  # whether this layer writes the new tokens' K/V
-    start: int  # slot of the first new token
-    n_keys: int  # slots to attend over, new ones included
-    positions: torch.Tensor  # [capacity] int64 position held by each slot, -1 if empty
+    store: bool  # whether this layer writes the new tokens' K/V (else it reads another layer's)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' K/V [T, n_kv, head_dim]."""
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values [S, n_kv, head_dim] float32 and their positions [S] (-1: empty)."""
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,13 +101,12 @@ def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.T
         k = apply_rope(ops.rms_norm(k, b.k_norm, b.eps), *rope)
         if b.v_norm:
             v = ops.rms_norm(v, None, b.eps)
-        slots.k[slots.start:slots.start + n_tok] = k
-        slots.v[slots.start:slots.start + n_tok] = v
+        slots.write(k, v)
     else:
         q = ops.linear(n, b.wq)
     q = apply_rope(ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps), *rope)
-    keys = slice(0, slots.n_keys)
-    out = ops.attention(q, slots.k[keys], slots.v[keys], positions, slots.positions[keys], b.scale, b.window, b.softcap)
+    keys, values, key_positions = slots.read()
+    out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap)
     return x + ops.rms_norm(ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo), b.post_norm, b.eps)
 
 

@@ -152,7 +152,7 @@ def _block_native_ok(x: torch.Tensor, weights: list[QTensor | None]) -> bool:
 def attention_block(x: torch.Tensor, b: blocks.AttentionBlock, rope: tuple[torch.Tensor, torch.Tensor],
                     slots: blocks.KVSlots, positions: torch.Tensor) -> torch.Tensor:
     """kernels.blocks.attention_block in one native call at decode size."""
-    cache_ok = slots.k.dtype == torch.float32 and slots.k.is_contiguous() and slots.v.is_contiguous()
+    cache_ok = all(t.device.type == "cpu" and t.is_contiguous() for t in (slots.k, slots.v, slots.tail_k, slots.tail_v))
     if not (cache_ok and _block_native_ok(x, [b.wq, b.wk, b.wv, b.wo])):
         return blocks.attention_block(Ops, x, b, rope, slots, positions)
     desc = _descs.get(b)

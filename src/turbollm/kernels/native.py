@@ -42,7 +42,12 @@ _SIGNATURES = {
     "tl_matmul_multi": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P, _I64, _P, _I64, _P]),
     "tl_moe_block": (ctypes.c_int, [ctypes.c_void_p, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, ctypes.c_int]),
-    "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, ctypes.c_int, _I64, _I64, _P, _P, _P]),
+    "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, ctypes.c_int,
+                                          _P, _P]),
+    "tl_kv_encode": (ctypes.c_int, [_P, _P, _I64, _I64, _P]),
+    "tl_attention_kv": (ctypes.c_int, [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_float,
+                                       _I64, ctypes.c_float, _P]),
+    "tl_kv_decode": (ctypes.c_int, [_P, _P, _I64, _I64, ctypes.c_int, _P]),
     "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
     "tl_rms_norm": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float]),
     "tl_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
@@ -76,6 +81,72 @@ class _MoeDesc(ctypes.Structure):
                 ("gate_expert_bytes", ctypes.c_int64), ("up_expert_bytes", ctypes.c_int64),
                 ("down_expert_bytes", ctypes.c_int64), ("n_embd", ctypes.c_int64), ("n_ff", ctypes.c_int64),
                 ("n_expert", ctypes.c_int64), ("n_used", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
+class _KVCodec(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("bits", ctypes.c_int), ("block", ctypes.c_int),
+                ("codebook", ctypes.c_void_p), ("signs", ctypes.c_void_p)]
+
+
+class _KVSegment(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("n", ctypes.c_int64)]
+
+
+# KV cache codec names (turbollm.kv.codecs) -> the library's type ids; TurboQuant is 100
+_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20,
+             "turbo2": 100, "turbo3": 100, "turbo4": 100}
+_kv_codecs: dict = {}
+
+
+def kv_codec(codec) -> _KVCodec:
+    """The C view of a kv.codecs.Codec (built once per codec; its tables stay referenced)."""
+    desc = _kv_codecs.get(codec)
+    if desc is None:
+        if codec.is_turbo:
+            q = codec.quantizer
+            tables = (q.codebook.contiguous(), q.signs.contiguous())
+            desc = _KVCodec(100, q.bits, q.block, tables[0].data_ptr(), tables[1].data_ptr())
+            desc._tables = tables
+        else:
+            desc = _KVCodec(_KV_TYPES[codec.name], 0, 0, None, None)
+        _kv_codecs[codec] = desc
+    return desc
+
+
+def kv_encode(codec, x: torch.Tensor) -> torch.Tensor:
+    """As codec.encode: [..., d] float32 -> [..., row_bytes] uint8."""
+    d = x.shape[-1]
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty((*x.shape[:-1], codec.row_bytes(d)), dtype=torch.uint8)
+    if _lib.tl_kv_encode(ctypes.byref(kv_codec(codec)), _ptr(x), x.numel() // d, d, _ptr(out)) != 0:
+        raise RuntimeError(f"native KV encode failed for {codec.name} rows of {d}")
+    return out
+
+
+def kv_decode(codec, raw: torch.Tensor, d: int, rotated: bool = False) -> torch.Tensor:
+    """As codec.decode (or codec.decode_rotated): [..., row_bytes] uint8 -> [..., d] float32."""
+    raw = raw.contiguous()
+    out = torch.empty((*raw.shape[:-1], d), dtype=torch.float32)
+    n_rows = raw.numel() // max(1, raw.shape[-1]) if raw.numel() else 0
+    if _lib.tl_kv_decode(ctypes.byref(kv_codec(codec)), _ptr(raw), n_rows, d, int(rotated), _ptr(out)) != 0:
+        raise RuntimeError(f"native KV decode failed for {codec.name} rows of {d}")
+    return out
+
+
+def attention_coded(q: torch.Tensor, q_pos: torch.Tensor, k_codec, v_codec, n_kv: int,
+                    segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float, window: int = 0,
+                    softcap: float = 0.0) -> torch.Tensor:
+    """Attention of q [T, H, d] over coded K/V rows: segments of (k uint8 [S, n_kv, k_row_bytes],
+    v, positions int64 [S]), read in order (the cache's slots, then a step's tail)."""
+    n_tok, n_head, d = q.shape
+    q, q_pos = q.contiguous(), q_pos.contiguous()
+    segs = (_KVSegment * len(segments))(*(_KVSegment(_ptr(k), _ptr(v), _ptr(p), p.shape[0]) for k, v, p in segments))
+    out = torch.empty((n_tok, n_head, d), dtype=torch.float32)
+    rc = _lib.tl_attention_kv(_ptr(q), _ptr(q_pos), n_tok, n_head, n_kv, d, ctypes.byref(kv_codec(k_codec)),
+                              ctypes.byref(kv_codec(v_codec)), segs, len(segments), scale, window, softcap, _ptr(out))
+    if rc != 0:
+        raise RuntimeError(f"native coded attention failed ({rc}): {n_head} heads over {n_kv} KV heads of {d}")
+    return out
 
 
 # Keep the tables alive: the library copies them, but only at tl_init.
@@ -270,10 +341,15 @@ def moe_block(desc: _MoeDesc, h: torch.Tensor) -> torch.Tensor:
 
 def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots,
                     positions: torch.Tensor) -> torch.Tensor:
+    """One decode-sized step of an attention sub-layer over a coded KV cache (kv.cache.KVSlots):
+    the new K/V are encoded into the slots' tail (when the layer stores), attention reads the
+    committed slots and the tail."""
     out = torch.empty_like(x)
-    rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin), _ptr(slots.k),
-                                 _ptr(slots.v), int(slots.store), slots.start, slots.n_keys, _ptr(slots.positions),
-                                 _ptr(positions), _ptr(out))
+    plan = slots.plan
+    rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin),
+                                 ctypes.byref(kv_codec(plan.k)), ctypes.byref(kv_codec(plan.v)), _ptr(slots.k),
+                                 _ptr(slots.v), _ptr(slots.positions), slots.n_keys, _ptr(slots.tail_k),
+                                 _ptr(slots.tail_v), int(slots.store), _ptr(positions), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native attention block failed ({rc})")
     return out

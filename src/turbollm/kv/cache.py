@@ -1,58 +1,227 @@
-"""The KV cache of one sequence: K and V of every layer, with the position of every slot.
+"""The KV cache of one sequence: a coded K and V buffer per layer, full-length or a ring.
 
-Each layer stores `capacity` slots of [n_head_kv, head_dim] in float32. Attention reads the
-slots together with their positions (see `kernels.attention`), so this full-length layout
-and the sliding-window rings that replace it for local layers share one interface.
+Layout (llama.cpp's iSWA cache, `llama-kv-cache-iswa.h`, with exact rings):
+- a global layer keeps one slot per position of the context: `capacity` = the context size;
+- a sliding-window layer keeps a ring of `window` slots (position p in slot p % window), so
+  its memory does not grow with the context; `swa_full` gives it full-length slots instead;
+- a KV-shared layer (Gemma 4's last `n_kv_shared`) stores nothing and reads its source's.
+Each slot holds [n_head_kv, row_bytes] of one (layer, K or V) codec (kv/codecs.py), so the
+bytes are an exact figure known before allocating (`KVPlan`), the one the planner prints.
+
+One forward step of T new tokens (llama.cpp plans a batch's cache changes, then applies them
+in one place; so do we):
+1. `begin(T)` checks the room and makes a *tail* per storing layer: [T, n_kv, row_bytes] for
+   the new tokens' coded K and V.
+2. Each layer encodes its new K/V into its tail and attends over its slots (with their
+   positions, -1 = empty) followed by the tail (positions of the new tokens). A KV-shared
+   layer attends over its source's slots and tail. Nothing in the slots changes during a step,
+   so a ring can take a step longer than its window: the queries still see every key they need.
+3. `advance()` commits the tails into the slots (the last `window` tokens for a ring) and
+   records their positions; `advance(k)` commits only the first k (accepted draft tokens).
+`truncate(n)` forgets positions >= n (rejected draft tokens): it refuses when a ring has
+already overwritten keys that the next token would need.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from turbollm.errors import ContextLengthError
+from turbollm.kv.codecs import Codec
 
 
 @dataclass(frozen=True)
 class LayerKVShape:
     n_head_kv: int
     head_dim: int
+    window: int = 0  # > 0: a sliding-window layer
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What the user chooses about the cache (`--cache-type-k/-v`, `--kv-boundary-layers`, `--swa-full`)."""
+
+    type_k: str = "f16"
+    type_v: str = "f16"
+    boundary_layers: int = 0  # the first and last N storing layers keep f16 K and V
+    turbo_block: int = 128  # TurboQuant rotation block: 128 or 32
+    swa_full: bool = False  # sliding-window layers keep the whole context (llama.cpp --swa-full)
+
+    def __post_init__(self) -> None:
+        Codec(self.type_k, self.turbo_block), Codec(self.type_v, self.turbo_block)  # validate names
+        if self.boundary_layers < 0:
+            raise ValueError(f"boundary layers must be >= 0, not {self.boundary_layers}")
+
+    @property
+    def label(self) -> str:
+        """'K[/V][@N]', the form `turbollm quality --cache-types` reads."""
+        name = self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
+        return name + (f"@{self.boundary_layers}" if self.boundary_layers else "")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    n_head_kv: int
+    head_dim: int
+    window: int
+    capacity: int  # slots
+    k: Codec
+    v: Codec
+
+    @property
+    def k_row_bytes(self) -> int:
+        return self.k.row_bytes(self.head_dim)
+
+    @property
+    def v_row_bytes(self) -> int:
+        return self.v.row_bytes(self.head_dim)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.n_head_kv * (self.k_row_bytes + self.v_row_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.bytes_per_slot
+
+    @property
+    def is_ring(self) -> bool:
+        return self.window > 0 and self.capacity == self.window
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """The exact bytes of a cache before it exists: `KVCache(plan).nbytes == plan.nbytes`."""
+
+    ctx: int
+    layers: tuple[LayerPlan | None, ...]  # None: the layer stores nothing (KV-shared)
+
+    @property
+    def stored(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.stored)
+
+    @property
+    def global_bytes(self) -> int:
+        return sum(p.nbytes for p in self.stored if p.window == 0)
+
+    @property
+    def sliding_bytes(self) -> int:
+        return sum(p.nbytes for p in self.stored if p.window > 0)
+
+    def bytes_per_token(self) -> float:
+        """Bytes one more token of context costs (global layers; rings are a fixed cost)."""
+        return float(sum(p.bytes_per_slot for p in self.stored if not p.is_ring))
+
+
+def plan_kv(layout: list[LayerKVShape | None], ctx: int, config: CacheConfig = CacheConfig()) -> KVPlan:
+    if ctx <= 0:
+        raise ValueError(f"KV cache context must be positive, got {ctx}")
+    storing = [il for il, s in enumerate(layout) if s is not None]
+    n = config.boundary_layers
+    protected = set(storing[:n]) | set(storing[len(storing) - n:] if n else [])
+    k, v = Codec(config.type_k, config.turbo_block), Codec(config.type_v, config.turbo_block)
+    f16 = Codec("f16")
+    plans: list[LayerPlan | None] = []
+    for il, s in enumerate(layout):
+        if s is None:
+            plans.append(None)
+            continue
+        ring = s.window > 0 and not config.swa_full
+        capacity = min(ctx, s.window) if ring else ctx
+        kc, vc = (f16, f16) if il in protected else (k, v)
+        plans.append(LayerPlan(il, s.n_head_kv, s.head_dim, s.window, capacity, kc, vc))
+    return KVPlan(ctx, tuple(plans))
+
+
+@dataclass(frozen=True)
+class SlotsPlan:
+    """The KV memory of `n_slots` sequences sharing a context of `ctx` tokens (llama.cpp's
+    `--ctx-size` with `--parallel`): each slot's cache holds ctx / n_slots positions."""
+
+    per_slot: KVPlan
+    n_slots: int
+
+    @property
+    def global_bytes(self) -> int:
+        return self.n_slots * self.per_slot.global_bytes
+
+    @property
+    def sliding_bytes(self) -> int:
+        return self.n_slots * self.per_slot.sliding_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.per_slot.nbytes
+
+
+def plan_slots(layout: list[LayerKVShape | None], ctx: int, n_slots: int, config: CacheConfig = CacheConfig()) -> SlotsPlan:
+    if n_slots <= 0 or ctx % n_slots:
+        raise ValueError(f"a context of {ctx} tokens does not split evenly into {n_slots} slots")
+    return SlotsPlan(plan_kv(layout, ctx // n_slots, config), n_slots)
 
 
 @dataclass(frozen=True)
 class KVSlots:
-    """One layer's keys and values for one step (the contract of kernels.blocks.KVSlots)."""
+    """What one layer reads and writes in one step (the contract of kernels.blocks.KVSlots)."""
 
-    k: torch.Tensor  # [capacity, n_kv, head_dim]
+    plan: LayerPlan
+    k: torch.Tensor  # uint8 [capacity, n_kv, k_row_bytes]: the committed slots
     v: torch.Tensor
-    store: bool  # the layer writes the new tokens' K/V at slots start .. start + n_new - 1
-    start: int
-    n_keys: int  # slots to attend over, the new ones included
-    positions: torch.Tensor  # [capacity] position held by each slot
+    positions: torch.Tensor  # int64 [capacity]: position held by each slot, -1 if empty
+    n_keys: int  # slots worth scanning (0 .. n_keys-1 may be filled)
+    tail_k: torch.Tensor  # uint8 [T, n_kv, k_row_bytes]: this step's new tokens
+    tail_v: torch.Tensor
+    tail_positions: torch.Tensor  # int64 [T]
+    store: bool  # the layer encodes its new K/V into the tail (else it reads its source's)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode the new tokens' K/V [T, n_kv, head_dim] into the tail (reference codecs)."""
+        self.tail_k.copy_(self.plan.k.encode(k))
+        self.tail_v.copy_(self.plan.v.encode(v))
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoded keys and values [S, n_kv, head_dim] float32 of the slots then the tail, and
+        their positions [S]: what attention runs over."""
+        hd, n = self.plan.head_dim, self.n_keys
+        k = torch.cat([self.plan.k.decode(self.k[:n], hd), self.plan.k.decode(self.tail_k, hd)])
+        v = torch.cat([self.plan.v.decode(self.v[:n], hd), self.plan.v.decode(self.tail_v, hd)])
+        return k, v, torch.cat([self.positions[:n], self.tail_positions])
 
 
 class KVCache:
-    """`layers[il]` is the K/V shape layer `il` stores, or None for a layer that stores nothing
-    (Gemma 4's KV-shared layers read another layer's slots through `view`)."""
+    def __init__(self, plan: KVPlan, device: torch.device | str = "cpu"):
+        self.plan, self.capacity, self.device = plan, plan.ctx, torch.device(device)
+        self.n_tokens = 0  # positions 0 .. n_tokens-1 are committed in every layer
 
-    def __init__(self, layers: list[LayerKVShape | None], capacity: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        if capacity <= 0:
-            raise ValueError(f"KV cache capacity must be positive, got {capacity}")
-        self.capacity = capacity
-        self.n_tokens = 0  # positions 0 .. n_tokens-1 are filled in every layer
+        def buffer(p: LayerPlan | None, row_bytes) -> torch.Tensor | None:
+            if p is None:
+                return None
+            return torch.zeros((p.capacity, p.n_head_kv, row_bytes(p)), dtype=torch.uint8, device=self.device)
 
-        def slots(s: LayerKVShape | None) -> torch.Tensor | None:
-            return None if s is None else torch.zeros((capacity, s.n_head_kv, s.head_dim), dtype=dtype, device=device)
-
-        self.k = [slots(s) for s in layers]
-        self.v = [slots(s) for s in layers]
-        self.positions = torch.arange(capacity, dtype=torch.int64, device=device)
+        self.k = [buffer(p, lambda p: p.k_row_bytes) for p in plan.layers]
+        self.v = [buffer(p, lambda p: p.v_row_bytes) for p in plan.layers]
+        # one positions array per slot geometry (all rings of one window share theirs)
+        self._positions: dict[int, torch.Tensor] = {}
+        for p in plan.stored:
+            if p.capacity not in self._positions:
+                self._positions[p.capacity] = torch.full((p.capacity,), -1, dtype=torch.int64, device=self.device)
+        self._tails: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(plan.layers)
+        self._n_new = 0
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.capacity
 
     def check_room(self, n_new: int) -> None:
         if self.n_tokens + n_new > self.capacity:
@@ -60,17 +229,63 @@ class KVCache:
                 f"{self.n_tokens} tokens in the context + {n_new} new exceed the context size of {self.capacity}"
             )
 
-    def slots(self, il: int, n_new: int, store: bool = True) -> KVSlots:
-        """The slots layer `il` uses this step: it writes `n_new` tokens after the filled ones
-        (store), or reads what layer `il` stored this step (a KV-shared layer, store=False)."""
-        return KVSlots(self.k[il], self.v[il], store, self.n_tokens, self.n_tokens + n_new, self.positions)
+    def begin(self, n_new: int) -> None:
+        """Start a step of `n_new` tokens at positions n_tokens .. n_tokens + n_new - 1."""
+        self.check_room(n_new)
+        self._n_new = n_new
+        for il, p in enumerate(self.plan.layers):
+            self._tails[il] = None if p is None else (
+                torch.empty((n_new, p.n_head_kv, p.k_row_bytes), dtype=torch.uint8, device=self.device),
+                torch.empty((n_new, p.n_head_kv, p.v_row_bytes), dtype=torch.uint8, device=self.device))
+        self._tail_positions = torch.arange(self.n_tokens, self.n_tokens + n_new, device=self.device)
 
-    def advance(self, n_new: int) -> None:
-        """Commit `n_new` tokens once every layer has stored them."""
-        self.n_tokens += n_new
+    def slots(self, il: int, store: bool = True) -> KVSlots:
+        """Layer `il`'s view for this step: its own slots (store), or those of the layer it
+        shares (store=False, `il` is then the source layer)."""
+        p = self.plan.layers[il]
+        tail_k, tail_v = self._tails[il]
+        return KVSlots(p, self.k[il], self.v[il], self._positions[p.capacity], min(self.n_tokens, p.capacity),
+                       tail_k, tail_v, self._tail_positions, store)
+
+    def advance(self, n_keep: int | None = None) -> None:
+        """Commit the first `n_keep` tokens of this step (default: all) into the slots. A
+        speculative step keeps only the accepted drafts: the rest were never in the slots, so
+        nothing has to be rolled back, not even in a ring."""
+        n_new = self._n_new
+        n_keep = n_new if n_keep is None else n_keep
+        if not 0 <= n_keep <= n_new:
+            raise ValueError(f"cannot keep {n_keep} of a step of {n_new} tokens")
+        first = self.n_tokens
+        for il, p in enumerate(self.plan.layers):
+            if p is None:
+                continue
+            keep = min(n_keep, p.capacity)  # a ring keeps the last `window` of a long step
+            idx = torch.arange(first + n_keep - keep, first + n_keep, device=self.device) % p.capacity
+            tail_k, tail_v = self._tails[il]
+            self.k[il].index_copy_(0, idx, tail_k[n_keep - keep:n_keep])
+            self.v[il].index_copy_(0, idx, tail_v[n_keep - keep:n_keep])
+        for capacity, positions in self._positions.items():
+            keep = min(n_keep, capacity)
+            new = torch.arange(first + n_keep - keep, first + n_keep, device=self.device)
+            positions[new % capacity] = new
+        self.n_tokens += n_keep
+        self._tails = [None] * len(self.plan.layers)
+        self._n_new = 0
 
     def truncate(self, n_tokens: int) -> None:
         """Forget everything from position `n_tokens` on (rejected draft tokens, a new turn)."""
         if not 0 <= n_tokens <= self.n_tokens:
             raise ValueError(f"cannot truncate a cache of {self.n_tokens} tokens to {n_tokens}")
+        for p in self.plan.stored:
+            if not p.is_ring:
+                continue
+            positions = self._positions[p.capacity]
+            needed = min(n_tokens, p.window - 1)  # keys the next token at n_tokens will see
+            held = int(((positions >= n_tokens - needed) & (positions < n_tokens)).sum())
+            if held < needed:
+                raise ValueError(
+                    f"cannot roll the cache back from {self.n_tokens} to {n_tokens} tokens: the sliding-window "
+                    f"ring of {p.capacity} slots has overwritten keys the next token needs (use --swa-full)")
+        for positions in self._positions.values():
+            positions[positions >= n_tokens] = -1
         self.n_tokens = n_tokens

@@ -28,7 +28,7 @@ from turbollm import kernels
 from turbollm.config import ModelConfig
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
-from turbollm.kv.cache import KVCache, LayerKVShape
+from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
 from turbollm.kernels.blocks import AttentionBlock, FfnBlock
 from turbollm.models.layers import Rope, gelu_tanh
 from turbollm.models.moe import load_moe_block
@@ -137,18 +137,20 @@ class Gemma:
     def kv_layout(self) -> list[LayerKVShape | None]:
         """Per layer: the K/V it stores, or None for a layer that reads another layer's."""
         cfg = self.cfg
-        return [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il]) if cfg.has_kv(il) else None
-                for il in range(cfg.n_layer)]
+        return [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il], cfg.sliding_window if cfg.is_swa(il) else 0)
+                if cfg.has_kv(il) else None for il in range(cfg.n_layer)]
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.kv_layout(), capacity, self.device)
+    def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache:
+        return KVCache(plan_kv(self.kv_layout(), capacity, config), self.device)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run tokens `ids` [T] that follow the cache's contents; returns final-normed hidden [T, n_embd]."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, commit: bool = True) -> torch.Tensor:
+        """Run tokens `ids` [T] that follow the cache's contents; returns final-normed hidden
+        [T, n_embd]. commit=False leaves the step open: the caller keeps what it accepts with
+        `cache.advance(k)` (speculative decoding)."""
         cfg = self.cfg
         n_new = ids.shape[0]
-        cache.check_room(n_new)
+        cache.begin(n_new)
         ids = ids.to(self.device)
         positions = torch.arange(cache.n_tokens, cache.n_tokens + n_new, device=self.device)
         x = self.ops.embedding(ids, self.token_embd) * cfg.embed_scale
@@ -156,7 +158,7 @@ class Gemma:
         rope_angles = {swa: rope.angles(positions) for swa, rope in self.ropes.items()}
         ops, eps = self.ops, cfg.rms_eps
         for il, w in enumerate(self.layers):
-            slots = cache.slots(il, n_new) if cfg.has_kv(il) else cache.slots(cfg.kv_source(il), n_new, store=False)
+            slots = cache.slots(il) if cfg.has_kv(il) else cache.slots(cfg.kv_source(il), store=False)
             h = ops.attention_block(x, w.attn, rope_angles[cfg.is_swa(il)], slots, positions)
             if w.moe is None:
                 x = ops.ffn_block(h, w.ffn, residual=h)
@@ -167,7 +169,8 @@ class Gemma:
                 x = x + ops.rms_norm(ops.linear(gated, w.ple.proj), w.ple.post_norm, eps)
             if w.out_scale is not None:
                 x = x * w.out_scale
-        cache.advance(n_new)
+        if commit:
+            cache.advance()
         return ops.rms_norm(x, self.output_norm, eps)
 
     def _per_layer_inputs(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -43,61 +43,12 @@ TL_CLONES void tl_rms_norm(const float *x, const float *w, float *y, int64_t n_r
     }
 }
 
-typedef struct {
-    const float *q, *k, *v;  /* q [T, H, D]; k [S, Hkv, D]; v [S, Hkv, Dv] */
-    const int64_t *q_pos, *k_pos;
-    int64_t n_tok, n_head, n_kv, d, dv, n_keys;
-    float scale, softcap;
-    int64_t window;
-    float *out;     /* [T, H, Dv] */
-    float *scores;  /* n_keys per thread */
-} attention_job;
-
-/* one (token, head) per task item, split evenly over threads */
-static void attention_task(void *vctx, int ith, int nth) {
-    const attention_job *j = vctx;
-    const int64_t n_items = j->n_tok * j->n_head, group = j->n_head / j->n_kv;
-    float *scores = j->scores + ith * j->n_keys;
-    for (int64_t item = ith; item < n_items; item += nth) {
-        const int64_t t = item / j->n_head, h = item % j->n_head, hk = h / group;
-        const float *q = j->q + (t * j->n_head + h) * j->d;
-        const int64_t p = j->q_pos[t];
-        float *o = j->out + (t * j->n_head + h) * j->dv;
-        memset(o, 0, sizeof(float) * (size_t)j->dv);
-        float max = -INFINITY;
-        for (int64_t s = 0; s < j->n_keys; s++) {
-            const int64_t kp = j->k_pos[s];
-            if (kp < 0 || kp > p || (j->window > 0 && p - kp >= j->window)) { scores[s] = -INFINITY; continue; }
-            float sc = dot_f32(q, j->k + (s * j->n_kv + hk) * j->d, j->d) * j->scale;
-            if (j->softcap > 0) sc = tanhf(sc / j->softcap) * j->softcap;
-            scores[s] = sc;
-            if (sc > max) max = sc;
-        }
-        if (max == -INFINITY) continue;  /* no visible key: output zeros */
-        float sum = 0.0f;
-        for (int64_t s = 0; s < j->n_keys; s++) {
-            if (scores[s] == -INFINITY) continue;
-            const float e = expf(scores[s] - max);
-            scores[s] = e;
-            sum += e;
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t s = 0; s < j->n_keys; s++) {
-            if (scores[s] == -INFINITY) continue;
-            axpy_f32(scores[s] * inv, j->v + (s * j->n_kv + hk) * j->dv, o, j->dv);
-        }
-    }
-}
-
+/* attention over float32 K/V (one segment of f32 rows): the coded-cache kernel of kv.c */
 int tl_attention(const float *q, const float *k, const float *v, const int64_t *q_pos, const int64_t *k_pos,
                  int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d, int64_t dv, int64_t n_keys,
                  float scale, int64_t window, float softcap, float *out) {
-    if (n_kv <= 0 || n_head % n_kv) return -2;
-    const int n_threads = tl_get_num_threads();
-    float *scores = malloc(sizeof(float) * (size_t)(n_keys > 0 ? n_keys : 1) * (size_t)n_threads);
-    if (scores == NULL) return -3;
-    attention_job job = {q, k, v, q_pos, k_pos, n_tok, n_head, n_kv, d, dv, n_keys, scale, softcap, window, out, scores};
-    tl_parallel(attention_task, &job);
-    free(scores);
-    return 0;
+    if (dv != d) return -2;
+    const tl_kv_codec f32 = {TL_F32, 0, 0, NULL, NULL};
+    const tl_kv_segment seg = {k, v, k_pos, n_keys};
+    return tl_attention_kv(q, q_pos, n_tok, n_head, n_kv, d, &f32, &f32, &seg, 1, scale, window, softcap, out);
 }

@@ -119,9 +119,27 @@ typedef struct {
     int64_t n_embd;
     float eps;
 } tl_ffn_desc;
+/* KV cache codecs and attention over coded rows (kv.c; turbollm/kv/codecs.py defines the bytes) */
+#define TL_KV_TURBO 100
+typedef struct {
+    int type;              /* TL_F32, TL_F16, TL_BF16, TL_Q8_0, TL_Q4_0, TL_Q4_1, TL_Q5_0, TL_Q5_1, TL_IQ4_NL, TL_KV_TURBO */
+    int bits, block;       /* TurboQuant: bits per code, rotation block */
+    const float *codebook; /* TurboQuant: 2^bits ascending values */
+    const float *signs;    /* TurboQuant: the rotation's random signs, one per block position */
+} tl_kv_codec;
+typedef struct { const void *k, *v; const int64_t *pos; int64_t n; } tl_kv_segment;  /* rows [n, n_kv, row_bytes] */
+int64_t tl_kv_row_bytes(const tl_kv_codec *c, int64_t d);
+int tl_kv_encode(const tl_kv_codec *c, const float *x, int64_t n_rows, int64_t d, void *out);
+int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d, int rotated, float *y);
+int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_kv_segment *segs, int n_segs,
+                    float scale, int64_t window, float softcap, float *out);
+/* the new tokens' K/V are encoded into tail_k/tail_v (store) or read from there (a KV-shared
+ * layer); attention runs over the n_slots committed slots, then the tail at positions q_pos */
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
-                       float *k_buf, float *v_buf, int store, int64_t start, int64_t n_keys,
-                       const int64_t *slot_pos, const int64_t *q_pos, float *out);
+                       const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
+                       const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, int store,
+                       const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
 typedef struct {
     const float *router;        /* [n_expert, n_embd] float32 */

@@ -1,0 +1,418 @@
+/* The KV cache in its coded form: encoders, decoders and attention that reads coded rows.
+ *
+ * A row is one head's head_dim values of K or V in one codec (turbollm/kv/codecs.py is the
+ * reference and defines the bytes): plain f32/f16/bf16, ggml's q8_0/q4_0/q4_1/q5_0/q5_1/iq4_nl
+ * blocks, or TurboQuant (per block: fp16 norm, then b-bit codebook indices, low bit first, of the
+ * block rotated by random signs + a normalised Walsh-Hadamard transform).
+ *
+ * Attention never decodes the cache as a whole: each key row is decoded into a small buffer
+ * once per step and dotted with every query head of its group, then each value row likewise.
+ * TurboQuant rows are decoded in the rotated basis: the query is rotated once (a rotation
+ * keeps dot products) and the weighted sum of values is rotated back once per head.
+ *
+ * The work is split over (token, KV head, chunk of keys) with a per-chunk softmax (max, sum,
+ * weighted values) merged at the end, so one token over a long context still uses every core.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "tl.h"
+
+#define KV_CHUNK 128     /* keys per work item */
+#define KV_MAX_DIM 1024  /* longest head the stack buffers hold */
+
+int64_t tl_kv_row_bytes(const tl_kv_codec *c, int64_t d) {
+    switch (c->type) {
+    case TL_F32: return 4 * d;
+    case TL_F16: case TL_BF16: return 2 * d;
+    case TL_KV_TURBO: return d / c->block * (2 + c->block * c->bits / 8);
+    default: {
+        const tl_kernels *kt = tl_kernels_for(c->type);
+        return kt ? d / kt->w_block * kt->w_block_bytes : -1;
+    }
+    }
+}
+
+/* ---- Walsh-Hadamard rotation (same butterfly order as kv/turboquant.py's hadamard) --------- */
+
+static void fwht(float *x, int n) {
+    for (int h = 1; h < n; h *= 2)
+        for (int i = 0; i < n; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    const float s = sqrtf((float)n);
+    for (int i = 0; i < n; i++) x[i] /= s;
+}
+
+/* u = H (signs * x) per block */
+static void rotate(const tl_kv_codec *c, float *x, int64_t d) {
+    for (int64_t b = 0; b < d; b += c->block) {
+        for (int i = 0; i < c->block; i++) x[b + i] *= c->signs[i];
+        fwht(x + b, c->block);
+    }
+}
+
+/* x = signs * H u per block */
+static void unrotate(const tl_kv_codec *c, float *x, int64_t d) {
+    for (int64_t b = 0; b < d; b += c->block) {
+        fwht(x + b, c->block);
+        for (int i = 0; i < c->block; i++) x[b + i] *= c->signs[i];
+    }
+}
+
+/* ---- encoders (ggml-quants.c's reference quantizers; iq4_nl and turbo as kv/codecs.py) ---- */
+
+static float signed_max(const float *x, int n) {
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (amax < fabsf(x[i])) { amax = fabsf(x[i]); max = x[i]; }
+    return max;
+}
+
+static void encode_q8_0(const float *x, block_q8_0 *y) {
+    float amax = 0.0f;
+    for (int i = 0; i < TL_QK; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+    y->d = tl_f2h(d);
+    for (int i = 0; i < TL_QK; i++) y->qs[i] = (int8_t)roundf(x[i] * id);
+}
+
+static void encode_q4_0(const float *x, block_q4_0 *y) {
+    const float d = signed_max(x, TL_QK) / -8.0f, id = d ? 1.0f / d : 0.0f;
+    y->d = tl_f2h(d);
+    for (int i = 0; i < TL_QK / 2; i++) {
+        const int a = (int)(int8_t)(x[i] * id + 8.5f), b = (int)(int8_t)(x[i + 16] * id + 8.5f);
+        y->qs[i] = (uint8_t)((a < 15 ? a : 15) | ((b < 15 ? b : 15) << 4));
+    }
+}
+
+static void encode_q5_0(const float *x, block_q5_0 *y) {
+    const float d = signed_max(x, TL_QK) / -16.0f, id = d ? 1.0f / d : 0.0f;
+    y->d = tl_f2h(d);
+    uint32_t qh = 0;
+    for (int i = 0; i < TL_QK / 2; i++) {
+        int a = (int)(int8_t)(x[i] * id + 16.5f), b = (int)(int8_t)(x[i + 16] * id + 16.5f);
+        a = a < 31 ? a : 31;
+        b = b < 31 ? b : 31;
+        y->qs[i] = (uint8_t)((a & 0x0F) | ((b & 0x0F) << 4));
+        qh |= ((uint32_t)(a >> 4) << i) | ((uint32_t)(b >> 4) << (i + 16));
+    }
+    memcpy(y->qh, &qh, 4);
+}
+
+static void min_max(const float *x, float *lo, float *hi) {
+    *lo = x[0];
+    *hi = x[0];
+    for (int i = 1; i < TL_QK; i++) {
+        if (x[i] < *lo) *lo = x[i];
+        if (x[i] > *hi) *hi = x[i];
+    }
+}
+
+static void encode_q4_1(const float *x, block_q4_1 *y) {
+    float lo, hi;
+    min_max(x, &lo, &hi);
+    const float d = (hi - lo) / 15.0f, id = d ? 1.0f / d : 0.0f;
+    y->d = tl_f2h(d);
+    y->m = tl_f2h(lo);
+    for (int i = 0; i < TL_QK / 2; i++) {
+        const int a = (int)(int8_t)((x[i] - lo) * id + 0.5f), b = (int)(int8_t)((x[i + 16] - lo) * id + 0.5f);
+        y->qs[i] = (uint8_t)((a < 15 ? a : 15) | ((b < 15 ? b : 15) << 4));
+    }
+}
+
+static void encode_q5_1(const float *x, block_q5_1 *y) {
+    float lo, hi;
+    min_max(x, &lo, &hi);
+    const float d = (hi - lo) / 31.0f, id = d ? 1.0f / d : 0.0f;
+    y->d = tl_f2h(d);
+    y->m = tl_f2h(lo);
+    uint32_t qh = 0;
+    for (int i = 0; i < TL_QK / 2; i++) {
+        int a = (int)(int8_t)((x[i] - lo) * id + 0.5f), b = (int)(int8_t)((x[i + 16] - lo) * id + 0.5f);
+        a = a < 31 ? a : 31;
+        b = b < 31 ? b : 31;
+        y->qs[i] = (uint8_t)((a & 0x0F) | ((b & 0x0F) << 4));
+        qh |= ((uint32_t)(a >> 4) << i) | ((uint32_t)(b >> 4) << (i + 16));
+    }
+    memcpy(y->qh, &qh, 4);
+}
+
+/* index of the nearest of n ascending values; a value exactly between two goes to the lower */
+static int nearest(float x, const float *values, int n) {
+    int i = 0;
+    while (i < n - 1 && (values[i] + values[i + 1]) / 2 < x) i++;
+    return i;
+}
+
+static void encode_iq4_nl(const float *x, block_iq4_nl *y) {
+    float values[16];
+    for (int i = 0; i < 16; i++) values[i] = (float)tl_iq4nl_values[i];
+    const float d0 = signed_max(x, TL_QK) / values[0], id0 = d0 ? 1.0f / d0 : 0.0f;
+    float num = 0.0f, den = 0.0f;
+    for (int i = 0; i < TL_QK; i++) {
+        const float v = values[nearest(x[i] * id0, values, 16)];
+        num += x[i] * v;
+        den += v * v;
+    }
+    const float d = den > 0 ? num / den : d0, id = d ? 1.0f / d : 0.0f;
+    y->d = tl_f2h(d);
+    for (int i = 0; i < TL_QK / 2; i++)
+        y->qs[i] = (uint8_t)(nearest(x[i] * id, values, 16) | (nearest(x[i + 16] * id, values, 16) << 4));
+}
+
+static void encode_turbo(const tl_kv_codec *c, const float *x, uint8_t *y, int64_t d) {
+    const int B = c->block, levels = 1 << c->bits, block_bytes = 2 + B * c->bits / 8;
+    float u[KV_MAX_DIM];
+    for (int64_t b = 0; b < d; b += B, y += block_bytes) {
+        float ss = 0.0f;
+        for (int i = 0; i < B; i++) ss += x[b + i] * x[b + i];
+        const float norm = sqrtf(ss), safe = norm > 1.17549435e-38f ? norm : 1.17549435e-38f;
+        for (int i = 0; i < B; i++) u[i] = x[b + i] / safe * c->signs[i];
+        fwht(u, B);
+        const tl_half h = tl_f2h(norm);
+        memcpy(y, &h, 2);
+        uint8_t *codes = y + 2;
+        memset(codes, 0, (size_t)(B * c->bits / 8));
+        for (int i = 0; i < B; i++) {
+            const uint32_t q = (uint32_t)nearest(u[i], c->codebook, levels);
+            const int bit = i * c->bits;
+            codes[bit / 8] |= (uint8_t)(q << (bit % 8));
+            if (bit % 8 + c->bits > 8) codes[bit / 8 + 1] |= (uint8_t)(q >> (8 - bit % 8));
+        }
+    }
+}
+
+int tl_kv_encode(const tl_kv_codec *c, const float *x, int64_t n_rows, int64_t d, void *out) {
+    const int64_t rb = tl_kv_row_bytes(c, d);
+    if (rb <= 0 || d > KV_MAX_DIM) return -1;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * d;
+        uint8_t *y = (uint8_t *)out + r * rb;
+        switch (c->type) {
+        case TL_F32: memcpy(y, xr, sizeof(float) * (size_t)d); break;
+        case TL_F16: for (int64_t i = 0; i < d; i++) ((tl_half *)y)[i] = tl_f2h(xr[i]); break;
+        case TL_BF16:
+            for (int64_t i = 0; i < d; i++) {
+                uint32_t u;
+                memcpy(&u, xr + i, 4);
+                ((uint16_t *)y)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+            }
+            break;
+        case TL_KV_TURBO: encode_turbo(c, xr, y, d); break;
+        default:
+            for (int64_t b = 0; b < d / TL_QK; b++) {
+                const float *xb = xr + b * TL_QK;
+                switch (c->type) {
+                case TL_Q8_0: encode_q8_0(xb, (block_q8_0 *)y + b); break;
+                case TL_Q4_0: encode_q4_0(xb, (block_q4_0 *)y + b); break;
+                case TL_Q4_1: encode_q4_1(xb, (block_q4_1 *)y + b); break;
+                case TL_Q5_0: encode_q5_0(xb, (block_q5_0 *)y + b); break;
+                case TL_Q5_1: encode_q5_1(xb, (block_q5_1 *)y + b); break;
+                case TL_IQ4_NL: encode_iq4_nl(xb, (block_iq4_nl *)y + b); break;
+                default: return -1;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- decoders: one row to float (TurboQuant: in the rotated basis) ------------------------- */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void f16_row_f16c(const tl_half *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+    for (; i < n; i++) y[i] = tl_h2f(x[i]);
+}
+#endif
+
+static void decode_turbo_rotated(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+    const uint32_t mask = (1u << bits) - 1;
+    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
+        tl_half h;
+        memcpy(&h, x, 2);
+        const float norm = tl_h2f(h);
+        const uint8_t *codes = x + 2;
+        for (int i = 0; i < B; i += 8) {  /* 8 codes fill `bits` whole bytes */
+            uint32_t word = 0;
+            memcpy(&word, codes + i / 8 * bits, (size_t)bits);
+            for (int j = 0; j < 8; j++) y[b + i + j] = c->codebook[(word >> (j * bits)) & mask] * norm;
+        }
+    }
+}
+
+static int simd_f16 = 0;
+
+/* returns the row as floats: `buf` filled, or the row itself for f32 */
+static const float *decode_row(const tl_kv_codec *c, const tl_kernels *kt, const void *x, float *buf, int64_t d) {
+    switch (c->type) {
+    case TL_F32: return x;
+    case TL_F16:
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (simd_f16) { f16_row_f16c(x, buf, d); return buf; }
+#endif
+        for (int64_t i = 0; i < d; i++) buf[i] = tl_h2f(((const tl_half *)x)[i]);
+        return buf;
+    case TL_BF16:
+        for (int64_t i = 0; i < d; i++) {
+            const uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
+            memcpy(buf + i, &u, 4);
+        }
+        return buf;
+    case TL_KV_TURBO: decode_turbo_rotated(c, x, buf, d); return buf;
+    default: kt->dequant(x, buf, d); return buf;
+    }
+}
+
+int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d, int rotated, float *y) {
+    const int64_t rb = tl_kv_row_bytes(c, d);
+    if (rb <= 0 || d > KV_MAX_DIM) return -1;
+    simd_f16 = tl_simd_level() >= 1;
+    const tl_kernels *kt = tl_kernels_for(c->type);
+    for (int64_t r = 0; r < n_rows; r++) {
+        float *yr = y + r * d;
+        const float *row = decode_row(c, kt, (const uint8_t *)x + r * rb, yr, d);
+        if (row != yr) memcpy(yr, row, sizeof(float) * (size_t)d);
+        if (c->type == TL_KV_TURBO && !rotated) unrotate(c, yr, d);
+    }
+    return 0;
+}
+
+/* ---- attention over coded segments ----------------------------------------------------------- */
+
+typedef struct {
+    const float *q;  /* [T, H, D], already rotated for a TurboQuant K */
+    const int64_t *q_pos;
+    int64_t n_tok, n_head, n_kv, d;
+    const tl_kv_codec *kc, *vc;
+    const tl_kernels *kkt, *vkt;
+    int64_t k_rb, v_rb;
+    const tl_kv_segment *segs;
+    int n_segs;
+    int64_t n_keys, n_chunks;
+    float scale, softcap;
+    int64_t window;
+    float *partial;  /* per (t, hk, chunk): group x (max, sum, out[d]) */
+} kv_attention_job;
+
+static int locate(const kv_attention_job *j, int64_t s, const tl_kv_segment **seg) {
+    for (int i = 0; i < j->n_segs; i++) {
+        if (s < j->segs[i].n) { *seg = &j->segs[i]; return (int)s; }
+        s -= j->segs[i].n;
+    }
+    return -1;
+}
+
+static void kv_attention_task(void *vctx, int ith, int nth) {
+    const kv_attention_job *j = vctx;
+    const int64_t group = j->n_head / j->n_kv, d = j->d, n_units = j->n_tok * j->n_kv * j->n_chunks;
+    float kbuf[KV_MAX_DIM], vbuf[KV_MAX_DIM];
+    float scores[KV_CHUNK * 16];  /* group <= 16 */
+    for (int64_t unit = ith; unit < n_units; unit += nth) {
+        const int64_t chunk = unit % j->n_chunks, hk = unit / j->n_chunks % j->n_kv, t = unit / j->n_chunks / j->n_kv;
+        const int64_t s0 = chunk * KV_CHUNK, s1 = s0 + KV_CHUNK < j->n_keys ? s0 + KV_CHUNK : j->n_keys;
+        const int64_t p = j->q_pos[t];
+        float *part = j->partial + unit * group * (d + 2);
+        float max[16];
+        for (int g = 0; g < group; g++) max[g] = -INFINITY;
+        for (int64_t s = s0; s < s1; s++) {
+            const tl_kv_segment *seg;
+            const int64_t i = locate(j, s, &seg);
+            const int64_t kp = seg->pos[i];
+            float *sc = scores + (s - s0) * group;
+            if (kp < 0 || kp > p || (j->window > 0 && p - kp >= j->window)) {
+                for (int g = 0; g < group; g++) sc[g] = -INFINITY;
+                continue;
+            }
+            const float *k = decode_row(j->kc, j->kkt, (const uint8_t *)seg->k + (i * j->n_kv + hk) * j->k_rb, kbuf, d);
+            for (int g = 0; g < group; g++) {
+                float v = tl_dot_f32(j->q + (t * j->n_head + hk * group + g) * d, k, d) * j->scale;
+                if (j->softcap > 0) v = tanhf(v / j->softcap) * j->softcap;
+                sc[g] = v;
+                if (v > max[g]) max[g] = v;
+            }
+        }
+        for (int g = 0; g < group; g++) {
+            part[g * (d + 2)] = max[g];
+            part[g * (d + 2) + 1] = 0.0f;
+            memset(part + g * (d + 2) + 2, 0, sizeof(float) * (size_t)d);
+        }
+        for (int64_t s = s0; s < s1; s++) {
+            const float *sc = scores + (s - s0) * group;
+            int any = 0;
+            for (int g = 0; g < group; g++) any |= sc[g] != -INFINITY;
+            if (!any) continue;
+            const tl_kv_segment *seg;
+            const int64_t i = locate(j, s, &seg);
+            const float *v = decode_row(j->vc, j->vkt, (const uint8_t *)seg->v + (i * j->n_kv + hk) * j->v_rb, vbuf, d);
+            for (int g = 0; g < group; g++) {
+                if (sc[g] == -INFINITY) continue;
+                const float e = expf(sc[g] - max[g]);
+                part[g * (d + 2) + 1] += e;
+                tl_axpy_f32(e, v, part + g * (d + 2) + 2, d);
+            }
+        }
+    }
+}
+
+int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_kv_segment *segs, int n_segs,
+                    float scale, int64_t window, float softcap, float *out) {
+    if (n_kv <= 0 || n_head % n_kv || n_head / n_kv > 16 || d > KV_MAX_DIM) return -2;
+    const int64_t group = n_head / n_kv;
+    int64_t n_keys = 0;
+    for (int i = 0; i < n_segs; i++) n_keys += segs[i].n;
+    const int64_t n_chunks = n_keys > 0 ? (n_keys + KV_CHUNK - 1) / KV_CHUNK : 1;
+    simd_f16 = tl_simd_level() >= 1;
+    float *qr = NULL;
+    if (kc->type == TL_KV_TURBO) {  /* rotate the queries once */
+        qr = malloc(sizeof(float) * (size_t)(n_tok * n_head * d));
+        if (qr == NULL) return -3;
+        memcpy(qr, q, sizeof(float) * (size_t)(n_tok * n_head * d));
+        for (int64_t r = 0; r < n_tok * n_head; r++) rotate(kc, qr + r * d, d);
+        q = qr;
+    }
+    float *partial = malloc(sizeof(float) * (size_t)(n_tok * n_kv * n_chunks * group * (d + 2)));
+    if (partial == NULL) { free(qr); return -3; }
+    kv_attention_job job = {q, q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
+                            tl_kv_row_bytes(kc, d), tl_kv_row_bytes(vc, d), segs, n_segs, n_keys, n_chunks,
+                            scale, softcap, window, partial};
+    if (n_keys > 0) tl_parallel(kv_attention_task, &job);
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t h = 0; h < n_head; h++) {
+            const int64_t hk = h / group, g = h % group;
+            float *o = out + (t * n_head + h) * d;
+            memset(o, 0, sizeof(float) * (size_t)d);
+            if (n_keys == 0) continue;
+            float m = -INFINITY, sum = 0.0f;
+            for (int64_t c = 0; c < n_chunks; c++) {
+                const float pm = partial[((t * n_kv + hk) * n_chunks + c) * group * (d + 2) + g * (d + 2)];
+                if (pm > m) m = pm;
+            }
+            if (m == -INFINITY) continue;  /* no visible key: zeros */
+            for (int64_t c = 0; c < n_chunks; c++) {
+                const float *part = partial + ((t * n_kv + hk) * n_chunks + c) * group * (d + 2) + g * (d + 2);
+                if (part[0] == -INFINITY) continue;
+                const float w = expf(part[0] - m);
+                sum += part[1] * w;
+                tl_axpy_f32(w, part + 2, o, d);
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t i = 0; i < d; i++) o[i] *= inv;
+            if (vc->type == TL_KV_TURBO) unrotate(vc, o, d);
+        }
+    free(partial);
+    free(qr);
+    return 0;
+}

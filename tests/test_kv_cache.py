@@ -1,0 +1,228 @@
+"""The KV cache subsystem: codecs against ggml's reference quantizers and their error bounds,
+the native codecs against the PyTorch ones, exact memory figures, rings against full caches,
+and attention over coded caches against attention over the decoded cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+from turbollm.kernels import native
+from turbollm.kernels.attention import attention as reference_attention
+from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+from turbollm.kv.codecs import CACHE_TYPES, Codec, pack_bits, parse_cache_type, unpack_bits
+from turbollm.quality import parse_cache_entry
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built")
+
+# Relative RMS error of a round trip on Gaussian rows, measured (256 rows of 256): the bound
+# each codec is held to, with ~20% headroom. TurboQuant's follow from its distortion,
+# sqrt(expected_distortion(bits, block) * block) per unit vector: 0.34 / 0.18 / 0.096.
+ERROR_BOUNDS = {"f32": 0.0, "f16": 3e-4, "bf16": 2.5e-3, "q8_0": 7e-3, "q4_0": 0.105, "q4_1": 0.095,
+                "q5_0": 0.052, "q5_1": 0.046, "iq4_nl": 0.094, "turbo2": 0.36, "turbo3": 0.20, "turbo4": 0.11}
+
+
+def _rows(n: int = 256, d: int = 256, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 2.5
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_block_codecs_write_the_bytes_of_ggmls_reference_quantizers(name):
+    x = _rows()
+    x[0, :32] = 0.0  # an all-zero block (d = 0)
+    x[1, 5] = 0.5 / (x[1].abs().max() / 127)  # ties and edges still agree
+    expected = gguf_quants.quantize(x.numpy(), getattr(Q, name.upper()))
+    np.testing.assert_array_equal(Codec(name).encode(x).numpy(), expected)
+
+
+@pytest.mark.parametrize("name", CACHE_TYPES)
+def test_round_trip_error_within_the_codec_bound(name):
+    x = _rows()
+    for block in ((128, 32) if name.startswith("turbo") else (128,)):
+        codec = Codec(name, block)
+        raw = codec.encode(x)
+        assert raw.dtype == torch.uint8 and raw.shape == (256, codec.row_bytes(256))
+        err = ((codec.decode(raw, 256) - x).norm(dim=1) / x.norm(dim=1)).mean().item()
+        assert err <= ERROR_BOUNDS[name], (codec.label, err)
+        if name != "f32":
+            assert err > 0.2 * ERROR_BOUNDS[name], (codec.label, err)  # a codec that stores floats is not this one
+
+
+def test_bits_per_value_are_the_published_figures():
+    assert [Codec(n).bits_per_value for n in ("q8_0", "q4_0", "q4_1", "q5_0", "iq4_nl")] == [8.5, 4.5, 5.0, 5.5, 4.5]
+    assert [Codec(n, 32).bits_per_value for n in ("turbo2", "turbo3", "turbo4")] == [2.5, 3.5, 4.5]
+    assert [Codec(n, 128).bits_per_value for n in ("turbo2", "turbo3", "turbo4")] == [2.125, 3.125, 4.125]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bit_packing_round_trips_and_is_dense(bits):
+    codes = torch.randint(0, 1 << bits, (5, 128), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (5, 128 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, 128), codes)
+
+
+def test_turbo_rotation_is_orthogonal_and_scores_in_the_rotated_basis():
+    codec = Codec("turbo3")
+    x = _rows(8)
+    rotated = codec.rotate(x)
+    assert torch.allclose(rotated.norm(dim=1), x.norm(dim=1), rtol=1e-5)
+    assert torch.allclose(codec.unrotate(rotated), x, atol=1e-5)
+    basis = codec.rotate(torch.eye(256))
+    assert torch.allclose(basis @ basis.T, torch.eye(256), atol=1e-5)
+    raw, q = codec.encode(x), torch.randn(256)
+    # <q, decode(k)> = <rotate(q), decode_rotated(k)>: attention never unrotates a key
+    assert torch.allclose(codec.decode(raw, 256) @ q, codec.decode_rotated(raw, 256) @ codec.rotate(q), atol=1e-4)
+
+
+def test_unknown_cache_types_and_bad_shapes_are_refused_clearly():
+    with pytest.raises(ValueError, match="unknown KV cache type 'q3_k'"):
+        parse_cache_type("q3_k")
+    with pytest.raises(ValueError, match="a head of 48 does not split"):
+        Codec("q8_0").row_bytes(48)
+    with pytest.raises(ValueError, match="block must be one of"):
+        Codec("turbo3", 64)
+    with pytest.raises(ValueError, match="after '@'"):
+        parse_cache_entry("turbo2@two")
+    assert parse_cache_entry("q8_0/turbo4@2") == CacheConfig("q8_0", "turbo4", 2)
+
+
+@needs_native
+@pytest.mark.parametrize("name", CACHE_TYPES)
+def test_native_codecs_write_and_read_the_reference_bytes(name):
+    x = _rows(64, 512, seed=3)
+    for block in ((128, 32) if name.startswith("turbo") else (128,)):
+        codec = Codec(name, block)
+        ref = codec.encode(x)
+        assert (native.kv_encode(codec, x) != ref).float().mean() < 1e-3  # float sums may flip a rare code
+        assert torch.equal(native.kv_decode(codec, ref, 512), codec.decode(ref, 512))
+        if codec.is_turbo:
+            assert torch.equal(native.kv_decode(codec, ref, 512, rotated=True), codec.decode_rotated(ref, 512))
+
+
+# ---- layout and memory ---------------------------------------------------------------------
+
+GEMMA4_26B_LIKE = [LayerKVShape(2, 512) if il % 6 == 5 else LayerKVShape(8, 256, 1024) for il in range(30)]
+
+
+@pytest.mark.parametrize("config", [CacheConfig(), CacheConfig("q8_0", "turbo3"), CacheConfig("turbo2", "turbo2", 2),
+                                    CacheConfig("q4_1", "iq4_nl", swa_full=True)])
+def test_predicted_bytes_are_the_allocated_bytes(config):
+    layout = [LayerKVShape(1, 256, 512), None, LayerKVShape(2, 128), LayerKVShape(1, 256, 512)]
+    plan = plan_kv(layout, 2000, config)
+    assert KVCache(plan).nbytes == plan.nbytes == plan.global_bytes + plan.sliding_bytes
+
+
+def test_sliding_layers_keep_a_ring_of_the_window_and_global_layers_the_context():
+    plan = plan_kv(GEMMA4_26B_LIKE, 65536, CacheConfig("q8_0", "q8_0"))
+    # llama.cpp's figure for these layers at 64K: 680 MiB global (one stream)
+    assert plan.global_bytes == 5 * 65536 * 2 * 2 * 512 * 34 // 32 == 680 * 2**20
+    assert plan.sliding_bytes == 25 * 1024 * 8 * 2 * 256 * 34 // 32
+    assert plan_kv(GEMMA4_26B_LIKE, 262144, CacheConfig("q8_0", "q8_0")).sliding_bytes == plan.sliding_bytes
+    assert plan_kv(GEMMA4_26B_LIKE, 600, CacheConfig()).stored[0].capacity == 600  # a short context needs no more
+
+
+def test_boundary_layers_stay_f16():
+    plan = plan_kv([LayerKVShape(1, 64)] * 6, 10, CacheConfig("turbo2", "turbo3", boundary_layers=2))
+    assert [p.k.name for p in plan.stored] == ["f16", "f16", "turbo2", "turbo2", "f16", "f16"]
+    assert [p.v.name for p in plan.stored] == ["f16", "f16", "turbo3", "turbo3", "f16", "f16"]
+
+
+# ---- rings and coded caches in attention ----------------------------------------------------
+
+def _run_layer(cache: KVCache, ks: torch.Tensor, vs: torch.Tensor, qs: torch.Tensor, steps: list[int], window: int,
+               use_native: bool) -> torch.Tensor:
+    """Feed K/V/Q [N, ...] in steps of the given sizes through a one-layer cache; attention
+    outputs of every query, as a model layer computes them."""
+    outs, at = [], 0
+    for n in steps:
+        cache.begin(n)
+        slots = cache.slots(0)
+        q = qs[at:at + n]
+        positions = torch.arange(at, at + n)
+        if use_native:
+            slots.tail_k.copy_(native.kv_encode(slots.plan.k, ks[at:at + n]))
+            slots.tail_v.copy_(native.kv_encode(slots.plan.v, vs[at:at + n]))
+            outs.append(_native_attention(q, slots, positions, window))
+        else:
+            slots.write(ks[at:at + n], vs[at:at + n])
+            k, v, k_pos = slots.read()
+            outs.append(reference_attention(q, k, v, positions, k_pos, 0.2, window))
+        cache.advance()
+        at += n
+    return torch.cat(outs)
+
+
+def _native_attention(q, slots, positions, window):
+    n = slots.n_keys
+    return native.attention_coded(q, positions, slots.plan.k, slots.plan.v, slots.plan.n_head_kv,
+                                  [(slots.k[:n], slots.v[:n], slots.positions[:n]),
+                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window)
+
+
+@pytest.mark.parametrize("n_prompt", [5, 16, 40])  # shorter than, equal to, much longer than the window
+@pytest.mark.parametrize("cache_type", ["f32", "q8_0", "turbo3"])
+def test_ring_attention_equals_full_attention_with_a_window_mask(n_prompt, cache_type):
+    window, n_kv, d, n_decode = 16, 2, 128, 30
+    g = torch.Generator().manual_seed(n_prompt)
+    n = n_prompt + n_decode
+    ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 4, d, generator=g)
+    steps = [n_prompt] + [1] * 20 + [3] * 3 + [1]  # a prompt, decode steps, small batches (speculative verify)
+    config = CacheConfig(cache_type, cache_type)
+    ring = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config))
+    full = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, CacheConfig(cache_type, cache_type, swa_full=True)))
+    assert ring.plan.stored[0].capacity == min(window, n) and full.plan.stored[0].capacity == n
+    out_ring = _run_layer(ring, ks, vs, qs, steps, window, use_native=False)
+    out_full = _run_layer(full, ks, vs, qs, steps, window, use_native=False)
+    assert torch.allclose(out_ring, out_full, atol=1e-5)
+    # and both are plain windowed attention over the decoded K/V of every position
+    codec = Codec(cache_type)
+    k_dec, v_dec = codec.decode(codec.encode(ks), d), codec.decode(codec.encode(vs), d)
+    expected = reference_attention(qs, k_dec, v_dec, torch.arange(n), torch.arange(n), 0.2, window)
+    assert torch.allclose(out_ring, expected, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0", "q5_1", "iq4_nl", "turbo2", "turbo4"])
+@pytest.mark.parametrize("window", [0, 16])
+def test_native_attention_on_a_coded_cache_equals_attention_on_the_decoded_cache(cache_type, window):
+    n_kv, d, n = 2, 128, 300  # several chunks of keys per query: the per-chunk softmax merge
+    g = torch.Generator().manual_seed(7)
+    ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 8, d, generator=g)
+    steps = [260, 1, 1, 5, 33]
+    config = CacheConfig(cache_type, "q8_0" if cache_type == "turbo2" else cache_type)  # asymmetric K/V too
+    ours = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, True)
+    ref = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, False)
+    assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_a_speculative_step_keeps_only_the_accepted_tokens_even_in_a_ring():
+    window, d = 4, 32
+    ring = KVCache(plan_kv([LayerKVShape(1, d, window)], 64, CacheConfig("f32", "f32")))
+    x = torch.arange(20, dtype=torch.float32)[:, None, None].expand(20, 1, d)
+    ring.begin(6)
+    ring.slots(0).write(x[:6], x[:6])
+    ring.advance()
+    ring.begin(5)  # 5 drafted tokens, 2 accepted
+    ring.slots(0).write(x[6:11], x[6:11])
+    ring.advance(2)
+    assert ring.n_tokens == 8
+    ring.begin(1)
+    ring.slots(0).write(x[8:9], x[8:9])
+    k, _, pos = ring.slots(0).read()
+    held = sorted(int(p) for p in pos if p >= 0)
+    assert held == [4, 5, 6, 7, 8]  # the window before position 8, then the new token
+    assert sorted(int(v) for v in k[:, 0, 0][pos >= 0]) == [4, 5, 6, 7, 8]
+
+
+def test_rolling_a_ring_back_past_what_it_still_holds_is_refused():
+    ring = KVCache(plan_kv([LayerKVShape(1, 32, 4)], 64, CacheConfig()))
+    ring.begin(10)
+    ring.slots(0).write(torch.zeros(10, 1, 32), torch.zeros(10, 1, 32))
+    ring.advance()
+    ring.truncate(9)  # the ring still holds positions 6..8: enough for position 9
+    with pytest.raises(ValueError, match="ring of 4 slots has overwritten"):
+        ring.truncate(7)
