@@ -12,7 +12,7 @@ from gguf import quants as gguf_quants
 
 from turbollm.kernels import native
 from turbollm.kernels.attention import attention as reference_attention
-from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, key_conditioning, plan_kv
 from turbollm.kv.codecs import CACHE_TYPES, Codec, pack_bits, parse_cache_type, unpack_bits
 from turbollm.quality import parse_cache_entry
 
@@ -118,9 +118,11 @@ def test_predicted_bytes_are_the_allocated_bytes(config):
 
 def test_sliding_layers_keep_a_ring_of_the_window_and_global_layers_the_context():
     plan = plan_kv(GEMMA4_26B_LIKE, 65536, CacheConfig("q8_0", "q8_0"))
-    # llama.cpp's figure for these layers at 64K: 680 MiB global (one stream)
-    assert plan.global_bytes == 5 * 65536 * 2 * 2 * 512 * 34 // 32 == 680 * 2**20
-    assert plan.sliding_bytes == 25 * 1024 * 8 * 2 * 256 * 34 // 32
+    # llama.cpp's figure for these layers at 64K: 680 MiB global (one stream); we add each layer's
+    # key offset and scale (float32 per KV head and channel) and their flag
+    offsets = 2 * 2 * 512 * 4 + 4, 2 * 8 * 256 * 4 + 4
+    assert plan.global_bytes == 5 * (65536 * 2 * 2 * 512 * 34 // 32 + offsets[0]) == 680 * 2**20 + 5 * offsets[0]
+    assert plan.sliding_bytes == 25 * (1024 * 8 * 2 * 256 * 34 // 32 + offsets[1])
     assert plan_kv(GEMMA4_26B_LIKE, 262144, CacheConfig("q8_0", "q8_0")).sliding_bytes == plan.sliding_bytes
     assert plan_kv(GEMMA4_26B_LIKE, 600, CacheConfig()).stored[0].capacity == 600  # a short context needs no more
 
@@ -134,7 +136,7 @@ def test_boundary_layers_stay_f16():
 # ---- rings and coded caches in attention ----------------------------------------------------
 
 def _run_layer(cache: KVCache, ks: torch.Tensor, vs: torch.Tensor, qs: torch.Tensor, steps: list[int], window: int,
-               use_native: bool) -> torch.Tensor:
+               use_native: bool, softcap: float = 0.0) -> torch.Tensor:
     """Feed K/V/Q [N, ...] in steps of the given sizes through a one-layer cache; attention
     outputs of every query, as a model layer computes them."""
     outs, at = [], 0
@@ -143,24 +145,23 @@ def _run_layer(cache: KVCache, ks: torch.Tensor, vs: torch.Tensor, qs: torch.Ten
         slots = cache.slots(0)
         q = qs[at:at + n]
         positions = torch.arange(at, at + n)
-        if use_native:
-            slots.tail_k.copy_(native.kv_encode(slots.plan.k, ks[at:at + n]))
-            slots.tail_v.copy_(native.kv_encode(slots.plan.v, vs[at:at + n]))
-            outs.append(_native_attention(q, slots, positions, window))
+        slots.write(ks[at:at + n], vs[at:at + n])
+        if use_native:  # the same bytes, read by the native kernel
+            outs.append(_native_attention(q, slots, positions, window, softcap))
         else:
-            slots.write(ks[at:at + n], vs[at:at + n])
             k, v, k_pos = slots.read()
-            outs.append(reference_attention(q, k, v, positions, k_pos, 0.2, window))
+            outs.append(reference_attention(q, k, v, positions, k_pos, 0.2, window, softcap))
         cache.advance()
         at += n
     return torch.cat(outs)
 
 
-def _native_attention(q, slots, positions, window):
+def _native_attention(q, slots, positions, window, softcap):
     n = slots.n_keys
     return native.attention_coded(q, positions, slots.plan.k, slots.plan.v, slots.plan.n_head_kv,
                                   [(slots.k[:n], slots.v[:n], slots.positions[:n]),
-                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window)
+                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window, softcap, slots.k_offset,
+                                  slots.k_scale)
 
 
 @pytest.mark.parametrize("n_prompt", [5, 16, 40])  # shorter than, equal to, much longer than the window
@@ -178,24 +179,30 @@ def test_ring_attention_equals_full_attention_with_a_window_mask(n_prompt, cache
     out_ring = _run_layer(ring, ks, vs, qs, steps, window, use_native=False)
     out_full = _run_layer(full, ks, vs, qs, steps, window, use_native=False)
     assert torch.allclose(out_ring, out_full, atol=1e-5)
-    # and both are plain windowed attention over the decoded K/V of every position
+    # and both are plain windowed attention over the decoded K/V of every position (quantized
+    # keys coded relative to the offset and scale of the first step's keys)
     codec = Codec(cache_type)
-    k_dec, v_dec = codec.decode(codec.encode(ks), d), codec.decode(codec.encode(vs), d)
+    offset, scale = key_conditioning(ks[:n_prompt]) if cache_type != "f32" else (0.0, 1.0)
+    k_dec = codec.decode(codec.encode((ks - offset) / scale), d) * scale + offset
+    v_dec = codec.decode(codec.encode(vs), d)
     expected = reference_attention(qs, k_dec, v_dec, torch.arange(n), torch.arange(n), 0.2, window)
     assert torch.allclose(out_ring, expected, atol=1e-5)
 
 
 @needs_native
 @pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0", "q5_1", "iq4_nl", "turbo2", "turbo4"])
-@pytest.mark.parametrize("window", [0, 16])
-def test_native_attention_on_a_coded_cache_equals_attention_on_the_decoded_cache(cache_type, window):
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (16, 0.0), (0, 3.0)])  # a soft cap sees the key offset
+def test_native_attention_on_a_coded_cache_equals_attention_on_the_decoded_cache(cache_type, window, softcap):
     n_kv, d, n = 2, 128, 300  # several chunks of keys per query: the per-chunk softmax merge
     g = torch.Generator().manual_seed(7)
     ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 8, d, generator=g)
     steps = [260, 1, 1, 5, 33]
     config = CacheConfig(cache_type, "q8_0" if cache_type == "turbo2" else cache_type)  # asymmetric K/V too
-    ours = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, True)
-    ref = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, False)
+    ks = ks + 3.0 * torch.randn(n_kv, d, generator=g)  # a constant part, as Gemma's keys have
+    ours = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, True,
+                      softcap)
+    ref = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, False,
+                     softcap)
     assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4)
 
 

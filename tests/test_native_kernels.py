@@ -195,9 +195,10 @@ def _cache_step(cache_type: str, n_before: int, n_new: int, n_kv: int, d: int, s
     from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
     cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type)))
     g = torch.Generator().manual_seed(9)
-    cache.begin(n_before)
-    cache.slots(0).write(torch.randn(n_before, n_kv, d, generator=g), torch.randn(n_before, n_kv, d, generator=g))
-    cache.advance()
+    if n_before:
+        cache.begin(n_before)
+        cache.slots(0).write(torch.randn(n_before, n_kv, d, generator=g), torch.randn(n_before, n_kv, d, generator=g))
+        cache.advance()
     cache.begin(n_new)
     slots = cache.slots(0, store=store)
     if not store:
@@ -206,8 +207,9 @@ def _cache_step(cache_type: str, n_before: int, n_new: int, n_kv: int, d: int, s
 
 
 @pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0", "q4_1", "iq4_nl", "turbo3"])
-@pytest.mark.parametrize("store, with_v, window", [(True, True, 6), (True, False, 0), (False, True, 6)])
-def test_fused_attention_block_equals_composed(store, with_v, window, cache_type):
+@pytest.mark.parametrize("store, with_v, window, n_before", [(True, True, 6, 7), (True, False, 0, 7), (False, True, 6, 7),
+                                                             (True, True, 0, 0)])  # 0: the first step sets key offsets
+def test_fused_attention_block_equals_composed(store, with_v, window, n_before, cache_type):
     d_model, n_head, n_kv, hd = 256, 4, 2, 128
     wq = random_weight(Q.Q8_0, n_head * hd, d_model, seed=1)
     wk = random_weight(Q.Q4_0, n_kv * hd, d_model, seed=2) if store else None
@@ -217,18 +219,22 @@ def test_fused_attention_block_equals_composed(store, with_v, window, cache_type
     b = blocks.AttentionBlock(ones(d_model), wq, wk, wv, wo, ones(hd), ones(hd) if store else None, ones(d_model),
                               n_head, n_kv, hd, v_norm=True, scale=0.1, window=window, eps=1e-6)
     x = torch.randn(2, d_model)
-    positions = torch.tensor([7, 8])
+    positions = torch.tensor([n_before, n_before + 1])
     angles = positions.float()[:, None] * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
     angles = torch.cat((angles, angles), -1)[:, None, :]
     rope = (angles.cos(), angles.sin())
-    composed_slots = _cache_step(cache_type, 7, 2, n_kv, hd, store, window)
-    fused_slots = _cache_step(cache_type, 7, 2, n_kv, hd, store, window)
+    composed_slots = _cache_step(cache_type, n_before, 2, n_kv, hd, store, window)
+    fused_slots = _cache_step(cache_type, n_before, 2, n_kv, hd, store, window)
     composed = blocks.attention_block(fast.Ops, x, b, rope, composed_slots, positions)
     fused = fast.attention_block(x, b, rope, fused_slots, positions)
     assert torch.allclose(fused, composed, atol=2e-4, rtol=2e-4)
     # the C encoder wrote the bytes the reference encoder writes (the K/V inputs agree to ~1e-6)
     assert (fused_slots.tail_k != composed_slots.tail_k).float().mean() < 0.01
     assert (fused_slots.tail_v != composed_slots.tail_v).float().mean() < 0.01
+    if composed_slots.k_offset is not None:  # quantized keys: the C code set the same offset and scale
+        assert torch.allclose(fused_slots.k_offset, composed_slots.k_offset, atol=1e-5)
+        assert torch.allclose(fused_slots.k_scale, composed_slots.k_scale, atol=1e-5)
+        assert int(fused_slots.k_offset_set[0]) == 1
 
 
 def test_fused_ffn_block_equals_composed():

@@ -84,8 +84,18 @@ class LayerPlan:
         return self.n_head_kv * (self.k_row_bytes + self.v_row_bytes)
 
     @property
+    def has_k_offset(self) -> bool:
+        """Quantized keys are stored relative to an offset (see KVSlots); float keys as they are."""
+        return self.k.name not in ("f32", "f16", "bf16")
+
+    @property
+    def offset_bytes(self) -> int:
+        """float32 offset and scale per (KV head, channel), and the int32 flag saying they are set."""
+        return 2 * self.n_head_kv * self.head_dim * 4 + 4 if self.has_k_offset else 0
+
+    @property
     def nbytes(self) -> int:
-        return self.capacity * self.bytes_per_slot
+        return self.capacity * self.bytes_per_slot + self.offset_bytes
 
     @property
     def is_ring(self) -> bool:
@@ -180,9 +190,30 @@ class KVSlots:
     tail_v: torch.Tensor
     tail_positions: torch.Tensor  # int64 [T]
     store: bool  # the layer encodes its new K/V into the tail (else it reads its source's)
+    # Quantized keys are coded as (k - offset) / scale, per (KV head, channel): offset is the
+    # mean key of the sequence's first step, scale the square root of the channel's standard
+    # deviation there (at least a tenth of the mean deviation; 1 when the step has one token),
+    # both fixed from then on (k_offset_set[0] = 1). Gemma's keys carry channels that hardly
+    # change from token to token yet are up to ~40x the median channel (post k_norm); left in,
+    # they take most of each block's range or norm. Reading multiplies and adds them back
+    # (native attention scores (q * scale) . code + q . offset), so the maths is unchanged and
+    # only what the quantizer sees differs. Measured on the default model, 800 tokens, keys
+    # coded and values f16: turbo3 perplexity +71.8% -> +5.3%, turbo4 +7.5% -> +0.4%, q4_0
+    # +13.3% -> +1.3% (offset alone: +16.6%, +6.3%, +6.9%; the square root beat powers 0.3,
+    # 0.7 and 1).
+    k_offset: torch.Tensor | None = None  # float32 [n_kv, head_dim]
+    k_scale: torch.Tensor | None = None
+    k_offset_set: torch.Tensor | None = None  # int32 [1]
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Encode the new tokens' K/V [T, n_kv, head_dim] into the tail (reference codecs)."""
+        if self.k_offset is not None:
+            if not int(self.k_offset_set[0]):
+                offset, scale = key_conditioning(k)
+                self.k_offset.copy_(offset)
+                self.k_scale.copy_(scale)
+                self.k_offset_set[0] = 1
+            k = (k - self.k_offset) / self.k_scale
         self.tail_k.copy_(self.plan.k.encode(k))
         self.tail_v.copy_(self.plan.v.encode(v))
 
@@ -191,8 +222,22 @@ class KVSlots:
         their positions [S]: what attention runs over."""
         hd, n = self.plan.head_dim, self.n_keys
         k = torch.cat([self.plan.k.decode(self.k[:n], hd), self.plan.k.decode(self.tail_k, hd)])
+        if self.k_offset is not None:
+            k = k * self.k_scale + self.k_offset
         v = torch.cat([self.plan.v.decode(self.v[:n], hd), self.plan.v.decode(self.tail_v, hd)])
         return k, v, torch.cat([self.positions[:n], self.tail_positions])
+
+
+def key_conditioning(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset and scale [n_kv, head_dim] from a step's keys [T, n_kv, head_dim] (see KVSlots)."""
+    k = k.to(torch.float32)
+    offset = k.mean(dim=0)
+    if k.shape[0] < 2:
+        return offset, torch.ones_like(offset)
+    sd = (k - offset).pow(2).mean(dim=0).sqrt()
+    floor = 0.1 * sd.mean(dim=-1, keepdim=True)
+    scale = torch.where(floor > 0, torch.maximum(sd, floor).sqrt(), torch.ones_like(sd))
+    return offset, scale
 
 
 class KVCache:
@@ -207,6 +252,11 @@ class KVCache:
 
         self.k = [buffer(p, lambda p: p.k_row_bytes) for p in plan.layers]
         self.v = [buffer(p, lambda p: p.v_row_bytes) for p in plan.layers]
+        self.k_offset = [torch.zeros((p.n_head_kv, p.head_dim), dtype=torch.float32, device=self.device)
+                         if p is not None and p.has_k_offset else None for p in plan.layers]
+        self.k_scale = [None if t is None else torch.ones_like(t) for t in self.k_offset]
+        self.k_offset_set = [torch.zeros(1, dtype=torch.int32, device=self.device) if t is not None else None
+                             for t in self.k_offset]
         # one positions array per slot geometry (all rings of one window share theirs)
         self._positions: dict[int, torch.Tensor] = {}
         for p in plan.stored:
@@ -217,7 +267,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        tensors = self.k + self.v + self.k_offset + self.k_scale + self.k_offset_set
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def max_tokens(self) -> int:
@@ -245,7 +296,8 @@ class KVCache:
         p = self.plan.layers[il]
         tail_k, tail_v = self._tails[il]
         return KVSlots(p, self.k[il], self.v[il], self._positions[p.capacity], min(self.n_tokens, p.capacity),
-                       tail_k, tail_v, self._tail_positions, store)
+                       tail_k, tail_v, self._tail_positions, store, self.k_offset[il], self.k_scale[il],
+                       self.k_offset_set[il])
 
     def advance(self, n_keep: int | None = None) -> None:
         """Commit the first `n_keep` tokens of this step (default: all) into the slots. A
@@ -288,4 +340,8 @@ class KVCache:
                     f"ring of {p.capacity} slots has overwritten keys the next token needs (use --swa-full)")
         for positions in self._positions.values():
             positions[positions >= n_tokens] = -1
+        if n_tokens == 0:  # a new sequence: its first step sets new key offsets
+            for flag in self.k_offset_set:
+                if flag is not None:
+                    flag.zero_()
         self.n_tokens = n_tokens

@@ -14,8 +14,9 @@ It is the Lloyd-Max quantizer of that density, computed here, not copied: start 
 quantiles, then alternate "boundaries = midpoints of neighbouring values" and "values =
 conditional means of their cells" on a fine grid until nothing moves (`lloyd_max_codebook`).
 
-What is not here yet: bit packing of the codes (one byte per code for now), and attention that
-reads the codes directly (rotate the query once instead of every key).
+This module computes the codebooks and is the quantizer's definition (one byte per code);
+kv/codecs.py packs the codes into cache rows, and the native attention (kernels/native/kv.c)
+reads them directly: the query is rotated once instead of unrotating every key.
 """
 
 from __future__ import annotations

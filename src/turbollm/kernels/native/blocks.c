@@ -55,7 +55,7 @@ static void norm_rope(float *x, int64_t n_tok, int64_t n_head, int64_t d, const 
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
                        const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, int store,
-                       const int64_t *q_pos, float *out) {
+                       float *k_offset, float *k_scale, int32_t *k_offset_set, const int64_t *q_pos, float *out) {
     const int64_t D = b->n_embd, hd = b->head_dim, q_dim = b->n_head * hd, kv_dim = b->n_kv * hd;
     float *a = malloc(sizeof(float) * (size_t)(n_tok * D));
     float *q = malloc(sizeof(float) * (size_t)(n_tok * q_dim));
@@ -74,6 +74,13 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
             if (rc == 0) {
                 norm_rope(k, n_tok, b->n_kv, hd, b->k_norm, b->eps, cos, sin);
                 if (b->v_norm) tl_rms_norm(v, NULL, v, n_tok * b->n_kv, hd, b->eps);
+                if (k_offset) {  /* quantized keys are coded as (k - offset) / scale (kv/cache.py) */
+                    if (!*k_offset_set) {
+                        tl_key_conditioning(k, n_tok, b->n_kv, hd, k_offset, k_scale);
+                        *k_offset_set = 1;
+                    }
+                    for (int64_t i = 0; i < n_tok * kv_dim; i++) k[i] = (k[i] - k_offset[i % kv_dim]) / k_scale[i % kv_dim];
+                }
                 if (tl_kv_encode(kc, k, n_tok * b->n_kv, hd, tail_k) || tl_kv_encode(vc, v, n_tok * b->n_kv, hd, tail_v))
                     rc = -4;
             }
@@ -86,8 +93,8 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
     if (rc == 0) {
         norm_rope(q, n_tok, b->n_head, hd, b->q_norm, b->eps, cos, sin);
         const tl_kv_segment segs[2] = {{k_slots, v_slots, slot_pos, n_slots}, {tail_k, tail_v, q_pos, n_tok}};
-        rc = tl_attention_kv(q, q_pos, n_tok, b->n_head, b->n_kv, hd, kc, vc, segs, 2, b->scale, b->window,
-                             b->softcap, att);
+        rc = tl_attention_kv(q, q_pos, n_tok, b->n_head, b->n_kv, hd, kc, vc, k_offset, k_scale, segs, 2, b->scale,
+                             b->window, b->softcap, att);
     }
     if (rc == 0) {
         const tl_weight *ws[1] = {&b->wo};

@@ -291,8 +291,32 @@ int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d,
 
 /* ---- attention over coded segments ----------------------------------------------------------- */
 
+void tl_key_conditioning(const float *k, int64_t n_tok, int64_t n_kv, int64_t d, float *offset, float *scale) {
+    const int64_t w = n_kv * d;
+    for (int64_t i = 0; i < w; i++) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < n_tok; t++) s += k[t * w + i];
+        offset[i] = s / (float)n_tok;
+    }
+    for (int64_t h = 0; h < n_kv; h++) {
+        float *sc = scale + h * d, mean_sd = 0.0f;
+        for (int64_t i = 0; i < d; i++) {
+            float ss = 0.0f;
+            for (int64_t t = 0; t < n_tok; t++) {
+                const float x = k[t * w + h * d + i] - offset[h * d + i];
+                ss += x * x;
+            }
+            sc[i] = sqrtf(ss / (float)n_tok);
+            mean_sd += sc[i];
+        }
+        const float floor = 0.1f * mean_sd / (float)d;
+        for (int64_t i = 0; i < d; i++) sc[i] = n_tok >= 2 && floor > 0 ? sqrtf(sc[i] > floor ? sc[i] : floor) : 1.0f;
+    }
+}
+
 typedef struct {
-    const float *q;  /* [T, H, D], already rotated for a TurboQuant K */
+    const float *q;  /* [T, H, D]: times the key scale, and rotated for a TurboQuant K */
+    const float *qb; /* [T, H]: q . key offset, added to every score (NULL: none) */
     const int64_t *q_pos;
     int64_t n_tok, n_head, n_kv, d;
     const tl_kv_codec *kc, *vc;
@@ -337,7 +361,8 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
             }
             const float *k = decode_row(j->kc, j->kkt, (const uint8_t *)seg->k + (i * j->n_kv + hk) * j->k_rb, kbuf, d);
             for (int g = 0; g < group; g++) {
-                float v = tl_dot_f32(j->q + (t * j->n_head + hk * group + g) * d, k, d) * j->scale;
+                const int64_t row = t * j->n_head + hk * group + g;
+                float v = (tl_dot_f32(j->q + row * d, k, d) + (j->qb ? j->qb[row] : 0.0f)) * j->scale;
                 if (j->softcap > 0) v = tanhf(v / j->softcap) * j->softcap;
                 sc[g] = v;
                 if (v > max[g]) max[g] = v;
@@ -367,25 +392,34 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
 }
 
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_kv_segment *segs, int n_segs,
-                    float scale, int64_t window, float softcap, float *out) {
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const float *k_offset, const float *k_scale,
+                    const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out) {
     if (n_kv <= 0 || n_head % n_kv || n_head / n_kv > 16 || d > KV_MAX_DIM) return -2;
     const int64_t group = n_head / n_kv;
     int64_t n_keys = 0;
     for (int i = 0; i < n_segs; i++) n_keys += segs[i].n;
     const int64_t n_chunks = n_keys > 0 ? (n_keys + KV_CHUNK - 1) / KV_CHUNK : 1;
     simd_f16 = tl_simd_level() >= 1;
-    float *qr = NULL;
-    if (kc->type == TL_KV_TURBO) {  /* rotate the queries once */
-        qr = malloc(sizeof(float) * (size_t)(n_tok * n_head * d));
+    float *qr = NULL, *qb = NULL;
+    if (kc->type == TL_KV_TURBO || k_offset) {  /* bring the queries to the keys' coded form once */
+        qr = malloc(sizeof(float) * (size_t)(n_tok * n_head * (d + 1)));
         if (qr == NULL) return -3;
-        memcpy(qr, q, sizeof(float) * (size_t)(n_tok * n_head * d));
-        for (int64_t r = 0; r < n_tok * n_head; r++) rotate(kc, qr + r * d, d);
+        qb = k_offset ? qr + n_tok * n_head * d : NULL;
+        for (int64_t r = 0; r < n_tok * n_head; r++) {
+            const int64_t hk = r % n_head / group;
+            float *qq = qr + r * d;
+            memcpy(qq, q + r * d, sizeof(float) * (size_t)d);
+            if (k_offset) {
+                qb[r] = tl_dot_f32(qq, k_offset + hk * d, d);
+                for (int64_t i = 0; i < d; i++) qq[i] *= k_scale[hk * d + i];
+            }
+            if (kc->type == TL_KV_TURBO) rotate(kc, qq, d);
+        }
         q = qr;
     }
     float *partial = malloc(sizeof(float) * (size_t)(n_tok * n_kv * n_chunks * group * (d + 2)));
     if (partial == NULL) { free(qr); return -3; }
-    kv_attention_job job = {q, q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
+    kv_attention_job job = {q, qb, q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
                             tl_kv_row_bytes(kc, d), tl_kv_row_bytes(vc, d), segs, n_segs, n_keys, n_chunks,
                             scale, softcap, window, partial};
     if (n_keys > 0) tl_parallel(kv_attention_task, &job);

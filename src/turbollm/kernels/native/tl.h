@@ -131,15 +131,18 @@ typedef struct { const void *k, *v; const int64_t *pos; int64_t n; } tl_kv_segme
 int64_t tl_kv_row_bytes(const tl_kv_codec *c, int64_t d);
 int tl_kv_encode(const tl_kv_codec *c, const float *x, int64_t n_rows, int64_t d, void *out);
 int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d, int rotated, float *y);
+/* k_offset/k_scale [n_kv, d] (NULL: none): keys were coded as (k - offset) / scale */
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_kv_segment *segs, int n_segs,
-                    float scale, int64_t window, float softcap, float *out);
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const float *k_offset, const float *k_scale,
+                    const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out);
+/* offset and scale of a sequence's keys from its first step's keys [n_tok, n_kv, d] */
+void tl_key_conditioning(const float *k, int64_t n_tok, int64_t n_kv, int64_t d, float *offset, float *scale);
 /* the new tokens' K/V are encoded into tail_k/tail_v (store) or read from there (a KV-shared
  * layer); attention runs over the n_slots committed slots, then the tail at positions q_pos */
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
                        const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, int store,
-                       const int64_t *q_pos, float *out);
+                       float *k_offset, float *k_scale, int32_t *k_offset_set, const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
 typedef struct {
     const float *router;        /* [n_expert, n_embd] float32 */
