@@ -63,7 +63,8 @@ def test_bench_cli_json(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["-r", "0"], "repetitions must be at least 1"),
-    (["-p", "0"], "test sizes must be positive"),
+    (["-p", "-3"], "test sizes must be positive"),
+    (["-d", "-1"], "n-depth must be >= 0"),
     (["-pg", "1000000,10"], "needs 1000010 tokens of context"),
 ])
 def test_bench_refuses_bad_settings(capsys, flags, message):
@@ -76,3 +77,14 @@ def test_bench_rejects_malformed_pairs(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "-pg", "1150"])
     assert "PROMPT,GEN pairs" in capsys.readouterr().err
+
+
+def test_bench_at_depth_starts_every_run_from_the_same_prefilled_context(gemma3_model):
+    from turbollm.kv.cache import CacheConfig, plan_kv
+    settings = BenchSettings(n_prompt=(4,), n_gen=(3,), prompt_gen=(), threads=2, repetitions=2, depth=600,
+                             cache=CacheConfig("q8_0", "turbo3"))
+    report = run_bench(settings)
+    assert [r.name for r in report.results] == ["pp4 @ d600", "tg3 @ d600"]
+    assert "KV cache q8_0/turbo3" in report.backend
+    # the largest cache held the depth and the pp4 test: 604 positions
+    assert report.max_kv_bytes == plan_kv(gemma3_model.network.kv_layout(), 604, settings.cache).nbytes

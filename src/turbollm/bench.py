@@ -14,6 +14,7 @@ Left out: sampling (llama-bench does not sample either), batched decoding of sev
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,13 +40,16 @@ class BenchSettings:
     prefill: str = "auto"
     seed: int = 1234
     cache: CacheConfig = CacheConfig()
+    depth: int = 0  # tokens already in the context when each test starts (llama-bench -d)
 
     def __post_init__(self) -> None:
         if self.repetitions < 1:
             raise ValueError(f"-r/--repetitions must be at least 1, got {self.repetitions}")
         for n in (*self.n_prompt, *self.n_gen, *(x for pg in self.prompt_gen for x in pg)):
-            if n < 1:
-                raise ValueError(f"test sizes must be positive, got {n}")
+            if n < 0:
+                raise ValueError(f"test sizes must be positive (0 skips a test, as in llama-bench), got {n}")
+        if self.depth < 0:
+            raise ValueError(f"-d/--n-depth must be >= 0, got {self.depth}")
 
 
 @dataclass
@@ -163,6 +167,8 @@ class _Runner:
         self.net, self.n_vocab, self.cache_config = network, n_vocab, cache
         self.rng = torch.Generator().manual_seed(seed)
         self.max_kv_bytes = 0
+        self.depth = 0
+        self._at_depth: dict[int, object] = {}  # cache capacity -> a cache holding `depth` tokens
 
     def _tokens(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.n_vocab, (n,), generator=self.rng, dtype=torch.int64)
@@ -170,7 +176,7 @@ class _Runner:
     def run(self, n_prompt: int, n_gen: int) -> float:
         """Seconds for a prompt of n_prompt tokens, then n_gen single-token steps, each with logits."""
         net = self.net
-        cache = net.new_cache(n_prompt + n_gen, self.cache_config)
+        cache = self._cache(self.depth + n_prompt + n_gen)
         self.max_kv_bytes = max(self.max_kv_bytes, cache.nbytes)
         prompt, steps = self._tokens(n_prompt), self._tokens(n_gen)
         start = time.perf_counter()
@@ -181,6 +187,19 @@ class _Runner:
         for i in range(n_gen):
             net.logits(net.forward(steps[i:i + 1], cache))
         return time.perf_counter() - start
+
+
+    def _cache(self, capacity: int):
+        """An empty cache, or a copy of one prefilled (untimed, once) with `depth` random tokens."""
+        if not self.depth:
+            return self.net.new_cache(capacity, self.cache_config)
+        if capacity not in self._at_depth:
+            cache = self.net.new_cache(capacity, self.cache_config)
+            context = self._tokens(self.depth)
+            for at in range(0, self.depth, 512):
+                self.net.forward(context[at:at + 512], cache)
+            self._at_depth[capacity] = cache
+        return copy.deepcopy(self._at_depth[capacity])
 
 
 def run_bench(s: BenchSettings, progress=None) -> BenchReport:
@@ -195,7 +214,7 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
                           f"{kernels.fast.prefill_precision()} prefill)" if ops.name == "fast" else "")
     backend += f", KV cache {s.cache.label}"
-    needed = max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
+    needed = s.depth + max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
     if needed > model.ctx_size:
         raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")
     report = BenchReport(
@@ -207,8 +226,10 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
         copy_bandwidth=0.0, read_bandwidth=0.0,
     )
     runner = _Runner(model.network, cfg.n_vocab, s.seed, s.cache)
-    tests = ([(f"pp{n}", n, 0) for n in s.n_prompt] + [(f"tg{n}", 0, n) for n in s.n_gen]
-             + [(f"pp{p}+tg{g}", p, g) for p, g in s.prompt_gen])
+    runner.depth = s.depth
+    at_depth = f" @ d{s.depth}" if s.depth else ""
+    tests = ([(f"pp{n}{at_depth}", n, 0) for n in s.n_prompt if n] + [(f"tg{n}{at_depth}", 0, n) for n in s.n_gen if n]
+             + [(f"pp{p}+tg{g}{at_depth}", p, g) for p, g in s.prompt_gen if p and g])
     for name, n_prompt, n_gen in tests:
         long_test = n_prompt and n_gen  # the normalized-wall test: warming up would double its cost
         if not long_test:

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-pg", "--prompt-gen", type=_pair_list, default=((1150, 2000),),
                        help="prompt+decode tests as P,G pairs separated by ';' (default 1150,2000; 'none' to skip)")
     bench.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    bench.add_argument("-d", "--n-depth", type=int, default=0,
+                       help="tokens already in the context when each test starts, prefilled untimed (default 0)")
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test (default 5)")
     bench.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
     _prefill_flag(bench)
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
                                        prompt_gen=args.prompt_gen, threads=args.threads,
                                        repetitions=args.repetitions, backend=args.backend,
-                                       prefill=args.prefill, cache=_cache_config(args)), args.json)
+                                       prefill=args.prefill, cache=_cache_config(args), depth=args.n_depth),
+                         args.json)
         if args.command == "quality":
             return quality(QualityArgs(model=args.model, text_file=args.text_file, cache_types=args.cache_types,
                                        turbo_block=args.turbo_block, threads=args.threads, prefill=args.prefill,
