@@ -49,10 +49,12 @@ def test_resident_file_pages_count_once_over_two_mappings(default_model_path):
     info = first.tensors["token_embd.weight"]
     before = resident_file_bytes(path)
     assert int(first.tensor_bytes(info.name).sum()) == int(second.tensor_bytes(info.name).sum())
-    grown = resident_file_bytes(path) - before
-    # touched through both mappings, counted once (the kernel also maps a few neighbouring cached pages)
-    assert info.n_bytes * 0.9 < grown < info.n_bytes * 1.1
-    assert resident_file_bytes(path) <= first.file_size + 4096
+    after = resident_file_bytes(path)
+    # touched through both mappings, counted once (the kernel also maps a few neighbouring cached
+    # pages). Another mapping in this process (a model loaded by an earlier test) may already hold
+    # the pages: then nothing grows, but counting per mapping would still add them twice.
+    assert after - before < info.n_bytes * 1.1 and after >= info.n_bytes * 0.9
+    assert after <= first.file_size + 4096
 
 
 def test_bench_cli_json(capsys):

@@ -76,11 +76,12 @@ class KVSlots(Protocol):
 
     store: bool  # whether this layer writes the new tokens' K/V (else it reads another layer's)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' K/V [T, n_kv, head_dim]."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, encode=None) -> None:
+        """Store the new tokens' K/V [T, n_kv, head_dim], coding rows with encode(codec, x)."""
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values [S, n_kv, head_dim] float32 and their positions [S] (-1: empty)."""
+    def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values [S, n_kv, head_dim] float32 (rows decoded with decode(codec, raw, d))
+        and their positions [S] (-1: empty)."""
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,11 +102,11 @@ def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.T
         k = apply_rope(ops.rms_norm(k, b.k_norm, b.eps), *rope)
         if b.v_norm:
             v = ops.rms_norm(v, None, b.eps)
-        slots.write(k, v)
+        slots.write(k, v, ops.kv_encode)
     else:
         q = ops.linear(n, b.wq)
     q = apply_rope(ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps), *rope)
-    keys, values, key_positions = slots.read()
+    keys, values, key_positions = slots.read(ops.kv_decode)
     out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap)
     return x + ops.rms_norm(ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo), b.post_norm, b.eps)
 

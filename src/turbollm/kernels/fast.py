@@ -140,6 +140,16 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     return torch.einsum("tkd,tk->td", out, expert_weights.to(torch.float32))
 
 
+def kv_encode(codec, x: torch.Tensor) -> torch.Tensor:
+    """KV cache rows -> bytes: the native encoders (the reference's bytes, see kv.c)."""
+    return native.kv_encode(codec, x) if x.device.type == "cpu" else reference.kv_encode(codec, x)
+
+
+def kv_decode(codec, raw: torch.Tensor, d: int) -> torch.Tensor:
+    """Bytes -> rows: the native decoders, in prefill (pp512 with a turbo3 cache: see bench)."""
+    return native.kv_decode(codec, raw, d) if raw.device.type == "cpu" else reference.kv_decode(codec, raw, d)
+
+
 # C descriptors of the blocks, built on first use and dropped with the block
 _descs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -196,5 +206,7 @@ class Ops:
     moe_ffn = staticmethod(moe_ffn)
     attention = staticmethod(attention)
     attention_block = staticmethod(attention_block)
+    kv_encode = staticmethod(kv_encode)
+    kv_decode = staticmethod(kv_decode)
     ffn_block = staticmethod(ffn_block)
     moe_block = staticmethod(moe_block)

@@ -86,6 +86,15 @@ def moe_ffn(
     return out
 
 
+def kv_encode(codec, x: torch.Tensor) -> torch.Tensor:
+    """KV cache rows [..., d] -> bytes, by the codec's PyTorch reference (turbollm.kv.codecs)."""
+    return codec.encode(x)
+
+
+def kv_decode(codec, raw: torch.Tensor, d: int) -> torch.Tensor:
+    return codec.decode(raw, d)
+
+
 class Ops:
     """The reference backend (see turbollm.kernels.backend): exact float32, any device."""
 
@@ -96,6 +105,8 @@ class Ops:
     embedding = staticmethod(embedding)
     moe_ffn = staticmethod(moe_ffn)
     attention = staticmethod(attention)
+    kv_encode = staticmethod(kv_encode)
+    kv_decode = staticmethod(kv_decode)
 
     @staticmethod
     def attention_block(x, b, rope, slots, positions):

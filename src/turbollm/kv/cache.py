@@ -205,8 +205,10 @@ class KVSlots:
     k_scale: torch.Tensor | None = None
     k_offset_set: torch.Tensor | None = None  # int32 [1]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Encode the new tokens' K/V [T, n_kv, head_dim] into the tail (reference codecs)."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, encode=None) -> None:
+        """Encode the new tokens' K/V [T, n_kv, head_dim] into the tail, with `encode(codec, x)`
+        (a kernel backend's; default: the codecs' reference encoders)."""
+        encode = encode or _reference_encode
         if self.k_offset is not None:
             if not int(self.k_offset_set[0]):
                 offset, scale = key_conditioning(k)
@@ -214,18 +216,27 @@ class KVSlots:
                 self.k_scale.copy_(scale)
                 self.k_offset_set[0] = 1
             k = (k - self.k_offset) / self.k_scale
-        self.tail_k.copy_(self.plan.k.encode(k))
-        self.tail_v.copy_(self.plan.v.encode(v))
+        self.tail_k.copy_(encode(self.plan.k, k))
+        self.tail_v.copy_(encode(self.plan.v, v))
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoded keys and values [S, n_kv, head_dim] float32 of the slots then the tail, and
-        their positions [S]: what attention runs over."""
+        their positions [S]: what attention runs over. `decode(codec, raw, d)`: as in write."""
+        decode = decode or _reference_decode
         hd, n = self.plan.head_dim, self.n_keys
-        k = torch.cat([self.plan.k.decode(self.k[:n], hd), self.plan.k.decode(self.tail_k, hd)])
+        k = torch.cat([decode(self.plan.k, self.k[:n], hd), decode(self.plan.k, self.tail_k, hd)])
         if self.k_offset is not None:
             k = k * self.k_scale + self.k_offset
-        v = torch.cat([self.plan.v.decode(self.v[:n], hd), self.plan.v.decode(self.tail_v, hd)])
+        v = torch.cat([decode(self.plan.v, self.v[:n], hd), decode(self.plan.v, self.tail_v, hd)])
         return k, v, torch.cat([self.positions[:n], self.tail_positions])
+
+
+def _reference_encode(codec: Codec, x: torch.Tensor) -> torch.Tensor:
+    return codec.encode(x)
+
+
+def _reference_decode(codec: Codec, raw: torch.Tensor, d: int) -> torch.Tensor:
+    return codec.decode(raw, d)
 
 
 def key_conditioning(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
