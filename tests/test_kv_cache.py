@@ -233,3 +233,11 @@ def test_rolling_a_ring_back_past_what_it_still_holds_is_refused():
     ring.truncate(9)  # the ring still holds positions 6..8: enough for position 9
     with pytest.raises(ValueError, match="ring of 4 slots has overwritten"):
         ring.truncate(7)
+
+
+def test_describe_says_what_the_cache_is_and_costs():
+    cache = KVCache(plan_kv(GEMMA4_26B_LIKE, 4096, CacheConfig("q8_0", "turbo3", boundary_layers=1)))
+    line = cache.describe()
+    assert "K f16 / V f16" in line and "K q8_0 / V turbo3/b128" in line
+    assert "5 full-context layers, 25 sliding rings of 1024" in line
+    assert line.endswith(f"{cache.nbytes / 2**20:.2f} MiB for 4096 positions")

@@ -252,6 +252,8 @@ def run(a: RunArgs) -> int:
     if stats.n_prompt + stats.n_generated >= model.ctx_size:
         print(f"note: stopped at the end of the context ({model.ctx_size} tokens); raise --ctx-size to go on", file=sys.stderr)
     if a.verbose:
+        if stats.kv_summary:
+            print(stats.kv_summary, file=sys.stderr)
         print(f"prompt: {stats.n_prompt} tokens in {stats.prompt_seconds:.3f} s ({stats.prompt_tokens_per_second:.1f} tok/s)", file=sys.stderr)
         print(f"decode: {stats.n_decode_steps} tokens in {stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.2f} tok/s), "
               f"{stats.n_generated} generated, finish: {stats.finish_reason}", file=sys.stderr)

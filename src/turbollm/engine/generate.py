@@ -33,6 +33,7 @@ class GenerationStats:
     n_decode_steps: int = 0  # single-token forward passes after the prompt
     decode_seconds: float = 0.0
     finish_reason: str = ""  # "stop" (end-of-generation token or stop string) or "length"
+    kv_summary: str = ""  # what the request's KV cache is and costs (KVCache.describe)
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -71,6 +72,7 @@ def generate_tokens(
     if max_new == 0:
         return
     cache = model.new_cache(n_prompt + max_new, cache_config)
+    stats.kv_summary = cache.describe()
     sampler = Sampler(params)
     history = list(prompt_ids)
 

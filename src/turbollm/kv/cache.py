@@ -281,9 +281,19 @@ class KVCache:
         tensors = self.k + self.v + self.k_offset + self.k_scale + self.k_offset_set
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    @property
-    def max_tokens(self) -> int:
-        return self.capacity
+    def describe(self) -> str:
+        """One line for people: codecs, layout and bytes (`turbollm run --verbose`)."""
+        stored = self.plan.stored
+        codecs = sorted({f"K {p.k.label} / V {p.v.label}" for p in stored})
+        rings = sorted({p.capacity for p in stored if p.is_ring})
+        layout = f"{sum(not p.is_ring for p in stored)} full-context layers"
+        if rings:
+            layout += f", {sum(p.is_ring for p in stored)} sliding rings of {'/'.join(map(str, rings))}"
+        shared = len(self.plan.layers) - len(stored)
+        if shared:
+            layout += f", {shared} layers reading another's"
+        return (f"KV cache: {', '.join(codecs)}; {layout}; {self.nbytes / 2**20:.2f} MiB for {self.capacity} "
+                f"positions")
 
     def check_room(self, n_new: int) -> None:
         if self.n_tokens + n_new > self.capacity:
