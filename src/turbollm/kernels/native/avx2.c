@@ -42,6 +42,7 @@ static float dot_q4_1(int n, const void *vw, const void *vx) {
     __m256 acc = _mm256_setzero_ps();
     float mins = 0.0f;
     for (int i = 0; i < n / TL_QK; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         mins += h2f(w[i].m) * h2f(x[i].s);
         const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
         const __m256i p = _mm256_maddubs_epi16(nibbles_32(w[i].qs), _mm256_loadu_si256((const __m256i *)x[i].qs));
@@ -61,6 +62,7 @@ static float dot_q5_1(int n, const void *vw, const void *vx) {
     __m256 acc = _mm256_setzero_ps();
     float mins = 0.0f;
     for (int i = 0; i < n / TL_QK; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         mins += h2f(w[i].m) * h2f(x[i].s);
         const __m256 d = _mm256_set1_ps(h2f(w[i].d) * h2f(x[i].d));
         const __m256i q = _mm256_or_si256(nibbles_32(w[i].qs), fifth_bits(w[i].qh));
@@ -104,6 +106,7 @@ static float dot_q4_K(int n, const void *vw, const void *vx) {
     __m256 acc = _mm256_setzero_ps();
     float acc_min = 0.0f;
     for (int i = 0; i < n / TL_QK_K; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         uint8_t sc[8], mn[8];
         k_scale_min(w[i].scales, sc, mn);
         acc_min += x[i].d * h2f(w[i].dmin) * (float)mins_dot(mn, x[i].bsums);
@@ -127,6 +130,7 @@ static float dot_q5_K(int n, const void *vw, const void *vx) {
     __m256 acc = _mm256_setzero_ps();
     float acc_min = 0.0f;
     for (int i = 0; i < n / TL_QK_K; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         uint8_t sc[8], mn[8];
         k_scale_min(w[i].scales, sc, mn);
         acc_min += x[i].d * h2f(w[i].dmin) * (float)mins_dot(mn, x[i].bsums);
@@ -158,6 +162,7 @@ static float dot_q6_K(int n, const void *vw, const void *vx) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), m32 = _mm256_set1_epi8(32);
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / TL_QK_K; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w[i].ql + 64 * h));
@@ -188,6 +193,7 @@ static float dot_iq4_xs(int n, const void *vw, const void *vx) {
     const __m256i table = iq4nl_table();
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / TL_QK_K; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         __m256i sumi = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const int ls = (((w[i].scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF) | (((w[i].scales_h >> (2 * ib)) & 3) << 4)) - 32;
@@ -204,6 +210,7 @@ static float dot_iq3_s(int n, const void *vw, const void *vx) {
     const block_iq3_s *w = vw; const block_q8_K *x = vx;
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n / TL_QK_K; i++) {
+        TL_PREFETCH(w + i, sizeof(*w));
         __m256i sumi = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const uint8_t *qs = w[i].qs + 8 * ib, qh = w[i].qh[ib];

@@ -117,6 +117,7 @@ E8(rows_##name)(int n, const void *vw, const void *const *vx, int n_x, float *ou
     int i = 0;                                                                                                \
     for (; i + 8 <= nb; i += 8) {                                                                             \
         __m256i q[8];                                                                                         \
+        TL_PREFETCH(w + i, 8 * (int)sizeof(wtype));                                                           \
         for (int b = 0; b < 8; b++) q[b] = WEIGHTS(i + b);                                                    \
         const __m256 dw = SCALES8(w + i);                                                                     \
         for (int t = 0; t < n_x; t++) acc[t] = step8(q, 8, IS_UNSIGNED, dw, vx[t], nb, i, acc[t]);           \

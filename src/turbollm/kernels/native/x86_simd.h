@@ -35,4 +35,13 @@ static inline __m256i iq4nl_table(void) {
 #define Q8_0_WEIGHTS(i) _mm256_loadu_si256((const __m256i *)w[i].qs)
 #define IQ4_NL_WEIGHTS(i) _mm256_shuffle_epi8(table, nibbles_32(w[i].qs))
 
+/* Weights stream from memory once per token, through 4 KiB pages (the GGUF is mmapped, page
+ * cache pages are not huge pages), and the hardware prefetcher stops at every page boundary:
+ * asking for the lines TL_PREFETCH_BYTES ahead of each step's weights doubled the from-memory
+ * rate on the development machine (Q4_0, 65536 x 2816, 2 threads: 14.6 -> 32.4 GB/s; 1 KiB
+ * ahead: 24.2, 2 KiB: 30.4). */
+#define TL_PREFETCH_BYTES 4096
+#define TL_PREFETCH(p, n_bytes) \
+    for (int pf_ = 0; pf_ < (int)(n_bytes); pf_ += 64) _mm_prefetch((const char *)(p) + TL_PREFETCH_BYTES + pf_, _MM_HINT_T0)
+
 #endif
