@@ -241,3 +241,58 @@ def test_describe_says_what_the_cache_is_and_costs():
     assert "K f16 / V f16" in line and "K q8_0 / V turbo3/b128" in line
     assert "5 full-context layers, 25 sliding rings of 1024" in line
     assert line.endswith(f"{cache.nbytes / 2**20:.2f} MiB for 4096 positions")
+
+
+# ---- key conditioning ----------------------------------------------------------------------
+
+def _keys_and_queries(n: int = 400, n_kv: int = 2, group: int = 2, d: int = 128, seed: int = 3):
+    """Keys whose channels differ in spread and queries that weigh channels differently,
+    independently of the keys (as Gemma's do)."""
+    g = torch.Generator().manual_seed(seed)
+    k_sd = torch.exp(torch.randn(n_kv, d, generator=g))
+    q_rms = torch.exp(torch.randn(n_kv, 1, d, generator=g)).expand(n_kv, group, d).reshape(n_kv * group, d)
+    ks = torch.randn(n, n_kv, d, generator=g) * k_sd + 4.0 * torch.randn(n_kv, d, generator=g)
+    qs = torch.randn(n, n_kv * group, d, generator=g) * q_rms
+    return ks, qs
+
+
+def test_key_conditioning_weighs_channels_by_the_queries():
+    ks, qs = _keys_and_queries()
+    offset, plain = key_conditioning(ks)
+    sd = (ks - ks.mean(0)).pow(2).mean(0).sqrt()
+    assert torch.allclose(offset, ks.mean(0)) and torch.allclose(plain, sd.clamp(min=0.1 * sd.mean(-1, keepdim=True)).sqrt())
+    _, weighed = key_conditioning(ks, qs)
+    q_rms = qs.reshape(len(qs), 2, 2, -1).pow(2).mean(dim=(0, 2)).sqrt()
+    q_rms = q_rms.clamp(min=0.1 * q_rms.mean(-1, keepdim=True))
+    assert torch.allclose(weighed, plain / q_rms.sqrt(), rtol=1e-5)
+    _, one = key_conditioning(ks[:1], qs[:1])  # one token says nothing about spreads
+    assert torch.equal(one, torch.ones_like(one))
+
+
+@pytest.mark.parametrize("name", ["turbo2", "turbo3", "turbo4"])
+def test_query_weighed_conditioning_lowers_turboquants_score_error(name):
+    """What the queries' term is for: smaller errors in q . k than scaling by the keys alone."""
+    ks, qs = _keys_and_queries()
+    codec = Codec(name)
+    d = ks.shape[-1]
+    heads = qs.view(len(qs), 2, 2, d)[:, :, 0]  # one query head of each KV head's group
+    exact = torch.einsum("tkd,skd->tsk", ks, heads)
+
+    def score_error(offset, scale):
+        k_dec = codec.decode(codec.encode((ks - offset) / scale), d) * scale + offset
+        got = torch.einsum("tkd,skd->tsk", k_dec, heads)
+        return (got - exact).pow(2).mean().item()
+
+    plain, weighed = score_error(*key_conditioning(ks)), score_error(*key_conditioning(ks, qs))
+    assert weighed < 0.7 * plain
+
+
+@pytest.mark.parametrize("name, uses_queries", [("turbo3", True), ("q4_0", False), ("q8_0", False)])
+def test_the_cache_weighs_turboquant_keys_by_the_queries_and_ggml_blocks_not(name, uses_queries):
+    ks, qs = _keys_and_queries(n=8)
+    cache = KVCache(plan_kv([LayerKVShape(2, 128)], 16, CacheConfig(name, "f16")))
+    cache.begin(8)
+    slots = cache.slots(0)
+    slots.write(ks, ks, q=qs)
+    expected = key_conditioning(ks, qs if uses_queries else None)
+    assert torch.allclose(slots.k_offset, expected[0]) and torch.allclose(slots.k_scale, expected[1])

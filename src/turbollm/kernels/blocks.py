@@ -76,8 +76,9 @@ class KVSlots(Protocol):
 
     store: bool  # whether this layer writes the new tokens' K/V (else it reads another layer's)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, encode=None) -> None:
-        """Store the new tokens' K/V [T, n_kv, head_dim], coding rows with encode(codec, x)."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, encode=None, q: torch.Tensor | None = None) -> None:
+        """Store the new tokens' K/V [T, n_kv, head_dim], coding rows with encode(codec, x);
+        q [T, n_head, head_dim] are the step's queries."""
 
     def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values [S, n_kv, head_dim] float32 (rows decoded with decode(codec, raw, d))
@@ -102,10 +103,11 @@ def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.T
         k = apply_rope(ops.rms_norm(k, b.k_norm, b.eps), *rope)
         if b.v_norm:
             v = ops.rms_norm(v, None, b.eps)
-        slots.write(k, v, ops.kv_encode)
     else:
         q = ops.linear(n, b.wq)
     q = apply_rope(ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps), *rope)
+    if slots.store:
+        slots.write(k, v, ops.kv_encode, q)  # the queries weigh the key conditioning (kv/cache.py)
     keys, values, key_positions = slots.read(ops.kv_decode)
     out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap)
     return x + ops.rms_norm(ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo), b.post_norm, b.eps)

@@ -192,26 +192,33 @@ class KVSlots:
     store: bool  # the layer encodes its new K/V into the tail (else it reads its source's)
     # Quantized keys are coded as (k - offset) / scale, per (KV head, channel): offset is the
     # mean key of the sequence's first step, scale the square root of the channel's standard
-    # deviation there (at least a tenth of the mean deviation; 1 when the step has one token),
-    # both fixed from then on (k_offset_set[0] = 1). Gemma's keys carry channels that hardly
-    # change from token to token yet are up to ~40x the median channel (post k_norm); left in,
-    # they take most of each block's range or norm. Reading multiplies and adds them back
-    # (native attention scores (q * scale) . code + q . offset), so the maths is unchanged and
-    # only what the quantizer sees differs. Measured on the default model, 800 tokens, keys
-    # coded and values f16: turbo3 perplexity +71.8% -> +5.3%, turbo4 +7.5% -> +0.4%, q4_0
-    # +13.3% -> +1.3% (offset alone: +16.6%, +6.3%, +6.9%; the square root beat powers 0.3,
-    # 0.7 and 1).
+    # deviation there over the root-mean-square of the queries of that step in that channel
+    # (each at least a tenth of its mean over channels; 1 when the step has one token), both
+    # fixed from then on (k_offset_set[0] = 1). Gemma's keys carry channels that hardly change
+    # from token to token yet are up to ~40x the median channel (post k_norm); left in, they
+    # take most of each block's range or norm. Reading multiplies and adds them back (native
+    # attention scores (q * scale) . code + q . offset), so the maths is unchanged and only
+    # what the quantizer sees differs. TurboQuant's error is isotropic after its rotation, of
+    # energy proportional to the coded vector's: an error e_i in channel i costs q_i * scale_i
+    # * e_i in a score, and scale_i = sqrt(sd_i / rms(q_i)) minimises the expected squared sum
+    # (Cauchy-Schwarz on sum(q^2 scale^2) * sum(sd^2 / scale^2)). ggml's blocks err by the
+    # block's largest value instead, and measured better without the queries' term (q4_0 K:
+    # KL 0.039 without, 0.066 with scale = sd), so they keep sqrt(sd). Measured on the default
+    # model, keys coded and values f16: 800 tokens, turbo3 perplexity +71.8% (raw keys) ->
+    # +5.3% (offset and sqrt(sd)); 1,600 tokens, +9.5% -> +7.1% with the queries' term (KL
+    # 0.105 -> 0.068).
     k_offset: torch.Tensor | None = None  # float32 [n_kv, head_dim]
     k_scale: torch.Tensor | None = None
     k_offset_set: torch.Tensor | None = None  # int32 [1]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, encode=None) -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor, encode=None, q: torch.Tensor | None = None) -> None:
         """Encode the new tokens' K/V [T, n_kv, head_dim] into the tail, with `encode(codec, x)`
-        (a kernel backend's; default: the codecs' reference encoders)."""
+        (a kernel backend's; default: the codecs' reference encoders). q [T, n_head, head_dim]:
+        the step's queries (RoPE applied), which weigh the key conditioning of a first step."""
         encode = encode or _reference_encode
         if self.k_offset is not None:
             if not int(self.k_offset_set[0]):
-                offset, scale = key_conditioning(k)
+                offset, scale = key_conditioning(k, q if self.plan.k.is_turbo else None)
                 self.k_offset.copy_(offset)
                 self.k_scale.copy_(scale)
                 self.k_offset_set[0] = 1
@@ -239,16 +246,25 @@ def _reference_decode(codec: Codec, raw: torch.Tensor, d: int) -> torch.Tensor:
     return codec.decode(raw, d)
 
 
-def key_conditioning(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offset and scale [n_kv, head_dim] from a step's keys [T, n_kv, head_dim] (see KVSlots)."""
+def key_conditioning(k: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset and scale [n_kv, head_dim] from a step's keys [T, n_kv, head_dim] and queries
+    [T, n_head, head_dim] (None: every channel's queries weigh the same) (see KVSlots)."""
     k = k.to(torch.float32)
     offset = k.mean(dim=0)
     if k.shape[0] < 2:
         return offset, torch.ones_like(offset)
-    sd = (k - offset).pow(2).mean(dim=0).sqrt()
-    floor = 0.1 * sd.mean(dim=-1, keepdim=True)
-    scale = torch.where(floor > 0, torch.maximum(sd, floor).sqrt(), torch.ones_like(sd))
-    return offset, scale
+    sd = _floored((k - offset).pow(2).mean(dim=0).sqrt())
+    if q is None:
+        return offset, sd.sqrt()
+    n_tok, n_kv = k.shape[:2]
+    q_rms = q.to(torch.float32).reshape(n_tok, n_kv, -1, k.shape[-1]).pow(2).mean(dim=(0, 2)).sqrt()
+    return offset, (sd / _floored(q_rms)).sqrt()
+
+
+def _floored(x: torch.Tensor) -> torch.Tensor:
+    """x [n_kv, d] >= 0, raised to a tenth of its mean over channels; ones where that mean is 0."""
+    floor = 0.1 * x.mean(dim=-1, keepdim=True)
+    return torch.where(floor > 0, torch.maximum(x, floor), torch.ones_like(x))
 
 
 class KVCache:

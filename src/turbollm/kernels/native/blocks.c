@@ -71,27 +71,29 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
             float *ys[3] = {q, k, v};
             rc = matmul_weights(ws, weight_ok(&b->wv) ? 3 : 2, a, n_tok, ys);
             if (rc == 0 && !weight_ok(&b->wv)) memcpy(v, k, sizeof(float) * (size_t)(n_tok * kv_dim));  /* V = raw K */
-            if (rc == 0) {
-                norm_rope(k, n_tok, b->n_kv, hd, b->k_norm, b->eps, cos, sin);
-                if (b->v_norm) tl_rms_norm(v, NULL, v, n_tok * b->n_kv, hd, b->eps);
-                if (k_offset) {  /* quantized keys are coded as (k - offset) / scale (kv/cache.py) */
-                    if (!*k_offset_set) {
-                        tl_key_conditioning(k, n_tok, b->n_kv, hd, k_offset, k_scale);
-                        *k_offset_set = 1;
-                    }
-                    for (int64_t i = 0; i < n_tok * kv_dim; i++) k[i] = (k[i] - k_offset[i % kv_dim]) / k_scale[i % kv_dim];
-                }
-                if (tl_kv_encode(kc, k, n_tok * b->n_kv, hd, tail_k) || tl_kv_encode(vc, v, n_tok * b->n_kv, hd, tail_v))
-                    rc = -4;
-            }
         } else {
             const tl_weight *ws[1] = {&b->wq};
             float *ys[1] = {q};
             rc = matmul_weights(ws, 1, a, n_tok, ys);
         }
     }
+    if (rc == 0) norm_rope(q, n_tok, b->n_head, hd, b->q_norm, b->eps, cos, sin);
+    if (rc == 0 && store) {
+        norm_rope(k, n_tok, b->n_kv, hd, b->k_norm, b->eps, cos, sin);
+        if (b->v_norm) tl_rms_norm(v, NULL, v, n_tok * b->n_kv, hd, b->eps);
+        if (k_offset) {  /* quantized keys are coded as (k - offset) / scale (kv/cache.py: the queries
+                          * weigh the scale of TurboQuant keys only) */
+            if (!*k_offset_set) {
+                rc = tl_key_conditioning(k, kc->type == TL_KV_TURBO ? q : NULL, n_tok, b->n_head, b->n_kv, hd, k_offset, k_scale);
+                *k_offset_set = rc == 0;
+            }
+            if (rc == 0)
+                for (int64_t i = 0; i < n_tok * kv_dim; i++) k[i] = (k[i] - k_offset[i % kv_dim]) / k_scale[i % kv_dim];
+        }
+        if (rc == 0 && (tl_kv_encode(kc, k, n_tok * b->n_kv, hd, tail_k) || tl_kv_encode(vc, v, n_tok * b->n_kv, hd, tail_v)))
+            rc = -4;
+    }
     if (rc == 0) {
-        norm_rope(q, n_tok, b->n_head, hd, b->q_norm, b->eps, cos, sin);
         const tl_kv_segment segs[2] = {{k_slots, v_slots, slot_pos, n_slots}, {tail_k, tail_v, q_pos, n_tok}};
         rc = tl_attention_kv(q, q_pos, n_tok, b->n_head, b->n_kv, hd, kc, vc, k_offset, k_scale, segs, 2, b->scale,
                              b->window, b->softcap, att);

@@ -334,27 +334,58 @@ int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d,
 
 /* ---- attention over coded segments ----------------------------------------------------------- */
 
-void tl_key_conditioning(const float *k, int64_t n_tok, int64_t n_kv, int64_t d, float *offset, float *scale) {
-    const int64_t w = n_kv * d;
+/* x [n_kv * d] >= 0 raised to a tenth of its mean over each head's channels; ones where that
+ * mean is 0 (kv/cache.py's _floored) */
+static void floored(float *x, int64_t n_kv, int64_t d) {
+    for (int64_t h = 0; h < n_kv; h++) {
+        float *xh = x + h * d, mean = 0.0f;
+        for (int64_t i = 0; i < d; i++) mean += xh[i];
+        const float floor = 0.1f * mean / (float)d;
+        for (int64_t i = 0; i < d; i++) xh[i] = floor > 0 ? (xh[i] > floor ? xh[i] : floor) : 1.0f;
+    }
+}
+
+int tl_key_conditioning(const float *k, const float *q, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
+                        float *offset, float *scale) {
+    const int64_t w = n_kv * d, group = n_head / n_kv;
     for (int64_t i = 0; i < w; i++) {
         float s = 0.0f;
         for (int64_t t = 0; t < n_tok; t++) s += k[t * w + i];
         offset[i] = s / (float)n_tok;
     }
-    for (int64_t h = 0; h < n_kv; h++) {
-        float *sc = scale + h * d, mean_sd = 0.0f;
+    if (n_tok < 2) {
+        for (int64_t i = 0; i < w; i++) scale[i] = 1.0f;
+        return 0;
+    }
+    for (int64_t i = 0; i < w; i++) {
+        float ss = 0.0f;
+        for (int64_t t = 0; t < n_tok; t++) {
+            const float x = k[t * w + i] - offset[i];
+            ss += x * x;
+        }
+        scale[i] = sqrtf(ss / (float)n_tok);
+    }
+    floored(scale, n_kv, d);
+    if (q == NULL) {
+        for (int64_t i = 0; i < w; i++) scale[i] = sqrtf(scale[i]);
+        return 0;
+    }
+    float *q_rms = malloc(sizeof(float) * (size_t)w);
+    if (q_rms == NULL) return -3;
+    for (int64_t h = 0; h < n_kv; h++)
         for (int64_t i = 0; i < d; i++) {
             float ss = 0.0f;
-            for (int64_t t = 0; t < n_tok; t++) {
-                const float x = k[t * w + h * d + i] - offset[h * d + i];
-                ss += x * x;
-            }
-            sc[i] = sqrtf(ss / (float)n_tok);
-            mean_sd += sc[i];
+            for (int64_t t = 0; t < n_tok; t++)
+                for (int64_t g = 0; g < group; g++) {
+                    const float x = q[(t * n_head + h * group + g) * d + i];
+                    ss += x * x;
+                }
+            q_rms[h * d + i] = sqrtf(ss / (float)(n_tok * group));
         }
-        const float floor = 0.1f * mean_sd / (float)d;
-        for (int64_t i = 0; i < d; i++) sc[i] = n_tok >= 2 && floor > 0 ? sqrtf(sc[i] > floor ? sc[i] : floor) : 1.0f;
-    }
+    floored(q_rms, n_kv, d);
+    for (int64_t i = 0; i < w; i++) scale[i] = sqrtf(scale[i] / q_rms[i]);
+    free(q_rms);
+    return 0;
 }
 
 typedef struct {

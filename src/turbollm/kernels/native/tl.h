@@ -135,8 +135,10 @@ int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d,
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
                     const tl_kv_codec *kc, const tl_kv_codec *vc, const float *k_offset, const float *k_scale,
                     const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out);
-/* offset and scale of a sequence's keys from its first step's keys [n_tok, n_kv, d] */
-void tl_key_conditioning(const float *k, int64_t n_tok, int64_t n_kv, int64_t d, float *offset, float *scale);
+/* offset and scale of a sequence's keys from its first step's keys [n_tok, n_kv, d] and
+ * queries [n_tok, n_head, d] (RoPE applied; NULL: every channel weighs the same) */
+int tl_key_conditioning(const float *k, const float *q, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
+                        float *offset, float *scale);
 /* the new tokens' K/V are encoded into tail_k/tail_v (store) or read from there (a KV-shared
  * layer); attention runs over the n_slots committed slots, then the tail at positions q_pos */
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
