@@ -192,18 +192,19 @@ class KVSlots:
     store: bool  # the layer encodes its new K/V into the tail (else it reads its source's)
     # Quantized keys are coded as (k - offset) / scale, per (KV head, channel): offset is the
     # mean key of the sequence's first step, scale the square root of the channel's standard
-    # deviation there over the root-mean-square of the queries of that step in that channel
-    # (each at least a tenth of its mean over channels; 1 when the step has one token), both
-    # fixed from then on (k_offset_set[0] = 1). Gemma's keys carry channels that hardly change
-    # from token to token yet are up to ~40x the median channel (post k_norm); left in, they
-    # take most of each block's range or norm. Reading multiplies and adds them back (native
+    # deviation there (for TurboQuant keys: over the root-mean-square of that step's queries in
+    # that channel; each at least a tenth of its mean over channels; 1 when the step has one
+    # token), both fixed from then on (k_offset_set[0] = 1). Gemma's keys carry channels that
+    # hardly change from token to token yet are up to ~40x the median channel (post k_norm);
+    # left in, they take most of each block's range or norm. Reading multiplies and adds them back (native
     # attention scores (q * scale) . code + q . offset), so the maths is unchanged and only
     # what the quantizer sees differs. TurboQuant's error is isotropic after its rotation, of
     # energy proportional to the coded vector's: an error e_i in channel i costs q_i * scale_i
     # * e_i in a score, and scale_i = sqrt(sd_i / rms(q_i)) minimises the expected squared sum
     # (Cauchy-Schwarz on sum(q^2 scale^2) * sum(sd^2 / scale^2)). ggml's blocks err by the
-    # block's largest value instead, and measured better without the queries' term (q4_0 K:
-    # KL 0.039 without, 0.066 with scale = sd), so they keep sqrt(sd). Measured on the default
+    # block's largest value instead, and measured better without the queries' term (q4_0 K
+    # and V, 3,202 tokens: KL 0.0557 without, 0.0619 with), so they keep sqrt(sd) (scale = sd
+    # was worse still: q4_0 K, 1,600 tokens, KL 0.066 against 0.039). Measured on the default
     # model, keys coded and values f16: 800 tokens, turbo3 perplexity +71.8% (raw keys) ->
     # +5.3% (offset and sqrt(sd)); 1,600 tokens, +9.5% -> +7.1% with the queries' term (KL
     # 0.105 -> 0.068).
