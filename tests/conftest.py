@@ -24,6 +24,16 @@ def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same random inputs whatever ran before it, so a result on one machine
+    is the result on CI: a test that compares two summation orders through an 8-bit activation
+    quantizer can meet a rounding tie on some draw (about one in two hundred), and that must not
+    depend on test order."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     from turbollm.api import default_model_path
