@@ -66,3 +66,10 @@ def gemma3_model(default_model_path):
     from turbollm import Model
     from turbollm.kv.cache import CacheConfig
     return Model.load(default_model_path, backend="reference", cache=CacheConfig("f32", "f32"))  # exact maths
+
+
+@pytest.fixture(scope="session")
+def fast_model(default_model_path):
+    """The default model on the native kernels, as `turbollm run` and `serve` load it."""
+    from turbollm import Model
+    return Model.load(default_model_path, ctx_size=4096)

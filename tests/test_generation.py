@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from turbollm import SamplingParams
-from turbollm.api import _split_at_stop
+from turbollm.engine.text import split_at_stop
 from turbollm.cli import main as cli_main
 from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import Sampler
@@ -124,11 +124,11 @@ def test_kv_cache_refuses_overflow_and_truncates():
 # ---- stop strings --------------------------------------------------------------------------
 
 def test_stop_string_split_holds_back_possible_prefixes():
-    assert _split_at_stop("hello wor", ("world",)) == ("hello ", "wor", False)
-    assert _split_at_stop("hello world!", ("world",)) == ("hello ", "", True)
-    assert _split_at_stop("a. b", ("\n\n", ". ")) == ("a", "", True)
-    assert _split_at_stop("abc", ()) == ("abc", "", False)
-    assert _split_at_stop("hello wor", ("world",), final=True) == ("hello wor", "", False)
+    assert split_at_stop("hello wor", ("world",)) == ("hello ", "wor", False)
+    assert split_at_stop("hello world!", ("world",)) == ("hello ", "", True)
+    assert split_at_stop("a. b", ("\n\n", ". ")) == ("a", "", True)
+    assert split_at_stop("abc", ()) == ("abc", "", False)
+    assert split_at_stop("hello wor", ("world",), final=True) == ("hello wor", "", False)
 
 
 # ---- the default model ---------------------------------------------------------------------

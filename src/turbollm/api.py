@@ -26,7 +26,8 @@ from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.cache import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
-from turbollm.tokenizer import StreamDecoder, Tokenizer
+from turbollm.engine.text import TextAssembler
+from turbollm.tokenizer import Tokenizer
 
 
 def default_model_path() -> Path:
@@ -118,23 +119,20 @@ class Model:
         """Yield text pieces as tokens are generated; stop strings end the stream (not included)."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = stats if stats is not None else GenerationStats()
-        decoder = StreamDecoder(self.tokenizer)
-        held = ""  # text that might be the start of a stop string
+        text = TextAssembler(self.tokenizer, params.stop)
         tokens = generate_tokens(self.network, prompt_ids, params, eog_ids=self.tokenizer.eog_ids,
                                  ctx_size=self.ctx_size, stats=stats, cache_config=self.cache)
         for token in tokens:
             if generated is not None:
                 generated.append(token)
-            held += decoder.push(token)
-            emit, held, stopped = _split_at_stop(held, params.stop)
+            emit = text.push(token)
             if emit:
                 yield StreamPiece(emit, token)
-            if stopped:
+            if text.stopped:
                 stats.finish_reason = "stop"
                 tokens.close()
                 return
-        held += decoder.flush()
-        emit, _, _ = _split_at_stop(held, params.stop, final=True)
+        emit = text.flush()
         if emit:
             yield StreamPiece(emit, None)
 
@@ -143,22 +141,3 @@ class Model:
         stats, generated = GenerationStats(), []
         text = "".join(piece.text for piece in self.stream(prompt_ids, params, stats, generated))
         return Completion(text, generated, prompt_ids, stats.finish_reason, stats)
-
-
-def _split_at_stop(text: str, stops: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
-    """Split `text` into (safe to emit, held back, stop found). Text that could be the start of a
-    stop string is held back until it is decided."""
-    if not stops:
-        return text, "", False
-    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
-    if found:
-        return text[:min(found)], "", True
-    if final:
-        return text, "", False
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    return text[:len(text) - hold], text[len(text) - hold:], False

@@ -28,7 +28,7 @@ from turbollm import kernels
 from turbollm.config import ModelConfig
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
-from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+from turbollm.kv.cache import CacheConfig, KVCache, KVPlan, LayerKVShape, plan_kv
 from turbollm.kernels.blocks import AttentionBlock, FfnBlock
 from turbollm.models.layers import Rope, gelu_tanh
 from turbollm.models.moe import load_moe_block
@@ -140,26 +140,42 @@ class Gemma:
         return [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il], cfg.sliding_window if cfg.is_swa(il) else 0)
                 if cfg.has_kv(il) else None for il in range(cfg.n_layer)]
 
+    def new_cache_plan(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVPlan:
+        return plan_kv(self.kv_layout(), capacity, config)
+
     def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache:
-        return KVCache(plan_kv(self.kv_layout(), capacity, config), self.device)
+        return KVCache(self.new_cache_plan(capacity, config), self.device)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, commit: bool = True) -> torch.Tensor:
         """Run tokens `ids` [T] that follow the cache's contents; returns final-normed hidden
         [T, n_embd]. commit=False leaves the step open: the caller keeps what it accepts with
         `cache.advance(k)` (speculative decoding)."""
+        return self.forward_batch([ids], [cache], commit)
+
+    @torch.inference_mode()
+    def forward_batch(self, ids: list[torch.Tensor], caches: list[KVCache], commit: bool = True) -> torch.Tensor:
+        """One step of several sequences: `ids[i]` [T_i] follow `caches[i]`. Returns the hidden
+        rows of all of them, concatenated in order. The projections, FFNs and experts see every
+        row at once (each weight read once per step); attention runs per sequence on its own
+        cache. Row results do not depend on the other rows of the batch (the decode kernels
+        quantize and reduce each row on its own), so a sequence decodes the same tokens batched
+        as alone."""
         cfg = self.cfg
-        n_new = ids.shape[0]
-        cache.begin(n_new)
-        ids = ids.to(self.device)
-        positions = torch.arange(cache.n_tokens, cache.n_tokens + n_new, device=self.device)
-        x = self.ops.embedding(ids, self.token_embd) * cfg.embed_scale
-        per_layer_input = self._per_layer_inputs(ids, x) if self.ple is not None else None
-        rope_angles = {swa: rope.angles(positions) for swa, rope in self.ropes.items()}
+        for seq_ids, cache in zip(ids, caches, strict=True):
+            cache.begin(seq_ids.shape[0])
+        rows = [(sum(t.shape[0] for t in ids[:i]), t.shape[0]) for i, t in enumerate(ids)]
+        positions = [torch.arange(c.n_tokens, c.n_tokens + t.shape[0], device=self.device) for t, c in zip(ids, caches)]
+        all_ids = torch.cat(ids).to(self.device)
+        x = self.ops.embedding(all_ids, self.token_embd) * cfg.embed_scale
+        per_layer_input = self._per_layer_inputs(all_ids, x) if self.ple is not None else None
+        angles = [{swa: rope.angles(p) for swa, rope in self.ropes.items()} for p in positions]
         ops, eps = self.ops, cfg.rms_eps
         for il, w in enumerate(self.layers):
-            slots = cache.slots(il) if cfg.has_kv(il) else cache.slots(cfg.kv_source(il), store=False)
-            h = ops.attention_block(x, w.attn, rope_angles[cfg.is_swa(il)], slots, positions)
+            src, store = (il, True) if cfg.has_kv(il) else (cfg.kv_source(il), False)
+            parts = [ops.attention_block(x[at:at + n], w.attn, a[cfg.is_swa(il)], c.slots(src, store=store), p)
+                     for (at, n), a, c, p in zip(rows, angles, caches, positions)]
+            h = parts[0] if len(parts) == 1 else torch.cat(parts)
             if w.moe is None:
                 x = ops.ffn_block(h, w.ffn, residual=h)
             else:
@@ -170,7 +186,8 @@ class Gemma:
             if w.out_scale is not None:
                 x = x * w.out_scale
         if commit:
-            cache.advance()
+            for cache in caches:
+                cache.advance()
         return ops.rms_norm(x, self.output_norm, eps)
 
     def _per_layer_inputs(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
