@@ -222,3 +222,41 @@ def test_a_model_without_channel_tokens_only_has_content(fast_model):
     ids = fast_model.tokenizer.encode("<|channel>thought\nhello", add_special=False)
     text = "".join(t for token in ids for c, t in out.push(token)) + "".join(t for c, t in out.flush())
     assert text == "<|channel>thought\nhello"
+
+
+# ---- what a chat request asks of the template ----------------------------------------------
+
+def _chat(**body):
+    from turbollm.server.schemas import ChatCompletionRequest
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **body})
+
+
+def test_thinking_follows_the_request_then_the_server_default():
+    assert _chat().thinking(default=True) and not _chat().thinking(default=False)
+    assert not _chat(messages=[{"role": "user", "content": "/no_think what is 2+2?"}]).thinking(default=True)
+    assert not _chat(chat_template_kwargs={"enable_thinking": False}).thinking(default=True)
+    assert _chat(chat_template_kwargs={"enable_thinking": True}).thinking(default=False)
+    assert not _chat(reasoning={"enabled": False}).thinking(default=True)
+    assert not _chat(reasoning={"effort": "none"}).thinking(default=True)
+    assert not _chat(reasoning_effort="none").thinking(default=True)
+    assert _chat(reasoning_effort="high").thinking(default=False)
+
+
+def test_old_thoughts_never_reach_the_template():
+    body = _chat(messages=[
+        {"role": "user", "content": "/no_think  what is 2+2?"},
+        {"role": "assistant", "content": "<|channel>thought\nadd them<channel|>4", "reasoning_content": "add them"},
+        {"role": "user", "content": [{"type": "text", "text": "and 3+3?"}]},
+    ])
+    assert body.template_messages() == [{"role": "user", "content": "what is 2+2?"},
+                                        {"role": "assistant", "content": "4"},
+                                        {"role": "user", "content": "and 3+3?"}]
+
+
+def test_gemma4_prompt_opens_or_closes_the_thought_channel():
+    from turbollm import Model
+    model = Model.load(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf", ctx_size=512)
+    messages = [{"role": "user", "content": "hi"}]
+    on, off = model.chat_prompt(messages, enable_thinking=True), model.chat_prompt(messages, enable_thinking=False)
+    assert on == "<|turn>system\n<|think|><turn|>\n<|turn>user\nhi<turn|>\n<|turn>model\n"
+    assert off == "<|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"

@@ -1,4 +1,4 @@
-"""Command line: `turbollm run | bench | quality | inspect`.
+"""Command line: `turbollm run | serve | bench | quality | inspect`.
 
 Each subcommand parses its flags into a frozen dataclass and hands it to one function.
 Errors caused by input are printed as one line (`error: ...`) with exit status 1.
@@ -122,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     quality.add_argument("--plot", default=None, metavar="PNG", help="also draw the results to this PNG file")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with parallel slots and a web chat page")
+    _add_model_flag(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("-c", "--ctx-size", type=int, default=None,
+                       help="context of all slots together, split evenly between them as in llama-server "
+                            "(default: the model's training context)")
+    serve.add_argument("-np", "--parallel", type=int, default=1, help="slots: requests decoded at once (default 1)")
+    serve.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    serve.add_argument("-b", "--batch-size", type=int, default=512,
+                       help="prompt tokens fed per step, between decode steps of the other slots (default 512)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but / and /health")
+    serve.add_argument("-a", "--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+    serve.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",
+                       help="whether the model thinks unless a request says otherwise (auto: on for Gemma 4)")
+    serve.add_argument("--jinja", action="store_true",
+                       help="accepted for llama-server scripts: the GGUF's chat template is always used when present")
+    _prefill_flag(serve)
+    _cache_flags(serve)
+
     inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
     inspect.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
     inspect.add_argument("--no-tensors", dest="tensors", action="store_false", help="omit the tensor table")
@@ -151,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             return quality(QualityArgs(model=args.model, text_file=args.text_file, cache_types=args.cache_types,
                                        turbo_block=args.turbo_block, threads=args.threads, prefill=args.prefill,
                                        max_tokens=args.max_tokens, as_json=args.json, plot=args.plot))
+        if args.command == "serve":
+            from turbollm.server.run import ServeArgs, serve
+            return serve(ServeArgs(model=args.model, host=args.host, port=args.port, ctx_size=args.ctx_size,
+                                   parallel=args.parallel, threads=args.threads, batch_size=args.batch_size,
+                                   api_key=args.api_key, alias=args.alias, reasoning=args.reasoning,
+                                   prefill=args.prefill, cache=_cache_config(args)))
         if args.command == "inspect":
             return inspect(InspectArgs(model=args.model, tensors=args.tensors))
     except TurbollmError as e:

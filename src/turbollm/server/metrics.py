@@ -1,0 +1,46 @@
+"""GET /metrics: the engine's counters in Prometheus text format (prometheus-client), under
+names like llama-server's (`llamacpp:prompt_tokens_total` -> `turbollm_prompt_tokens_total`).
+A registry per app, read from the engine at scrape time, so nothing is double-counted."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class _EngineCollector:
+    def __init__(self, engine):
+        self.engine = engine
+        # a full slot: the cache of a request that fills the slot's context
+        self.slot_bytes = engine.network.new_cache_plan(engine.slot_ctx, engine.model.cache).nbytes
+
+    def collect(self):
+        e, c = self.engine, self.engine.counters
+        yield CounterMetricFamily("turbollm_prompt_tokens", "prompt tokens processed", value=c.n_prompt_tokens)
+        yield CounterMetricFamily("turbollm_generation_tokens", "tokens generated", value=c.n_generated_tokens)
+        yield CounterMetricFamily("turbollm_prompt_seconds", "seconds spent in prefill", value=c.prompt_seconds)
+        yield CounterMetricFamily("turbollm_decode_seconds", "seconds spent in decode steps", value=c.decode_seconds)
+        yield CounterMetricFamily("turbollm_requests", "requests accepted", value=c.n_requests)
+        finished = CounterMetricFamily("turbollm_requests_finished", "requests finished, by reason", labels=["reason"])
+        for reason, n in sorted(c.n_finished.items()):
+            finished.add_metric([reason], n)
+        yield finished
+        yield GaugeMetricFamily("turbollm_prompt_tokens_per_second", "average prefill throughput",
+                                value=c.n_prompt_tokens / c.prompt_seconds if c.prompt_seconds else 0.0)
+        yield GaugeMetricFamily("turbollm_generation_tokens_per_second", "average decode throughput (all slots)",
+                                value=c.n_decode_rows / c.decode_seconds if c.decode_seconds else 0.0)
+        yield GaugeMetricFamily("turbollm_requests_running", "requests in a slot", value=e.n_running)
+        yield GaugeMetricFamily("turbollm_requests_waiting", "requests waiting for a slot", value=e.n_waiting)
+        yield GaugeMetricFamily("turbollm_kv_cache_bytes", "KV cache bytes allocated to running requests", value=e.kv_bytes_in_use)
+        yield GaugeMetricFamily("turbollm_kv_cache_usage_ratio", "KV cache bytes in use / bytes of all slots full",
+                                value=e.kv_bytes_in_use / (self.slot_bytes * e.scheduler.n_slots) if self.slot_bytes else 0.0)
+
+
+def registry(engine) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_EngineCollector(engine))
+    return reg
+
+
+def render(reg: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(reg), CONTENT_TYPE_LATEST

@@ -1,0 +1,62 @@
+"""`turbollm serve`: load the model, start the engine thread, serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from turbollm.errors import TurbollmError
+from turbollm.kv.cache import CacheConfig
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    model: str | None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ctx_size: int | None = None  # all slots together, as llama-server's -c; None: the model's training context
+    parallel: int = 1
+    threads: int | None = None
+    batch_size: int = 512  # prompt chunk per step
+    api_key: str | None = None
+    alias: str | None = None
+    reasoning: str = "auto"  # "on", "off", "auto" (on for Gemma 4)
+    prefill: str = "auto"
+    cache: CacheConfig = CacheConfig()
+
+
+def build(a: ServeArgs):
+    """The model, engine and app of these settings (the engine not yet started)."""
+    from turbollm.api import Model
+    from turbollm.engine.serving import Engine
+    from turbollm.server.app import ServerSettings, create_app
+
+    if a.parallel <= 0:
+        raise TurbollmError(f"--parallel must be positive, got {a.parallel}")
+    if a.batch_size <= 0:
+        raise TurbollmError(f"--batch-size must be positive, got {a.batch_size}")
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache)
+    slot_ctx = model.ctx_size // a.parallel
+    if slot_ctx < 2:
+        raise TurbollmError(f"--ctx-size {model.ctx_size} split over --parallel {a.parallel} leaves {slot_ctx} tokens per slot")
+    engine = Engine(model, n_slots=a.parallel, slot_ctx=slot_ctx, n_batch=a.batch_size)
+    thinking = {"on": True, "off": False, "auto": model.config.arch == "gemma4"}[a.reasoning]
+    model_id = a.alias or Path(model.gguf.path).name
+    return model, engine, create_app(engine, ServerSettings(model_id=model_id, api_key=a.api_key, thinking_default=thinking))
+
+
+def serve(a: ServeArgs) -> int:
+    import uvicorn
+
+    model, engine, app = build(a)
+    plan = model.network.new_cache_plan(engine.slot_ctx, model.cache)
+    print(f"turbollm: {model.gguf.path.name}, {a.parallel} slot(s) of {engine.slot_ctx} tokens, "
+          f"KV cache {plan.nbytes / 2**20:,.1f} MiB per full slot ({model.cache.label}), "
+          f"listening on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
+    engine.start()
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
