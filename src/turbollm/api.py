@@ -26,7 +26,7 @@ from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.cache import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
-from turbollm.engine.text import TextAssembler
+from turbollm.engine.text import OutputText
 from turbollm.tokenizer import Tokenizer
 
 
@@ -46,12 +46,14 @@ class Completion:
     prompt_token_ids: list[int]
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
+    reasoning: str = ""  # a thinking model's thoughts, apart from the answer in `text`
 
 
 @dataclass(frozen=True)
 class StreamPiece:
     text: str
     token_id: int | None  # None for the final flush
+    channel: str = "content"  # "reasoning": a Gemma 4 thought (engine/text.py OutputText)
 
 
 class Model:
@@ -119,25 +121,25 @@ class Model:
         """Yield text pieces as tokens are generated; stop strings end the stream (not included)."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = stats if stats is not None else GenerationStats()
-        text = TextAssembler(self.tokenizer, params.stop)
+        text = OutputText(self.tokenizer, params.stop)
         tokens = generate_tokens(self.network, prompt_ids, params, eog_ids=self.tokenizer.eog_ids,
                                  ctx_size=self.ctx_size, stats=stats, cache_config=self.cache)
         for token in tokens:
             if generated is not None:
                 generated.append(token)
-            emit = text.push(token)
-            if emit:
-                yield StreamPiece(emit, token)
+            for channel, piece in text.push(token):
+                yield StreamPiece(piece, token, channel)
             if text.stopped:
                 stats.finish_reason = "stop"
                 tokens.close()
                 return
-        emit = text.flush()
-        if emit:
-            yield StreamPiece(emit, None)
+        for channel, piece in text.flush():
+            yield StreamPiece(piece, None, channel)
 
     def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Completion:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats, generated = GenerationStats(), []
-        text = "".join(piece.text for piece in self.stream(prompt_ids, params, stats, generated))
-        return Completion(text, generated, prompt_ids, stats.finish_reason, stats)
+        pieces = list(self.stream(prompt_ids, params, stats, generated))
+        text = "".join(p.text for p in pieces if p.channel == "content")
+        reasoning = "".join(p.text for p in pieces if p.channel == "reasoning")
+        return Completion(text, generated, prompt_ids, stats.finish_reason, stats, reasoning)

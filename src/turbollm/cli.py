@@ -1,4 +1,4 @@
-"""Command line: `turbollm run | serve | bench | quality | inspect`.
+"""Command line: `turbollm run | chat | serve | bench | quality | inspect`.
 
 Each subcommand parses its flags into a frozen dataclass and hands it to one function.
 Errors caused by input are printed as one line (`error: ...`) with exit status 1.
@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from turbollm.engine.sampler import SamplingParams
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
 
@@ -22,14 +23,7 @@ class RunArgs:
     model: str | None
     prompt: str | None
     prompt_file: str | None
-    n_predict: int
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    repeat_penalty: float
-    repeat_last_n: int
-    seed: int | None
+    params: SamplingParams
     ctx_size: int | None
     threads: int | None
     chat: bool | None  # None: use the chat template if the GGUF has one
@@ -73,16 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flag(run)
     run.add_argument("-p", "--prompt", help="prompt text (default: read standard input)")
     run.add_argument("-f", "--file", dest="prompt_file", help="read the prompt from a file")
-    run.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate at most (default 256)")
-    run.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    run.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
-    run.add_argument("--top-p", type=float, default=0.95, help="top-p, 1.0 = off (default 0.95)")
-    run.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
-    run.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off (default)")
-    run.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repetition penalty looks back at (default 64)")
-    run.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
-    run.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: the model's training context)")
-    run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _sampling_flags(run)
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the chat template")
     mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is, no chat template")
@@ -122,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     quality.add_argument("--plot", default=None, metavar="PNG", help="also draw the results to this PNG file")
 
+    chat = sub.add_parser("chat", help="multi-turn chat in the terminal (/clear starts over, /exit or Ctrl-D quits)")
+    _add_model_flag(chat)
+    _sampling_flags(chat, n_predict=1024)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering (shown dimmed)")
+    _prefill_flag(chat)
+    _cache_flags(chat)
+
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with parallel slots and a web chat page")
     _add_model_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -153,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run(RunArgs(
-                model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, n_predict=args.n_predict,
-                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, params=_sampling_params(args),
                 ctx_size=args.ctx_size, threads=args.threads, prefill=args.prefill,
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
                 cache=_cache_config(args),
@@ -171,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             return quality(QualityArgs(model=args.model, text_file=args.text_file, cache_types=args.cache_types,
                                        turbo_block=args.turbo_block, threads=args.threads, prefill=args.prefill,
                                        max_tokens=args.max_tokens, as_json=args.json, plot=args.plot))
+        if args.command == "chat":
+            from turbollm.terminal_chat import ChatArgs, chat
+            return chat(ChatArgs(model=args.model, params=_sampling_params(args), ctx_size=args.ctx_size,
+                                 threads=args.threads, system=args.system, think=args.think, prefill=args.prefill,
+                                 cache=_cache_config(args)))
         if args.command == "serve":
             from turbollm.server.run import ServeArgs, serve
             return serve(ServeArgs(model=args.model, host=args.host, port=args.port, ctx_size=args.ctx_size,
@@ -191,6 +187,26 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return 2
+
+
+def _sampling_flags(p: argparse.ArgumentParser, n_predict: int = 256) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=n_predict, help=f"tokens to generate at most (default {n_predict})")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1.0 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1.0 = off (default)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repetition penalty looks back at (default 64)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: the model's training context)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _sampling_params(args):
+    from turbollm.engine.sampler import SamplingParams
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                          max_tokens=args.n_predict)
 
 
 def _prefill_flag(p: argparse.ArgumentParser) -> None:
@@ -254,13 +270,10 @@ def _read_prompt(a: RunArgs) -> str:
 def run(a: RunArgs) -> int:
     from turbollm.api import Model
     from turbollm.engine.generate import GenerationStats
-    from turbollm.engine.sampler import SamplingParams
     from turbollm.memory import mib, peak_rss_bytes, rss_breakdown
 
     prompt = _read_prompt(a)
-    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                            repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed,
-                            max_tokens=a.n_predict)
+    params = a.params
     model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache)
     if a.verbose:
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
