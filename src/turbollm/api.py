@@ -22,6 +22,7 @@ from turbollm import chat, kernels
 from turbollm.config import ModelConfig
 from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import SamplingParams
+from turbollm.engine.speculative import NgramDrafter, SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.cache import CacheConfig, plan_kv
@@ -58,20 +59,33 @@ class StreamPiece:
 
 class Model:
     def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, network: Gemma,
-                 ctx_size: int, load_seconds: float, cache: CacheConfig = CacheConfig()):
+                 ctx_size: int, load_seconds: float, cache: CacheConfig = CacheConfig(),
+                 spec: SpecConfig = SpecConfig(), assistant=None):
         self.gguf, self.config, self.tokenizer, self.network = gguf, config, tokenizer, network
         self.ctx_size, self.load_seconds, self.cache = ctx_size, load_seconds, cache
+        self.spec, self.assistant = spec, assistant  # speculative decoding; the MTP head (models/assistant.py)
+
+    def new_drafter(self, cache):
+        """The drafter of one sequence (None without speculative decoding)."""
+        if self.spec.kind == "ngram":
+            return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
+        if self.spec.kind == "mtp":
+            return self.assistant.drafter(self.network, cache, self.spec.draft_p_min)
+        return None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
              threads: int | None = None, device: str = "cpu", backend: str = "auto",
-             prefill: str = "auto", cache: CacheConfig = CacheConfig()) -> "Model":
+             prefill: str = "auto", cache: CacheConfig = CacheConfig(), spec: SpecConfig = SpecConfig(),
+             draft_model: str | os.PathLike[str] | None = None) -> "Model":
         """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
         context; a larger value is refused rather than silently accepted. `backend` picks the
         kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
         (exact float32 PyTorch, any device). `prefill` is the fast backend's prefill GEMM
         precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16"). `cache` sets
-        the KV cache codecs and layout (kv.cache.CacheConfig: f16 K and V by default, as llama.cpp)."""
+        the KV cache codecs and layout (kv.cache.CacheConfig: f16 K and V by default, as llama.cpp).
+        `spec` turns on speculative decoding (engine/speculative.py: prompt lookup, or the MTP
+        assistant head in the GGUF `draft_model`, checked against this model)."""
         start = time.perf_counter()
         if threads is not None and threads <= 0:
             raise TurbollmError(f"--threads must be positive, got {threads}")
@@ -95,7 +109,15 @@ class Model:
             plan_kv(network.kv_layout(), 1, cache)  # every codec fits the head sizes
         except ValueError as e:
             raise TurbollmError(str(e)) from None
-        return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start, cache)
+        assistant = None
+        if spec.kind == "mtp" or draft_model is not None:
+            if draft_model is None:
+                raise TurbollmError("--spec-type mtp needs the assistant head: -md/--model-draft FILE (or --mtp-head FILE)")
+            if spec.kind != "mtp":
+                raise TurbollmError(f"a draft model was given with --spec-type {spec.kind}: use --spec-type mtp (draft-mtp)")
+            from turbollm.models.assistant import Assistant
+            assistant = Assistant.load(draft_model, network, device)
+        return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start, cache, spec, assistant)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
@@ -123,7 +145,8 @@ class Model:
         stats = stats if stats is not None else GenerationStats()
         text = OutputText(self.tokenizer, params.stop)
         tokens = generate_tokens(self.network, prompt_ids, params, eog_ids=self.tokenizer.eog_ids,
-                                 ctx_size=self.ctx_size, stats=stats, cache_config=self.cache)
+                                 ctx_size=self.ctx_size, stats=stats, cache_config=self.cache, spec=self.spec,
+                                 make_drafter=self.new_drafter if self.spec.enabled else None)
         for token in tokens:
             if generated is not None:
                 generated.append(token)

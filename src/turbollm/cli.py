@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from turbollm.engine.sampler import SamplingParams
+from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
 
@@ -31,6 +32,8 @@ class RunArgs:
     verbose: bool
     prefill: str = "auto"
     cache: CacheConfig = CacheConfig()
+    spec: SpecConfig = SpecConfig()
+    draft_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system message (implies --chat)")
     _prefill_flag(run)
     _cache_flags(run)
+    _spec_flags(run)
     run.add_argument("-v", "--verbose", action="store_true", help="print load time, memory and speed to stderr")
 
     bench = sub.add_parser("bench", help="measure prompt and decode speed (llama-bench's tests and flags)")
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
     _prefill_flag(bench)
     _cache_flags(bench)
+    _spec_flags(bench)
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     quality = sub.add_parser("quality", help="measure what KV cache types cost: perplexity, KL and top-1 vs f16, bytes")
@@ -114,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering (shown dimmed)")
     _prefill_flag(chat)
     _cache_flags(chat)
+    _spec_flags(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with parallel slots and a web chat page")
     _add_model_flag(serve)
@@ -134,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accepted for llama-server scripts: the GGUF's chat template is always used when present")
     _prefill_flag(serve)
     _cache_flags(serve)
+    _spec_flags(serve)
 
     inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
     inspect.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, params=_sampling_params(args),
                 ctx_size=args.ctx_size, threads=args.threads, prefill=args.prefill,
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
-                cache=_cache_config(args),
+                cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft,
             ))
         if args.command == "bench":
             from turbollm.bench import BenchSettings
@@ -166,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             from turbollm.terminal_chat import ChatArgs, chat
             return chat(ChatArgs(model=args.model, params=_sampling_params(args), ctx_size=args.ctx_size,
                                  threads=args.threads, system=args.system, think=args.think, prefill=args.prefill,
-                                 cache=_cache_config(args)))
+                                 cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft))
         if args.command == "serve":
             from turbollm.server.run import ServeArgs, serve
             return serve(ServeArgs(model=args.model, host=args.host, port=args.port, ctx_size=args.ctx_size,
                                    parallel=args.parallel, threads=args.threads, batch_size=args.batch_size,
                                    api_key=args.api_key, alias=args.alias, reasoning=args.reasoning,
-                                   prefill=args.prefill, cache=_cache_config(args)))
+                                   prefill=args.prefill, cache=_cache_config(args), spec=_spec_config(args),
+                                   draft_model=args.model_draft))
         if args.command == "inspect":
             return inspect(InspectArgs(model=args.model, tensors=args.tensors))
     except TurbollmError as e:
@@ -207,6 +215,31 @@ def _sampling_params(args):
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
                           max_tokens=args.n_predict)
+
+
+def _spec_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding, with both spellings in users' scripts: upstream llama.cpp's
+    (-md, --spec-type draft-mtp, --spec-draft-n-max) and the MTP forks' (--mtp-head,
+    --spec-type mtp, --draft-max/--draft-min/--draft-block-size/--draft-p-min)."""
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--spec-type", type=str.lower, default=None, choices=("none", "ngram", "mtp", "draft-mtp"),
+                   help="ngram: prompt lookup (no extra file); mtp / draft-mtp: a Gemma 4 assistant head (-md FILE)")
+    g.add_argument("-md", "--model-draft", "--mtp-head", dest="model_draft", default=None, metavar="FILE",
+                   help="the assistant head GGUF (gemma4-assistant) for --spec-type mtp")
+    g.add_argument("--spec-draft-n-max", "--draft-max", "--draft-block-size", dest="draft_max", type=int, default=8,
+                   metavar="N", help="tokens drafted per round at most (default 8)")
+    g.add_argument("--spec-draft-n-min", "--draft-min", dest="draft_min", type=int, default=1, metavar="N",
+                   help="fewer drafted tokens than this: decode that step plainly (default 1)")
+    g.add_argument("--spec-draft-p-min", "--draft-p-min", dest="draft_p_min", type=float, default=0.0, metavar="P",
+                   help="MTP: stop a round's drafting when the head's own probability falls below P (default 0)")
+    g.add_argument("--spec-ngram-min", type=int, default=2, metavar="N", help="prompt lookup: shortest n-gram to match (default 2)")
+    g.add_argument("--spec-ngram-max", type=int, default=4, metavar="N", help="prompt lookup: longest n-gram to match (default 4)")
+
+
+def _spec_config(args) -> SpecConfig:
+    kind = args.spec_type or ("mtp" if args.model_draft else "none")
+    return SpecConfig("mtp" if kind == "draft-mtp" else kind, args.draft_max, args.draft_min, args.spec_ngram_min,
+                      args.spec_ngram_max, args.draft_p_min)
 
 
 def _prefill_flag(p: argparse.ArgumentParser) -> None:
@@ -274,7 +307,8 @@ def run(a: RunArgs) -> int:
 
     prompt = _read_prompt(a)
     params = a.params
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache)
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
+                       spec=a.spec, draft_model=a.draft_model)
     if a.verbose:
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
         print(f"load time = {model.load_seconds:.2f} s, after load: {rss_breakdown()}", file=sys.stderr)
@@ -294,7 +328,9 @@ def run(a: RunArgs) -> int:
         if stats.kv_summary:
             print(stats.kv_summary, file=sys.stderr)
         print(f"prompt: {stats.n_prompt} tokens in {stats.prompt_seconds:.3f} s ({stats.prompt_tokens_per_second:.1f} tok/s)", file=sys.stderr)
-        print(f"decode: {stats.n_decode_steps} tokens in {stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.2f} tok/s), "
+        if model.spec.enabled:
+            print(stats.spec.summary(), file=sys.stderr)
+        print(f"decode: {stats.n_decode_tokens} tokens in {stats.decode_seconds:.3f} s ({stats.decode_tokens_per_second:.2f} tok/s), "
               f"{stats.n_generated} generated, finish: {stats.finish_reason}", file=sys.stderr)
         print(f"peak RSS = {mib(peak_rss_bytes())}, now: {rss_breakdown()}", file=sys.stderr)
     return 0

@@ -192,7 +192,21 @@ def _gemma3(keys: _Keys) -> ModelConfig:
     )
 
 
-def _gemma4(keys: _Keys) -> ModelConfig:
+def assistant_config(md: dict[str, Any], where: str) -> tuple[ModelConfig, int]:
+    """A Gemma 4 MTP assistant head (`gemma4-assistant`, llama.cpp `src/models/gemma4-assistant.cpp`):
+    its layers as a Gemma 4 config (every layer reads the target's K/V, so none counts as
+    KV-shared here), and the target width it was trained against (`embedding_length_out`)."""
+    arch = md.get("general.architecture")
+    if arch != "gemma4-assistant":
+        raise GGUFError(f"{where}: architecture '{arch}' is not a Gemma 4 assistant head (gemma4-assistant)")
+    keys = _Keys(md, arch, where)
+    try:
+        return _gemma4(keys, kv_from_target=True), keys.positive_int("embedding_length_out")
+    except ValueError as e:
+        raise GGUFError(f"{where}: {e}") from None
+
+
+def _gemma4(keys: _Keys, kv_from_target: bool = False) -> ModelConfig:
     """Gemma 4 (llama.cpp `src/models/gemma4.cpp`): per-layer sliding/global pattern with its own
     head size and KV heads for each type, no query scaling (QK-norm), V normed, optional MoE,
     Per-Layer Embeddings and KV sharing, soft-capped logits."""
@@ -229,7 +243,7 @@ def _gemma4(keys: _Keys) -> ModelConfig:
         final_logit_softcap=float(keys.get("final_logit_softcapping", 0.0) or 0.0),
         embed_scale=math.sqrt(n_embd),
         v_norm=True,
-        n_kv_shared=int(keys.get("attention.shared_kv_layers", 0) or 0),
+        n_kv_shared=0 if kv_from_target else int(keys.get("attention.shared_kv_layers", 0) or 0),
         n_expert=n_expert,
         n_expert_used=int(keys.get("expert_used_count", 0) or 0) if n_expert else 0,
         n_ff_expert=keys.positive_int("expert_feed_forward_length") if n_expert else 0,

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from turbollm.engine.sampler import SamplingParams
+from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
 
@@ -28,6 +29,8 @@ class ChatArgs:
     think: bool = False
     prefill: str = "auto"
     cache: CacheConfig = CacheConfig()
+    spec: SpecConfig = SpecConfig()
+    draft_model: str | None = None
 
 
 def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
@@ -35,7 +38,8 @@ def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tty = stdout.isatty()
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache)
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
+                       spec=a.spec, draft_model=a.draft_model)
     print(f"{model.gguf.path.name}: {model.ctx_size} tokens of context. /clear starts over, /exit quits.", file=stdout)
     messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     n_system = len(messages)

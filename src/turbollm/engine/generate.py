@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from turbollm.engine.sampler import Sampler, SamplingParams
+from turbollm.engine.speculative import Drafter, SpecConfig, SpecStats, accept, timed_propose
 from turbollm.errors import ContextLengthError
 from turbollm.kv.cache import CacheConfig, KVCache
 
 
 class CausalLM(Protocol):
     def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache: ...
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+    def forward(self, ids: torch.Tensor, cache: KVCache, commit: bool = True) -> torch.Tensor: ...
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -30,10 +32,12 @@ class GenerationStats:
     n_prompt: int = 0
     n_generated: int = 0
     prompt_seconds: float = 0.0  # prefill, up to the logits of the first new token
-    n_decode_steps: int = 0  # single-token forward passes after the prompt
+    n_decode_steps: int = 0  # forward passes after the prompt (one token each, or a speculative round)
+    n_decode_tokens: int = 0  # tokens those passes produced (more than the passes when drafts are accepted)
     decode_seconds: float = 0.0
     finish_reason: str = ""  # "stop" (end-of-generation token or stop string) or "length"
     kv_summary: str = ""  # what the request's KV cache is and costs (KVCache.describe)
+    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding, when on
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -41,7 +45,7 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return self.n_decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        return self.n_decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 def generate_tokens(
@@ -54,9 +58,14 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     n_batch: int = 512,
     cache_config: CacheConfig = CacheConfig(),
+    spec: SpecConfig = SpecConfig(),
+    make_drafter: Callable[[KVCache], Drafter] | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until an end-of-generation token (not yielded), `max_tokens`,
-    or the end of the context. `stats.finish_reason` says which."""
+    or the end of the context. `stats.finish_reason` says which. With `make_drafter` (given
+    the request's cache, it returns the drafter: engine/speculative.py), decode verifies up to
+    `spec.draft_max` drafted tokens per forward; the tokens are the same as without it (greedy)
+    or distributed the same (sampling)."""
     stats = stats if stats is not None else GenerationStats()
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -82,18 +91,46 @@ def generate_tokens(
         hidden = model.forward(chunk, cache)
     logits = model.logits(hidden[-1:])[0]
     stats.prompt_seconds = time.perf_counter() - start
+    drafter = make_drafter(cache) if make_drafter is not None else None
+    if drafter is not None:
+        _observe(drafter, hidden[-1])
 
+    pending = [sampler(logits, history)]  # sampled tokens not yet yielded; the last is not in the cache
     while True:
-        token = sampler(logits, history)
-        if token in eog_ids:
-            stats.finish_reason = "stop"
-            return
-        stats.n_generated += 1
-        history.append(token)
-        yield token
-        if stats.n_generated >= max_new:
-            return
+        for token in pending:
+            if token in eog_ids:
+                stats.finish_reason = "stop"
+                return
+            stats.n_generated += 1
+            history.append(token)
+            yield token
+            if stats.n_generated >= max_new:
+                return
         start = time.perf_counter()
-        logits = model.logits(model.forward(torch.tensor([token], dtype=torch.int64), cache))[0]
+        # a round emits at most drafts + 1 tokens: never draft past max_new (nor the cache)
+        n_max = min(spec.draft_max, max_new - stats.n_generated - 1)
+        drafts = timed_propose(drafter, history, n_max, stats.spec) if drafter is not None and n_max >= spec.draft_min else []
+        if len(drafts) >= spec.draft_min:
+            hidden = model.forward(torch.tensor([history[-1]] + drafts, dtype=torch.int64), cache, commit=False)
+            pending, n_accepted = accept(sampler, model.logits(hidden), history, drafts)
+            cache.advance(1 + n_accepted)
+            stats.spec.n_rounds += 1
+            stats.spec.n_drafted += len(drafts)
+            stats.spec.n_accepted += n_accepted
+            last_row = hidden[n_accepted]
+        else:
+            hidden = model.forward(torch.tensor([history[-1]], dtype=torch.int64), cache)
+            pending, last_row = [sampler(model.logits(hidden)[0], history)], hidden[-1]
+        if drafter is not None:
+            _observe(drafter, last_row)
         stats.decode_seconds += time.perf_counter() - start
         stats.n_decode_steps += 1
+        stats.n_decode_tokens += len(pending)
+
+
+def _observe(drafter: Drafter, hidden_row: torch.Tensor) -> None:
+    """Tell a drafter that wants it the target's final-normed hidden row of the last committed
+    position (the row that produced the pending token): the MTP head's input."""
+    observe = getattr(drafter, "observe", None)
+    if observe is not None:
+        observe(hidden_row)

@@ -54,12 +54,22 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits [n_vocab] of the next position; history = every token so far (prompt included)."""
+        ids, probs = self.distribution(logits, history)
+        if self.params.greedy:
+            return int(ids[0])
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return int(ids[choice])
+
+    def distribution(self, logits: torch.Tensor, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distribution the next token is drawn from: candidate ids [K] and their
+        probabilities [K] (summing to 1). Greedy: the argmax alone, probability 1.
+        Speculative decoding accepts drafts against it (engine/speculative.py)."""
         p = self.params
         logits = logits.detach().to("cpu", torch.float32)
         if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
             logits = _apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
         if p.greedy:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits).view(1), torch.ones(1)
         if p.top_k > 0 and p.top_k < logits.numel():
             values, ids = torch.topk(logits, p.top_k)
         else:
@@ -72,9 +82,11 @@ class Sampler:
         if p.min_p > 0.0:
             keep = min(keep, max(1, int((probs[:keep] >= p.min_p * probs[0]).sum())))
         values, ids = values[:keep], ids[:keep]
-        probs = torch.softmax(values / p.temperature, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=self.generator)
-        return int(ids[choice])
+        return ids, torch.softmax(values / p.temperature, dim=-1)
+
+    def uniform(self) -> float:
+        """A draw in [0, 1) from this sampler's seeded generator."""
+        return float(torch.rand(1, generator=self.generator))
 
 
 def _apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:

@@ -42,8 +42,8 @@ _SIGNATURES = {
     "tl_matmul_multi": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P, _I64, _P, _I64, _P]),
     "tl_moe_block": (ctypes.c_int, [ctypes.c_void_p, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, ctypes.c_int]),
-    "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, ctypes.c_int,
-                                          _P, _P, _P, _P, _P]),
+    "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64,
+                                          ctypes.c_int, _P, _P, _P, _P, _P]),
     "tl_kv_encode": (ctypes.c_int, [_P, _P, _I64, _I64, _P]),
     "tl_attention_kv": (ctypes.c_int, [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int,
                                        ctypes.c_float, _I64, ctypes.c_float, _P]),
@@ -352,7 +352,7 @@ def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: to
     rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin),
                                  ctypes.byref(kv_codec(plan.k)), ctypes.byref(kv_codec(plan.v)), _ptr(slots.k),
                                  _ptr(slots.v), _ptr(slots.positions), slots.n_keys, _ptr(slots.tail_k),
-                                 _ptr(slots.tail_v), int(slots.store), _tensor_ptr(slots.k_offset),
+                                 _ptr(slots.tail_v), _ptr(slots.tail_positions), slots.tail_k.shape[0], int(slots.store), _tensor_ptr(slots.k_offset),
                                  _tensor_ptr(slots.k_scale), _tensor_ptr(slots.k_offset_set), _ptr(positions), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native attention block failed ({rc})")

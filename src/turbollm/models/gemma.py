@@ -52,9 +52,11 @@ class GemmaLayer:
     out_scale: torch.Tensor | None = None  # Gemma 4 layer_output_scale, shape (1,)
 
 
-def _load_layer(t: TensorLoader, cfg: ModelConfig, il: int) -> GemmaLayer:
+def load_layer(t: TensorLoader, cfg: ModelConfig, il: int, has_kv: bool | None = None) -> GemmaLayer:
+    """Layer `il`'s weights; has_kv=False for a layer with only a query projection (a KV-shared
+    layer, or an MTP assistant's layer reading the target's K/V)."""
     p, d, hd, n_kv, ff = f"blk.{il}.", cfg.n_embd, cfg.head_dim[il], cfg.n_head_kv[il], cfg.n_ff[il]
-    has_kv = cfg.has_kv(il)
+    has_kv = cfg.has_kv(il) if has_kv is None else has_kv
     attn = AttentionBlock(
         norm=t.dense(p + "attn_norm.weight", (d,)),
         wq=t.quantized(p + "attn_q.weight", (cfg.n_head * hd, d)),
@@ -120,7 +122,7 @@ class Gemma:
         d = cfg.n_embd
         token_embd = t.quantized("token_embd.weight", (cfg.n_vocab, d))
         output = t.optional_quantized("output.weight", (cfg.n_vocab, d)) or token_embd
-        layers = [_load_layer(t, cfg, il) for il in range(cfg.n_layer)]
+        layers = [load_layer(t, cfg, il) for il in range(cfg.n_layer)]
         ple = None
         if cfg.n_embd_per_layer:
             width = cfg.n_layer * cfg.n_embd_per_layer

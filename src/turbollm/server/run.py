@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
 
@@ -24,6 +25,8 @@ class ServeArgs:
     reasoning: str = "auto"  # "on", "off", "auto" (on for Gemma 4)
     prefill: str = "auto"
     cache: CacheConfig = CacheConfig()
+    spec: SpecConfig = SpecConfig()
+    draft_model: str | None = None
 
 
 def build(a: ServeArgs):
@@ -36,7 +39,8 @@ def build(a: ServeArgs):
         raise TurbollmError(f"--parallel must be positive, got {a.parallel}")
     if a.batch_size <= 0:
         raise TurbollmError(f"--batch-size must be positive, got {a.batch_size}")
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache)
+    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
+                       spec=a.spec, draft_model=a.draft_model)
     slot_ctx = model.ctx_size // a.parallel
     if slot_ctx < 2:
         raise TurbollmError(f"--ctx-size {model.ctx_size} split over --parallel {a.parallel} leaves {slot_ctx} tokens per slot")

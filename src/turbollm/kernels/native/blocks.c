@@ -54,9 +54,11 @@ static void norm_rope(float *x, int64_t n_tok, int64_t n_head, int64_t d, const 
 
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
-                       const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, int store,
+                       const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, const int64_t *tail_pos,
+                       int64_t n_tail, int store,
                        float *k_offset, float *k_scale, int32_t *k_offset_set, const int64_t *q_pos, float *out) {
     const int64_t D = b->n_embd, hd = b->head_dim, q_dim = b->n_head * hd, kv_dim = b->n_kv * hd;
+    if (store && n_tail != n_tok) return -2;  /* bad shape: a storing layer's tail is its new tokens */
     float *a = malloc(sizeof(float) * (size_t)(n_tok * D));
     float *q = malloc(sizeof(float) * (size_t)(n_tok * q_dim));
     float *att = malloc(sizeof(float) * (size_t)(n_tok * q_dim));
@@ -94,7 +96,7 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
             rc = -4;
     }
     if (rc == 0) {
-        const tl_kv_segment segs[2] = {{k_slots, v_slots, slot_pos, n_slots}, {tail_k, tail_v, q_pos, n_tok}};
+        const tl_kv_segment segs[2] = {{k_slots, v_slots, slot_pos, n_slots}, {tail_k, tail_v, tail_pos, n_tail}};
         rc = tl_attention_kv(q, q_pos, n_tok, b->n_head, b->n_kv, hd, kc, vc, k_offset, k_scale, segs, 2, b->scale,
                              b->window, b->softcap, att);
     }

@@ -139,11 +139,13 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
  * queries [n_tok, n_head, d] (RoPE applied; NULL: every channel weighs the same) */
 int tl_key_conditioning(const float *k, const float *q, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
                         float *offset, float *scale);
-/* the new tokens' K/V are encoded into tail_k/tail_v (store) or read from there (a KV-shared
- * layer); attention runs over the n_slots committed slots, then the tail at positions q_pos */
+/* the new tokens' K/V are encoded into tail_k/tail_v (store: n_tail == n_tok) or read from
+ * there (a KV-shared layer; an MTP head reads an empty tail, n_tail 0); attention runs over
+ * the n_slots committed slots, then the n_tail tail rows at positions tail_pos */
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
-                       const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, int store,
+                       const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, const int64_t *tail_pos,
+                       int64_t n_tail, int store,
                        float *k_offset, float *k_scale, int32_t *k_offset_set, const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
 typedef struct {
