@@ -90,3 +90,12 @@ def test_bench_at_depth_starts_every_run_from_the_same_prefilled_context(gemma3_
     assert "KV cache q8_0/turbo3" in report.backend
     # the largest cache held the depth and the pp4 test: 604 positions
     assert report.max_kv_bytes == plan_kv(gemma3_model.network.kv_layout(), 604, settings.cache).nbytes
+
+
+def test_bench_spec_type_compares_plain_and_speculative_decoding(capsys):
+    assert main(["bench", "--spec-type", "ngram", "-n", "48", "-r", "1", "-t", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["identical"] is True and out["spec"] == "ngram" and out["n_gen"] == 48
+    assert out["acceptance"] > 0.5 and len(out["plain_ts"]) == len(out["spec_ts"]) == 1
+    assert main(["bench", "--spec-type", "ngram", "-n", "8", "-r", "1"]) == 0
+    assert "draft acceptance rate = " in capsys.readouterr().out

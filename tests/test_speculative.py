@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from turbollm import Model, SamplingParams
+from turbollm.bench_spec import copy_task_prompt
 from turbollm.engine.generate import GenerationStats
 from turbollm.engine.sampler import Sampler
 from turbollm.engine.speculative import NgramDrafter, SpecConfig, accept
@@ -20,12 +21,6 @@ from conftest import REFERENCE_DIR
 
 ASSISTANT = REFERENCE_DIR / "gemma4-tiny-assistant"
 TARGET = REFERENCE_DIR / "gemma4-tiny-moe"
-
-
-def copy_task_prompt() -> str:
-    from importlib import resources
-    text = resources.files("turbollm.data").joinpath("quality_text.txt").read_text(encoding="utf-8")
-    return f"Rewrite the following paragraph, correcting any errors.\n\nParagraph:\n{text[:1200]}\n\nRewritten paragraph:\n"
 
 
 # ---- prompt lookup -----------------------------------------------------------------------
@@ -184,3 +179,25 @@ def test_a_head_for_another_model_is_refused_with_the_reasons(default_model_path
         Model.load(TARGET / "gemma4-tiny-moe-Q4_0.gguf", spec=SpecConfig("mtp"))
     with pytest.raises(TurbollmError, match="is not a Gemma 4 assistant head"):
         Model.load(TARGET / "gemma4-tiny-moe-Q4_0.gguf", spec=SpecConfig("mtp"), draft_model=TARGET / "gemma4-tiny-moe-Q4_0.gguf")
+
+
+# ---- per slot in the serving engine ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ngram", "mtp"])
+def test_speculation_in_the_serving_engine_gives_the_tokens_of_plain_decoding(kind, default_model_path):
+    from test_engine import run_all
+    from turbollm.engine.serving import Engine
+    if kind == "ngram":
+        path, draft, prompts = default_model_path, None, [copy_task_prompt(), "The capital of France is", "1, 2, 3, 4,"]
+    else:
+        path, draft = TARGET / "gemma4-tiny-moe-Q4_0.gguf", ASSISTANT / "gemma4-tiny-assistant-Q4_0.gguf"
+        prompts = ["The quick brown fox jumps", "Once upon a time", "A train leaves the station"]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    plain = Model.load(path, ctx_size=2048)
+    spec = Model.load(path, ctx_size=2048, spec=SpecConfig(kind, draft_max=6), draft_model=draft)
+    engine = Engine(spec, n_slots=2, slot_ctx=1024)
+    seqs, _ = run_all(engine, prompts, params)
+    assert [s.generated for s in seqs] == [plain.generate(p, params).token_ids for p in prompts]
+    assert engine.counters.spec.n_rounds > 0 and engine.counters.spec.n_drafted > 0
+    if kind == "ngram":
+        assert engine.counters.spec.n_accepted > 20  # the copy task copies

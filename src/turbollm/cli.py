@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prefill_flag(bench)
     _cache_flags(bench)
     _spec_flags(bench)
+    bench.add_argument("-f", "--file", dest="spec_prompt_file", default=None,
+                       help="with --spec-type: the prompt to continue (default: rewrite a paragraph of the bundled text)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     quality = sub.add_parser("quality", help="measure what KV cache types cost: perplexity, KL and top-1 vs f16, bytes")
@@ -158,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
                 cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft,
             ))
+        if args.command == "bench" and _spec_config(args).enabled:
+            from turbollm.bench_spec import SpecBenchSettings
+            return bench_spec(SpecBenchSettings(model=args.model, spec=_spec_config(args), draft_model=args.model_draft,
+                                                prompt=_read_prompt_file(args.spec_prompt_file), n_gen=args.n_gen[0],
+                                                repetitions=args.repetitions,
+                                                threads=args.threads, cache=_cache_config(args)), args.json)
         if args.command == "bench":
             from turbollm.bench import BenchSettings
             return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
@@ -290,11 +298,7 @@ def _read_prompt(a: RunArgs) -> str:
     if a.prompt is not None:
         return a.prompt
     if a.prompt_file is not None:
-        try:
-            with open(a.prompt_file, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TurbollmError(f"cannot read prompt file {a.prompt_file}: {e}") from None
+        return _read_prompt_file(a.prompt_file)
     if sys.stdin.isatty():
         raise TurbollmError("no prompt: pass -p TEXT, -f FILE, or pipe text to standard input")
     return sys.stdin.read()
@@ -348,6 +352,26 @@ def bench(settings, as_json: bool) -> int:
     report = run_bench(settings, progress)
     print(json.dumps(report.to_json(), indent=2) if as_json else format_table(report))
     return 0
+
+
+def bench_spec(settings, as_json: bool) -> int:
+    import json
+
+    from turbollm.bench_spec import format_spec_report, run_spec_bench
+
+    report = run_spec_bench(settings)
+    print(json.dumps(report.to_json(), indent=2) if as_json else format_spec_report(report))
+    return 0 if report.identical else 1
+
+
+def _read_prompt_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TurbollmError(f"cannot read prompt file {path}: {e}") from None
 
 
 def quality(a: QualityArgs) -> int:

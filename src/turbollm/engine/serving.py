@@ -2,8 +2,9 @@
 
 Each iteration (`step`): drop finished and cancelled sequences (their KV caches go at once),
 let the scheduler admit waiting ones, decode one token of every running sequence in one
-batched forward, feed one prompt chunk, sample, and hand each new piece of text to its
-request's callback. Each slot has `slot_ctx` tokens of context (llama-server: --ctx-size /
+batched forward (a sequence whose drafter proposes tokens verifies them in a forward of its
+own instead: speculative decoding per slot), feed one prompt chunk, sample, and hand each new
+piece of text to its request's callback. Each slot has `slot_ctx` tokens of context (llama-server: --ctx-size /
 --parallel); a request that cannot fit is refused by `submit`, never truncated.
 """
 
@@ -20,6 +21,7 @@ import torch
 from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.sequence import Event, Sequence, SeqState
+from turbollm.engine.speculative import SpecStats, accept, timed_propose
 from turbollm.engine.text import OutputText
 from turbollm.errors import ContextLengthError
 
@@ -36,9 +38,11 @@ class EngineCounters:
     n_decode_rows: int = 0  # sequence-tokens decoded in them (a step of 4 sequences counts 4)
     n_requests: int = 0
     n_finished: dict[str, int] | None = None
+    spec: SpecStats | None = None  # speculative decoding over all requests
 
     def __post_init__(self) -> None:
-        self.n_finished = {}
+        self.n_finished, self.spec = {}, SpecStats()
+
 
 
 class Engine:
@@ -145,19 +149,29 @@ class Engine:
             self._finish(seq, "length")
             return
         seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
+        seq.drafter = self.model.new_drafter(seq.cache)
         self._texts[seq.seq_id] = OutputText(self.tokenizer, seq.params.stop)
 
     def _forward(self, plan: StepPlan) -> None:
         decode = [s for s in plan.decode if not s.is_finished]
-        if decode:
+        plain = []
+        for seq in decode:  # a sequence with drafts worth checking verifies them on its own
+            drafts = self._drafts(seq)
+            if drafts:
+                self._verify(seq, drafts)
+            else:
+                plain.append(seq)
+        if plain:
             start = time.perf_counter()
-            ids = [torch.tensor([s.next_token], dtype=torch.int64) for s in decode]
-            logits = self.network.logits(self.network.forward_batch(ids, [s.cache for s in decode]))
+            ids = [torch.tensor([s.next_token], dtype=torch.int64) for s in plain]
+            hidden = self.network.forward_batch(ids, [s.cache for s in plain])
+            logits = self.network.logits(hidden)
             self.counters.decode_seconds += time.perf_counter() - start
             self.counters.n_decode_steps += 1
-            self.counters.n_decode_rows += len(decode)
-            for seq, row in zip(decode, logits):
-                self._sample(seq, row)
+            self.counters.n_decode_rows += len(plain)
+            for seq, row, h in zip(plain, logits, hidden):
+                self._observe(seq, h)
+                self._emit(seq, seq.sampler(row, seq.history))
         seq = plan.prefill
         if seq is not None and not seq.is_finished:
             a, b = plan.prefill_range
@@ -169,12 +183,45 @@ class Engine:
                 seq.state = SeqState.DECODE
                 logits = self.network.logits(hidden[-1:])[0]
                 self.counters.prompt_seconds += time.perf_counter() - start
-                self._sample(seq, logits)
+                self._observe(seq, hidden[-1])
+                self._emit(seq, seq.sampler(logits, seq.history))
             else:
                 self.counters.prompt_seconds += time.perf_counter() - start
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token = seq.sampler(logits, seq.history)
+    def _drafts(self, seq: Sequence) -> list[int]:
+        spec = self.model.spec
+        n_max = min(spec.draft_max, seq.max_new - len(seq.generated) - 1)  # never past max_tokens
+        if seq.drafter is None or n_max < spec.draft_min:
+            return []
+        drafts = timed_propose(seq.drafter, seq.history, n_max, self.counters.spec)
+        return drafts if len(drafts) >= spec.draft_min else []
+
+    def _verify(self, seq: Sequence, drafts: list[int]) -> None:
+        """One speculative round (engine/speculative.py): the pending token and the drafts in
+        one forward, the accepted ones committed, each output token emitted in turn."""
+        start = time.perf_counter()
+        hidden = self.network.forward(torch.tensor([seq.next_token] + drafts, dtype=torch.int64), seq.cache, commit=False)
+        tokens, n_accepted = accept(seq.sampler, self.network.logits(hidden), seq.history, drafts)
+        seq.cache.advance(1 + n_accepted)
+        self.counters.decode_seconds += time.perf_counter() - start
+        self.counters.n_decode_steps += 1
+        self.counters.n_decode_rows += len(tokens)
+        stats = self.counters.spec
+        stats.n_rounds, stats.n_drafted, stats.n_accepted = stats.n_rounds + 1, stats.n_drafted + len(drafts), stats.n_accepted + n_accepted
+        self._observe(seq, hidden[n_accepted])
+        for token in tokens:
+            self._emit(seq, token)
+            if seq.is_finished:
+                return
+
+    @staticmethod
+    def _observe(seq: Sequence, hidden_row: torch.Tensor) -> None:
+        observe = getattr(seq.drafter, "observe", None)
+        if observe is not None:
+            observe(hidden_row)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        """A sampled token: end of generation, or text out and the sequence's next input."""
         if token in self.tokenizer.eog_ids:
             self._finish(seq, "stop")
             return
@@ -197,7 +244,7 @@ class Engine:
         if text is not None and reason in ("stop", "length"):
             for channel, piece in text.flush():
                 seq.on_event(Event(piece, channel))
-        seq.state, seq.finish_reason, seq.cache = SeqState.FINISHED, reason, None
+        seq.state, seq.finish_reason, seq.cache, seq.drafter = SeqState.FINISHED, reason, None, None
         seq.t_finished = time.perf_counter()
         self.counters.n_finished[reason] = self.counters.n_finished.get(reason, 0) + 1
         try:

@@ -29,6 +29,11 @@ class _EngineCollector:
                                 value=c.n_prompt_tokens / c.prompt_seconds if c.prompt_seconds else 0.0)
         yield GaugeMetricFamily("turbollm_generation_tokens_per_second", "average decode throughput (all slots)",
                                 value=c.n_decode_rows / c.decode_seconds if c.decode_seconds else 0.0)
+        spec = c.spec
+        yield CounterMetricFamily("turbollm_draft_tokens", "speculative tokens drafted", value=spec.n_drafted)
+        yield CounterMetricFamily("turbollm_draft_accepted_tokens", "speculative tokens accepted", value=spec.n_accepted)
+        yield CounterMetricFamily("turbollm_draft_rounds", "speculative verify forwards", value=spec.n_rounds)
+        yield GaugeMetricFamily("turbollm_draft_acceptance_ratio", "accepted / drafted tokens", value=spec.acceptance)
         yield GaugeMetricFamily("turbollm_requests_running", "requests in a slot", value=e.n_running)
         yield GaugeMetricFamily("turbollm_requests_waiting", "requests waiting for a slot", value=e.n_waiting)
         yield GaugeMetricFamily("turbollm_kv_cache_bytes", "KV cache bytes allocated to running requests", value=e.kv_bytes_in_use)
