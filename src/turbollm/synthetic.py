@@ -101,6 +101,29 @@ def tensor_plan(s: Gemma4Shape) -> list[tuple[str, tuple[int, ...], QType]]:
     return plan
 
 
+def architecture_metadata(s: Gemma4Shape) -> dict:
+    """The `gemma4.*` keys of the file (what ModelConfig reads), without the vocabulary."""
+    a = "gemma4."
+    swa = [s.is_swa(il) for il in range(s.n_layer)]
+    md = {a + key: value for key, value in [
+        ("context_length", s.n_ctx_train), ("embedding_length", s.n_embd), ("block_count", s.n_layer),
+        ("feed_forward_length", s.n_ff), ("attention.head_count", s.n_head),
+        ("expert_count", s.n_expert), ("expert_used_count", s.n_expert_used),
+        ("attention.key_length", s.head_dim_global), ("attention.value_length", s.head_dim_global),
+        ("attention.sliding_window", s.sliding_window), ("attention.shared_kv_layers", 0),
+        ("embedding_length_per_layer_input", 0), ("attention.key_length_swa", s.head_dim_swa),
+        ("attention.value_length_swa", s.head_dim_swa), ("expert_feed_forward_length", s.n_ff_expert),
+        ("rope.dimension_count", s.head_dim_global), ("rope.dimension_count_swa", s.head_dim_swa),
+    ]}
+    md[a + "attention.head_count_kv"] = [s.n_head_kv_swa if x else s.n_head_kv_global for x in swa]
+    md[a + "attention.sliding_window_pattern"] = swa
+    md[a + "rope.freq_base"] = 1_000_000.0
+    md[a + "rope.freq_base_swa"] = 10_000.0
+    md[a + "attention.layer_norm_rms_epsilon"] = 1e-6
+    md[a + "final_logit_softcapping"] = 30.0
+    return md
+
+
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
     block, size = GGML_QUANT_SIZES[qtype]
     return math.prod(shape) // block * size
@@ -149,25 +172,13 @@ def write(path: Path, s: Gemma4Shape, vocab_from: Path, seed: int = 0, progress:
     writer.add_name(s.name)
     writer.add_file_type(LlamaFileType.MOSTLY_Q4_0 if s.weight_type == QType.Q4_0 else LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(2)
-    a = "gemma4."
-    swa = [s.is_swa(il) for il in range(s.n_layer)]
-    for key, value in [
-        ("context_length", s.n_ctx_train), ("embedding_length", s.n_embd), ("block_count", s.n_layer),
-        ("feed_forward_length", s.n_ff), ("attention.head_count", s.n_head),
-        ("expert_count", s.n_expert), ("expert_used_count", s.n_expert_used),
-        ("attention.key_length", s.head_dim_global), ("attention.value_length", s.head_dim_global),
-        ("attention.sliding_window", s.sliding_window), ("attention.shared_kv_layers", 0),
-        ("embedding_length_per_layer_input", 0), ("attention.key_length_swa", s.head_dim_swa),
-        ("attention.value_length_swa", s.head_dim_swa), ("expert_feed_forward_length", s.n_ff_expert),
-        ("rope.dimension_count", s.head_dim_global), ("rope.dimension_count_swa", s.head_dim_swa),
-    ]:
-        writer.add_uint32(a + key, value)
-    writer.add_array(a + "attention.head_count_kv", [s.n_head_kv_swa if x else s.n_head_kv_global for x in swa])
-    writer.add_array(a + "attention.sliding_window_pattern", swa)
-    writer.add_float32(a + "rope.freq_base", 1_000_000.0)
-    writer.add_float32(a + "rope.freq_base_swa", 10_000.0)
-    writer.add_float32(a + "attention.layer_norm_rms_epsilon", 1e-6)
-    writer.add_float32(a + "final_logit_softcapping", 30.0)
+    for key, value in architecture_metadata(s).items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
     writer.add_string("tokenizer.ggml.model", "gemma4")
     writer.add_array("tokenizer.ggml.tokens", tokens)
     writer.add_array("tokenizer.ggml.scores", scores)

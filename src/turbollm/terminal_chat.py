@@ -15,6 +15,7 @@ from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
+from turbollm.planner import PlanRequest
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -31,6 +32,10 @@ class ChatArgs:
     cache: CacheConfig = CacheConfig()
     spec: SpecConfig = SpecConfig()
     draft_model: str | None = None
+    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl (turbollm.planner)
+    device: str = "cpu"
+    ram: int | None = None
+    vram: int | None = None
 
 
 def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
@@ -39,7 +44,8 @@ def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tty = stdout.isatty()
     model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
-                       spec=a.spec, draft_model=a.draft_model)
+                       spec=a.spec, draft_model=a.draft_model, placement=a.placement, device=a.device,
+                       ram_budget=a.ram, vram=a.vram)
     print(f"{model.gguf.path.name}: {model.ctx_size} tokens of context. /clear starts over, /exit quits.", file=stdout)
     messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     n_system = len(messages)

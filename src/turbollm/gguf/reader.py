@@ -191,6 +191,38 @@ class GGUFFile:
             )
             self.tensors[info.name] = info
 
+    def load_resident(self, mode: str, progress=None) -> None:
+        """Make the weights resident before the first token (llama.cpp --no-mmap / --mlock):
+        "copy" reads the file into this process's own memory (no page cache eviction can
+        take it away; costs the file's size in RAM), "lock" pins the mapped pages (mlock; needs
+        RLIMIT_MEMLOCK, `ulimit -l`, of at least the file's size). `progress(done, total)` is
+        called as the bytes come in. Tensors fetched afterwards view the resident bytes."""
+        total, step = self.file_size, 64 * 2**20
+        if mode == "copy":
+            data = np.empty(total, dtype=np.uint8)
+            with open(self.path, "rb") as f:
+                for at in range(0, total, step):
+                    n = f.readinto(memoryview(data[at:at + step]))
+                    if n != min(step, total - at):
+                        raise GGUFError(f"{self.path}: short read at byte {at}: the file changed while loading")
+                    if progress:
+                        progress(at + n, total)
+            self._data = data
+        elif mode == "lock":
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            address = self._data.ctypes.data
+            for at in range(0, total, step):
+                n = min(step, total - at)
+                if libc.mlock(ctypes.c_void_p(address + at), ctypes.c_size_t(n)) != 0:
+                    err = ctypes.get_errno()
+                    raise GGUFError(f"{self.path}: --mlock failed after {at / 2**20:,.0f} of {total / 2**20:,.0f} MiB "
+                                    f"({os.strerror(err)}): raise the locked-memory limit (ulimit -l) or drop --mlock")
+                if progress:
+                    progress(at + n, total)
+        else:
+            raise ValueError(f"unknown residency mode {mode!r}")
+
     @property
     def architecture(self) -> str:
         return str(self.require("general.architecture"))

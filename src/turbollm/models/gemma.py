@@ -117,8 +117,10 @@ class Gemma:
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, device: torch.device | str = "cpu",
-                  ops: type = kernels.reference.Ops) -> "Gemma":
-        t = TensorLoader(gf, device)
+                  ops: type = kernels.reference.Ops, placement: dict[str, str] | None = None) -> "Gemma":
+        """`placement` (the planner's): tensors kept off `device`: the input embedding and the
+        experts of --n-cpu-moe layers, computed where they are; only activations cross."""
+        t = TensorLoader(gf, device, placement)
         d = cfg.n_embd
         token_embd = t.quantized("token_embd.weight", (cfg.n_vocab, d))
         output = t.optional_quantized("output.weight", (cfg.n_vocab, d)) or token_embd
@@ -169,7 +171,7 @@ class Gemma:
         rows = [(sum(t.shape[0] for t in ids[:i]), t.shape[0]) for i, t in enumerate(ids)]
         positions = [torch.arange(c.n_tokens, c.n_tokens + t.shape[0], device=self.device) for t, c in zip(ids, caches)]
         all_ids = torch.cat(ids).to(self.device)
-        x = self.ops.embedding(all_ids, self.token_embd) * cfg.embed_scale
+        x = self.ops.embedding(all_ids.to(self.token_embd.device), self.token_embd).to(self.device) * cfg.embed_scale
         per_layer_input = self._per_layer_inputs(all_ids, x) if self.ple is not None else None
         angles = [{swa: rope.angles(p) for swa, rope in self.ropes.items()} for p in positions]
         ops, eps = self.ops, cfg.rms_eps
@@ -181,7 +183,8 @@ class Gemma:
             if w.moe is None:
                 x = ops.ffn_block(h, w.ffn, residual=h)
             else:
-                x = h + ops.rms_norm(ops.ffn_block(h, w.ffn) + ops.moe_block(h, w.moe), w.post_ffn_norm, eps)
+                moe = ops.moe_block(h.to(w.moe.gate.device), w.moe).to(h.device)  # host experts: a hop
+                x = h + ops.rms_norm(ops.ffn_block(h, w.ffn) + moe, w.post_ffn_norm, eps)
             if w.ple is not None:
                 gated = gelu_tanh(ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
                 x = x + ops.rms_norm(ops.linear(gated, w.ple.proj), w.ple.post_norm, eps)

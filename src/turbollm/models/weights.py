@@ -16,8 +16,12 @@ from turbollm.kernels import QTensor
 
 
 class TensorLoader:
-    def __init__(self, gf: GGUFFile, device: torch.device | str):
-        self.gf, self.device = gf, torch.device(device)
+    def __init__(self, gf: GGUFFile, device: torch.device | str, placement: dict[str, str] | None = None):
+        """`placement`: tensor name -> device, the planner's (turbollm.planner); others go to `device`."""
+        self.gf, self.device, self.placement = gf, torch.device(device), placement or {}
+
+    def device_of(self, name: str) -> torch.device:
+        return torch.device(self.placement.get(name, self.device))
 
     def has(self, name: str) -> bool:
         return name in self.gf.tensors
@@ -39,17 +43,18 @@ class TensorLoader:
             raise GGUFError(f"{self.gf.path}: tensor '{name}' holds {info.shape[0]} along its first dimension, "
                             f"but metadata '{key}' says {expected}")
 
-    def quantized(self, name: str, shape: tuple[int, ...]) -> QTensor:
-        """A weight kept in its block format."""
+    def quantized(self, name: str, shape: tuple[int, ...], device: torch.device | None = None) -> QTensor:
+        """A weight kept in its block format, on `device` (default: its placement)."""
         info = self._info(name, shape)
-        return QTensor(self.gf.tensor_bytes(name), info.qtype, info.shape, name).to(self.device)
+        return QTensor(self.gf.tensor_bytes(name), info.qtype, info.shape, name).to(device or self.device_of(name))
 
-    def dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A small tensor (norm weights, scales) as float32 on the device."""
-        return self.quantized(name, shape).dequantize().to(self.device)
+    def dense(self, name: str, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+        """A small tensor (norm weights, scales) as float32 on `device` (default: its placement)."""
+        target = device or self.device_of(name)
+        return self.quantized(name, shape, torch.device("cpu")).dequantize().to(target)
 
-    def optional_quantized(self, name: str, shape: tuple[int, ...]) -> QTensor | None:
-        return self.quantized(name, shape) if self.has(name) else None
+    def optional_quantized(self, name: str, shape: tuple[int, ...], device: torch.device | None = None) -> QTensor | None:
+        return self.quantized(name, shape, device) if self.has(name) else None
 
-    def optional_dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return self.dense(name, shape) if self.has(name) else None
+    def optional_dense(self, name: str, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor | None:
+        return self.dense(name, shape, device) if self.has(name) else None

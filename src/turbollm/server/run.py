@@ -9,6 +9,7 @@ from pathlib import Path
 from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
+from turbollm.planner import PlanRequest
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,15 @@ class ServeArgs:
     cache: CacheConfig = CacheConfig()
     spec: SpecConfig = SpecConfig()
     draft_model: str | None = None
+    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl (turbollm.planner)
+    device: str = "cpu"
+    ram: int | None = None
+    vram: int | None = None
 
 
 def build(a: ServeArgs):
     """The model, engine and app of these settings (the engine not yet started)."""
-    from turbollm.api import Model
+    from turbollm.api import Model, read_config
     from turbollm.engine.serving import Engine
     from turbollm.server.app import ServerSettings, create_app
 
@@ -39,11 +44,14 @@ def build(a: ServeArgs):
         raise TurbollmError(f"--parallel must be positive, got {a.parallel}")
     if a.batch_size <= 0:
         raise TurbollmError(f"--batch-size must be positive, got {a.batch_size}")
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
-                       spec=a.spec, draft_model=a.draft_model)
-    slot_ctx = model.ctx_size // a.parallel
+    total = a.ctx_size if a.ctx_size is not None else read_config(a.model).n_ctx_train
+    slot_ctx = total // a.parallel  # llama-server: -c is all slots together
     if slot_ctx < 2:
-        raise TurbollmError(f"--ctx-size {model.ctx_size} split over --parallel {a.parallel} leaves {slot_ctx} tokens per slot")
+        raise TurbollmError(f"--ctx-size {total} split over --parallel {a.parallel} leaves {slot_ctx} tokens per slot")
+    # planned for every slot full, before any weight is read; refused with the numbers if it does not fit
+    model = Model.load(a.model, ctx_size=slot_ctx, threads=a.threads, prefill=a.prefill, cache=a.cache,
+                       spec=a.spec, draft_model=a.draft_model, parallel=a.parallel, placement=a.placement,
+                       device=a.device, ram_budget=a.ram, vram=a.vram)
     engine = Engine(model, n_slots=a.parallel, slot_ctx=slot_ctx, n_batch=a.batch_size)
     thinking = {"on": True, "off": False, "auto": model.config.arch == "gemma4"}[a.reasoning]
     model_id = a.alias or Path(model.gguf.path).name
@@ -55,6 +63,7 @@ def serve(a: ServeArgs) -> int:
 
     model, engine, app = build(a)
     plan = model.network.new_cache_plan(engine.slot_ctx, model.cache)
+    print(model.plan.format(), file=sys.stderr)
     print(f"turbollm: {model.gguf.path.name}, {a.parallel} slot(s) of {engine.slot_ctx} tokens, "
           f"KV cache {plan.nbytes / 2**20:,.1f} MiB per full slot ({model.cache.label}), "
           f"listening on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
