@@ -173,3 +173,21 @@ def test_mlock_pins_the_weights_or_says_how_to_allow_it(default_model_path):
         assert "--mlock failed" in str(e) and "ulimit -l" in str(e)
         return
     assert locked.generate("Hello", params).token_ids == Model.load(default_model_path, ctx_size=256).generate("Hello", params).token_ids
+
+
+def test_only_the_chosen_accelerator_is_used_and_an_igpu_beside_a_discrete_one_is_named(monkeypatch):
+    """torch's CUDA queries stand in for a machine with a discrete GPU and an integrated one."""
+    import torch
+    gpus = [SimpleNamespace(name="discrete", is_integrated=False, mem=(12 * GIB, 16 * GIB)),
+            SimpleNamespace(name="igpu", is_integrated=True, mem=(2 * GIB, 4 * GIB))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: gpus[i].mem)
+    devices, notes = planner.accelerators("cuda:0", None)
+    assert [(d.name, d.budget, d.total, d.integrated, d.pretend) for d in devices] == [("cuda:0", 12 * GIB, 16 * GIB, False, False)]
+    assert any("integrated GPU is visible beside a discrete one" in n for n in notes)
+    devices, _ = planner.accelerators("cuda:1", 1 * GIB)  # an explicit budget wins over what is free
+    assert [(d.name, d.budget, d.integrated) for d in devices] == [("cuda:1", GIB, True)]
+    with pytest.raises(TurbollmError, match="torch sees no such device"):
+        planner.accelerators("cuda:2", None)
