@@ -280,3 +280,15 @@ def test_moe_block_native_within_quantization_noise_of_reference(fused, n_tok):
     assert torch.allclose(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
     # the output is normed per token: a wrong expert or weight moves it by far more than the noise
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.Q4_K, Q.Q6_K])
+@pytest.mark.parametrize("n_tok", [2, 3, 5, 6])
+def test_each_row_of_a_batch_equals_that_row_alone(qtype, n_tok):
+    """Batched decode and speculative verification rely on it: a row's result must not depend
+    on how many rows share the call (four-row kernels, and the padded call for 2-3 rows)."""
+    w = random_weight(qtype, 37, 512, seed=3)
+    x = torch.randn(n_tok, 512)
+    batch = native.matmul(x, w)
+    for t in range(n_tok):
+        assert torch.equal(batch[t], native.matmul(x[t:t + 1].contiguous(), w)[0])

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from turbollm.engine.sampler import Sampler, SamplingParams
-from turbollm.engine.speculative import Drafter, SpecConfig, SpecStats, accept, timed_propose
+from turbollm.engine.speculative import DraftLength, Drafter, SpecConfig, SpecStats, accept, timed_propose
 from turbollm.errors import ContextLengthError
 from turbollm.kv.cache import CacheConfig, KVCache
 
@@ -92,6 +92,7 @@ def generate_tokens(
     logits = model.logits(hidden[-1:])[0]
     stats.prompt_seconds = time.perf_counter() - start
     drafter = make_drafter(cache) if make_drafter is not None else None
+    draft_length = DraftLength(spec)
     if drafter is not None:
         _observe(drafter, hidden[-1])
 
@@ -108,7 +109,7 @@ def generate_tokens(
                 return
         start = time.perf_counter()
         # a round emits at most drafts + 1 tokens: never draft past max_new (nor the cache)
-        n_max = min(spec.draft_max, max_new - stats.n_generated - 1)
+        n_max = min(draft_length.n, max_new - stats.n_generated - 1)
         drafts = timed_propose(drafter, history, n_max, stats.spec) if drafter is not None and n_max >= spec.draft_min else []
         if len(drafts) >= spec.draft_min:
             hidden = model.forward(torch.tensor([history[-1]] + drafts, dtype=torch.int64), cache, commit=False)
@@ -117,6 +118,7 @@ def generate_tokens(
             stats.spec.n_rounds += 1
             stats.spec.n_drafted += len(drafts)
             stats.spec.n_accepted += n_accepted
+            draft_length.update(len(drafts), n_accepted)
             last_row = hidden[n_accepted]
         else:
             hidden = model.forward(torch.tensor([history[-1]], dtype=torch.int64), cache)

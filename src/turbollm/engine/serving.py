@@ -21,7 +21,7 @@ import torch
 from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.sequence import Event, Sequence, SeqState
-from turbollm.engine.speculative import SpecStats, accept, timed_propose
+from turbollm.engine.speculative import DraftLength, SpecStats, accept, timed_propose
 from turbollm.engine.text import OutputText
 from turbollm.errors import ContextLengthError
 
@@ -150,6 +150,7 @@ class Engine:
             return
         seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
         seq.drafter = self.model.new_drafter(seq.cache)
+        seq.draft_length = DraftLength(self.model.spec)
         self._texts[seq.seq_id] = OutputText(self.tokenizer, seq.params.stop)
 
     def _forward(self, plan: StepPlan) -> None:
@@ -190,7 +191,7 @@ class Engine:
 
     def _drafts(self, seq: Sequence) -> list[int]:
         spec = self.model.spec
-        n_max = min(spec.draft_max, seq.max_new - len(seq.generated) - 1)  # never past max_tokens
+        n_max = min(seq.draft_length.n, seq.max_new - len(seq.generated) - 1)  # never past max_tokens
         if seq.drafter is None or n_max < spec.draft_min:
             return []
         drafts = timed_propose(seq.drafter, seq.history, n_max, self.counters.spec)
@@ -208,6 +209,7 @@ class Engine:
         self.counters.n_decode_rows += len(tokens)
         stats = self.counters.spec
         stats.n_rounds, stats.n_drafted, stats.n_accepted = stats.n_rounds + 1, stats.n_drafted + len(drafts), stats.n_accepted + n_accepted
+        seq.draft_length.update(len(drafts), n_accepted)
         self._observe(seq, hidden[n_accepted])
         for token in tokens:
             self._emit(seq, token)

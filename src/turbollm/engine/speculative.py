@@ -110,6 +110,20 @@ class NgramDrafter:
         return []
 
 
+class DraftLength:
+    """How many tokens to draft next round, per sequence: transformers' "heuristic" schedule
+    (+2 after a round whose drafts were all accepted, -1 otherwise, within [draft_min,
+    draft_max]), so a drafter that keeps missing costs a short verify, not a long one."""
+
+    def __init__(self, spec: SpecConfig):
+        self.spec = spec
+        self.n = spec.draft_max
+
+    def update(self, n_drafted: int, n_accepted: int) -> None:
+        step = 2 if n_accepted == n_drafted else -1
+        self.n = max(self.spec.draft_min, min(self.spec.draft_max, self.n + step))
+
+
 def accept(sampler: Sampler, logits: torch.Tensor, history: list[int], drafts: list[int]) -> tuple[list[int], int]:
     """The target's tokens for one round: logits [k+1, V] of inputs [t, d_1..d_k]; history
     ends with t. Returns (tokens y_0..y_a, a): the accepted drafts then the corrected or bonus

@@ -188,6 +188,25 @@ static void dot_rows(const tl_kernels *kt, int64_t k, const uint8_t *w, int64_t 
             }
         }
     }
+    if (kt->vec_dot_x4 && n - u >= 2) {
+        /* two or three rows left: one four-row call with the last row repeated decodes each
+         * weight block once for all of them (a speculative verify of 1 + 2 tokens measured
+         * 36 ms as three single-row passes against ~25 ms this way, default model) */
+        const int64_t rem = n - u;
+        const void *qs[4];
+        float *ys[4];
+        for (int i = 0; i < 4; i++) {
+            const int64_t v = u + (i < rem ? i : rem - 1);
+            qs[i] = Q_ROW(v);
+            ys[i] = Y_ROW(v);
+        }
+        for (int64_t r = r0; r < r1; r++) {
+            float out[4];
+            kt->vec_dot_x4((int)k, w + r * rb, qs, out);
+            for (int i = 0; i < rem; i++) ys[i][r] = out[i];
+        }
+        u = n;
+    }
     for (; u < n; u++) {
         const uint8_t *qu = Q_ROW(u);
         float *yu = Y_ROW(u);
