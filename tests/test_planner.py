@@ -50,7 +50,8 @@ def test_predicted_bytes_equal_what_is_allocated(path, parallel, ctx, default_mo
     from turbollm import SamplingParams
     from turbollm.memory import resident_file_bytes
     cache = CacheConfig("q8_0", "q4_0")
-    model = Model.load(path or default_model_path, ctx_size=ctx // parallel, parallel=parallel, cache=cache)
+    model = Model.load(path or default_model_path, ctx_size=ctx // parallel, parallel=parallel, cache=cache,
+                       placement=PlanRequest(residency="mmap"))  # mapped: the file's resident pages are the weights
     p = model.plan
     # weights: every tensor of the file, on the CPU; a forward maps them in (views of the mmap, no copies)
     assert p.weights("cpu") == sum(t.n_bytes for t in model.gguf.tensors.values())
@@ -151,11 +152,12 @@ def test_placement_that_the_model_cannot_run_is_refused_before_loading(default_m
         Model.load(default_model_path, placement=PlanRequest(overrides=(("token_embd", "cuda:0"),)))
 
 
-def test_no_mmap_reads_the_weights_into_process_memory(default_model_path):
+def test_by_default_the_cpu_reads_the_weights_into_process_memory(default_model_path):
     from turbollm import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=6)
-    mapped = Model.load(default_model_path, ctx_size=256).generate("The capital of France is", params)
-    copied_model = Model.load(default_model_path, ctx_size=256, placement=PlanRequest(residency="copy"))
+    mapped = Model.load(default_model_path, ctx_size=256, placement=PlanRequest(residency="mmap")).generate(
+        "The capital of France is", params)
+    copied_model = Model.load(default_model_path, ctx_size=256)  # the default on the CPU: --no-mmap
     assert copied_model.generate("The capital of France is", params).token_ids == mapped.token_ids
     import numpy as np  # the tensors view a plain array read from the file, not the map
     assert not isinstance(copied_model.gguf._data, np.memmap)

@@ -139,9 +139,9 @@ class Model:
         memory_plan = planner.plan_for_devices(gf, config, request, device, ram_budget, vram)
         if not memory_plan.fits:
             raise TurbollmError(memory_plan.refusal())
-        if request.residency != "mmap":
-            gf.load_resident(request.residency, _progress_bar(f"{'reading' if request.residency == 'copy' else 'locking'} "
-                                                               f"{gf.path.name}"))
+        residency = planner.resolve_residency(request.residency, device)
+        if residency != "mmap":
+            gf.load_resident(residency, _progress_bar(f"{'reading' if residency == 'copy' else 'locking'} {gf.path.name}"))
         network = Gemma.from_gguf(gf, config, device, ops, planner.loader_placement(memory_plan, device))
         try:
             plan_kv(network.kv_layout(), 1, cache)  # every codec fits the head sizes

@@ -25,7 +25,7 @@ import torch
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.cache import CacheConfig
-from turbollm.planner import PlanRequest
+from turbollm.planner import PlanRequest, resolve_residency
 from turbollm.memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 
 
@@ -98,6 +98,7 @@ class BenchReport:
     decode_weight_bytes: int  # weight bytes one decode step reads
     copy_bandwidth: float  # bytes/s read + written, copy benchmark on the same threads
     read_bandwidth: float  # bytes/s read, on the same threads
+    residency: str = "copy"  # the weights: "copy" (process memory), "mmap" (the file's pages), "lock"
     results: list[TestResult] = field(default_factory=list)
 
     def decode_bandwidth_ratio(self) -> float | None:
@@ -232,6 +233,7 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
         max_kv_bytes=0, anonymous_before_load=anon_before, max_anonymous=anon_before, max_model_file_resident=0,
         decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
         copy_bandwidth=0.0, read_bandwidth=0.0,
+        residency=resolve_residency((s.placement or PlanRequest()).residency, s.device),
     )
     runner = _Runner(model.network, cfg.n_vocab, s.seed, s.cache)
     runner.depth = s.depth
@@ -300,9 +302,14 @@ def format_table(r: BenchReport) -> str:
         grown = r.max_anonymous - r.anonymous_before_load
         model = r.max_model_file_resident + grown
         budget = r.file_bytes + r.max_kv_bytes
-        out.append(f"model memory: weights resident {gib(r.max_model_file_resident)} (mmapped, of {gib(r.file_bytes)}) "
-                   f"+ allocated {gib(grown)} (KV cache {gib(r.max_kv_bytes)} + compute buffers) = {gib(model)}, "
-                   f"{model / budget:.0%} of file + KV cache")
+        if r.residency == "copy":
+            where = f"weights read into process memory ({gib(r.file_bytes)} file; --mmap maps it instead)"
+            out.append(f"model memory: allocated {gib(grown)} ({where}, KV cache {gib(r.max_kv_bytes)}, compute buffers) "
+                       f"+ mapped file pages {gib(r.max_model_file_resident)} = {gib(model)}, {model / budget:.0%} of file + KV cache")
+        else:
+            out.append(f"model memory: weights resident {gib(r.max_model_file_resident)} (mmapped, of {gib(r.file_bytes)}) "
+                       f"+ allocated {gib(grown)} (KV cache {gib(r.max_kv_bytes)} + compute buffers) = {gib(model)}, "
+                       f"{model / budget:.0%} of file + KV cache")
     out += [
         f"decode reads {gib(r.decode_weight_bytes)} of weights per token; memory bandwidth here: "
         f"copy {r.copy_bandwidth / 1e9:.1f} GB/s (read + written), read {r.read_bandwidth / 1e9:.1f} GB/s",

@@ -270,8 +270,10 @@ def _placement_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ot", "--override-tensor", dest="overrides", action="append", default=[], metavar="REGEX=DEVICE",
                    help="place tensors whose on-disk name matches REGEX (e.g. 'blk\\.[0-3]\\.ffn_.*_exps=cpu'); repeatable")
     residency = g.add_mutually_exclusive_group()
-    residency.add_argument("--no-mmap", dest="residency", action="store_const", const="copy", default="mmap",
-                           help="read the weights into process memory instead of mapping the file")
+    residency.add_argument("--no-mmap", dest="residency", action="store_const", const="copy", default="auto",
+                           help="read the weights into process memory (the default on the CPU: decode is faster)")
+    residency.add_argument("--mmap", dest="residency", action="store_const", const="mmap",
+                           help="compute from the mapped file's pages instead (loads at once, no copy in RAM)")
     residency.add_argument("--mlock", dest="residency", action="store_const", const="lock",
                            help="lock the mapped weights in RAM (needs ulimit -l of at least the file size)")
     g.add_argument("-otd", "--override-tensor-draft", dest="draft_overrides", action="append", default=[],

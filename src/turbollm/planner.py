@@ -16,8 +16,9 @@ the largest temporaries of a step (see `compute_bytes`). Then every device's tot
 against its budget; a plan that does not fit is refused with the numbers and the flags that
 would make it fit (`suggestions`), never shrunk.
 
-Weights in CPU memory are mmapped: they count against RAM because decode reads all of them
-every token, and pages that do not stay resident are read from disk at every token.
+Weights in CPU memory count against RAM whether they are read into the process (the default on
+the CPU, `resolve_residency`) or mapped (`--mmap`): decode reads all of them every token, and
+mapped pages that do not stay resident would be read from disk at every token.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class PlanRequest:
     draft_model: str | None = None
     draft_overrides: tuple[tuple[str, str], ...] = ()  # -otd
     n_batch: int = 512
-    residency: str = "mmap"  # how weights live in CPU memory: "mmap", "copy" (--no-mmap), "lock" (--mlock)
+    # how weights live in CPU memory: "auto" (copy on the CPU, see resolve_residency), "mmap"
+    # (--mmap), "copy" (--no-mmap), "lock" (--mlock)
+    residency: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class Plan:
             lines.append(f"{label:<10} {self.weights(n) / MIB:>10,.0f} {self.weights(n, True) / MIB:>10,.0f} "
                          f"{self.kv_global.get(n, 0) / MIB:>10,.0f} {self.kv_sliding.get(n, 0) / MIB:>10,.0f} "
                          f"{self.compute.get(n, 0) / MIB:>9,.0f} {self.total(n) / MIB:>10,.0f} {d.budget / MIB:>10,.0f}  {mark}")
-        lines.append("(MiB; weights on the CPU are the mmapped file's pages that decode reads every token)")
+        lines.append("(MiB; weights on the CPU are read every token: they must stay in RAM)")
         has_accel = any(not d.is_cpu for d in self.devices)
         host_experts = [t for t in self.tensors if has_accel and _is_expert(t.name) and t.device == "cpu"]
         if host_experts:
@@ -370,6 +373,20 @@ def suggest(p: Plan) -> list[str]:
             out.append(f"--ctx-size {size * r.parallel} ({r.parallel} slot(s) of {size} tokens)")
             break
     return out or ["nothing in reach fits: a smaller quantization of the model, or more memory"]
+
+
+def resolve_residency(residency: str, device: str) -> str:
+    """"auto": on the CPU, read the weights into process memory. Decode streams every weight
+    each token, and it measured faster from anonymous memory than from the file's page-cache
+    pages (26B-A4B Q4_0, 2 threads: tg32 4.82 tok/s mapped, 5.83 copied; the 270M model
+    56.3 -> 58.0): the page cache hands out scattered 4 KiB pages, a fresh allocation is mostly
+    contiguous (huge pages made no difference: measured on the 605 MB LM head, 19.8 vs 20.1
+    GB/s). The copy costs the file's size once (the page cache's pages are reclaimable), and a
+    load reads the file (~1 s per GB from the page cache). On an accelerator the weights are
+    copied to the device anyway, so the host side stays mapped."""
+    if residency == "auto":
+        return "copy" if device == "cpu" else "mmap"
+    return residency
 
 
 def plan_for_devices(gguf: GGUFFile, cfg: ModelConfig, request: PlanRequest, device: str = "cpu",
