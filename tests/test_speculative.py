@@ -201,3 +201,23 @@ def test_speculation_in_the_serving_engine_gives_the_tokens_of_plain_decoding(ki
     assert engine.counters.spec.n_rounds > 0 and engine.counters.spec.n_drafted > 0
     if kind == "ngram":
         assert engine.counters.spec.n_accepted > 20  # the copy task copies
+
+
+def test_draft_length_grows_shrinks_and_pauses_after_a_round_that_accepts_nothing():
+    from turbollm.engine.speculative import DraftLength
+    dl = DraftLength(SpecConfig("ngram", draft_max=8, draft_min=1))
+    assert dl.n == 8 and dl.drafting
+    dl.update(8, 3)
+    assert dl.n == 7 and dl.drafting  # partial acceptance: one shorter, no pause
+    pauses = []
+    for _ in range(5):  # rounds that accept nothing: pauses of 1, 2, 4, 8, 8 plain steps
+        dl.update(dl.n, 0)
+        skipped = 0
+        while not dl.drafting:
+            skipped += 1
+        pauses.append(skipped)
+    assert pauses == [1, 2, 4, 8, 8] and dl.n == 2
+    dl.update(2, 2)  # a full acceptance resets the pause and grows the length
+    assert dl.n == 4 and dl.drafting
+    dl.update(4, 0)
+    assert not dl.drafting and dl.drafting  # the pause starts again at one step

@@ -110,7 +110,8 @@ def generate_tokens(
         start = time.perf_counter()
         # a round emits at most drafts + 1 tokens: never draft past max_new (nor the cache)
         n_max = min(draft_length.n, max_new - stats.n_generated - 1)
-        drafts = timed_propose(drafter, history, n_max, stats.spec) if drafter is not None and n_max >= spec.draft_min else []
+        drafting = drafter is not None and n_max >= spec.draft_min and draft_length.drafting
+        drafts = timed_propose(drafter, history, n_max, stats.spec) if drafting else []
         if len(drafts) >= spec.draft_min:
             hidden = model.forward(torch.tensor([history[-1]] + drafts, dtype=torch.int64), cache, commit=False)
             pending, n_accepted = accept(sampler, model.logits(hidden), history, drafts)

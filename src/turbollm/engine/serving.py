@@ -192,7 +192,7 @@ class Engine:
     def _drafts(self, seq: Sequence) -> list[int]:
         spec = self.model.spec
         n_max = min(seq.draft_length.n, seq.max_new - len(seq.generated) - 1)  # never past max_tokens
-        if seq.drafter is None or n_max < spec.draft_min:
+        if seq.drafter is None or n_max < spec.draft_min or not seq.draft_length.drafting:
             return []
         drafts = timed_propose(seq.drafter, seq.history, n_max, self.counters.spec)
         return drafts if len(drafts) >= spec.draft_min else []

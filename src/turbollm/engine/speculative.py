@@ -111,17 +111,36 @@ class NgramDrafter:
 
 
 class DraftLength:
-    """How many tokens to draft next round, per sequence: transformers' "heuristic" schedule
-    (+2 after a round whose drafts were all accepted, -1 otherwise, within [draft_min,
-    draft_max]), so a drafter that keeps missing costs a short verify, not a long one."""
+    """How many tokens to draft next, per sequence: transformers' "heuristic" schedule (+2 after
+    a round whose drafts were all accepted, -1 otherwise, within [draft_min, draft_max]), and
+    a pause after a round that accepted nothing: the next 1, 2, 4 .. 8 steps decode plainly
+    (doubling while rounds keep failing, reset by any accepted draft). A verify of 1 + 1 tokens
+    costs 1.5x a plain step on the default model, so a drafter that keeps missing must stop
+    costing (a counting prompt, prompt lookup: 0.83x of plain decode without the pause)."""
+
+    MAX_PAUSE = 8
 
     def __init__(self, spec: SpecConfig):
         self.spec = spec
         self.n = spec.draft_max
+        self._pause, self._skip = 0, 0  # the current pause length, and steps of it left
+
+    @property
+    def drafting(self) -> bool:
+        """Whether this step drafts (False: one plain step of a pause is used up)."""
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return True
 
     def update(self, n_drafted: int, n_accepted: int) -> None:
         step = 2 if n_accepted == n_drafted else -1
         self.n = max(self.spec.draft_min, min(self.spec.draft_max, self.n + step))
+        if n_accepted == 0:
+            self._pause = min(self.MAX_PAUSE, max(1, 2 * self._pause))
+            self._skip = self._pause
+        else:
+            self._pause = 0
 
 
 def accept(sampler: Sampler, logits: torch.Tensor, history: list[int], drafts: list[int]) -> tuple[list[int], int]:
