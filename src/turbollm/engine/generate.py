@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from turbollm.engine.sampler import Sampler, SamplingParams
-from turbollm.engine.speculative import DraftLength, Drafter, SpecConfig, SpecStats, accept, timed_propose
+from turbollm.engine.speculative import Drafter, SpecConfig, SpecStats, Speculator
 from turbollm.errors import ContextLengthError
 from turbollm.kv.cache import CacheConfig, KVCache
 
@@ -91,10 +91,9 @@ def generate_tokens(
         hidden = model.forward(chunk, cache)
     logits = model.logits(hidden[-1:])[0]
     stats.prompt_seconds = time.perf_counter() - start
-    drafter = make_drafter(cache) if make_drafter is not None else None
-    draft_length = DraftLength(spec)
-    if drafter is not None:
-        _observe(drafter, hidden[-1])
+    speculator = Speculator(make_drafter(cache), spec) if make_drafter is not None else None
+    if speculator is not None:
+        speculator.observe(hidden[-1])
 
     pending = [sampler(logits, history)]  # sampled tokens not yet yielded; the last is not in the cache
     while True:
@@ -108,32 +107,14 @@ def generate_tokens(
             if stats.n_generated >= max_new:
                 return
         start = time.perf_counter()
-        # a round emits at most drafts + 1 tokens: never draft past max_new (nor the cache)
-        n_max = min(draft_length.n, max_new - stats.n_generated - 1)
-        drafting = drafter is not None and n_max >= spec.draft_min and draft_length.drafting
-        drafts = timed_propose(drafter, history, n_max, stats.spec) if drafting else []
-        if len(drafts) >= spec.draft_min:
-            hidden = model.forward(torch.tensor([history[-1]] + drafts, dtype=torch.int64), cache, commit=False)
-            pending, n_accepted = accept(sampler, model.logits(hidden), history, drafts)
-            cache.advance(1 + n_accepted)
-            stats.spec.n_rounds += 1
-            stats.spec.n_drafted += len(drafts)
-            stats.spec.n_accepted += n_accepted
-            draft_length.update(len(drafts), n_accepted)
-            last_row = hidden[n_accepted]
+        drafts = speculator.drafts(history, max_new - stats.n_generated, stats.spec) if speculator is not None else []
+        if drafts:
+            pending = speculator.verify(model, cache, sampler, history, drafts, stats.spec)
         else:
             hidden = model.forward(torch.tensor([history[-1]], dtype=torch.int64), cache)
-            pending, last_row = [sampler(model.logits(hidden)[0], history)], hidden[-1]
-        if drafter is not None:
-            _observe(drafter, last_row)
+            pending = [sampler(model.logits(hidden)[0], history)]
+            if speculator is not None:
+                speculator.observe(hidden[-1])
         stats.decode_seconds += time.perf_counter() - start
         stats.n_decode_steps += 1
         stats.n_decode_tokens += len(pending)
-
-
-def _observe(drafter: Drafter, hidden_row: torch.Tensor) -> None:
-    """Tell a drafter that wants it the target's final-normed hidden row of the last committed
-    position (the row that produced the pending token): the MTP head's input."""
-    observe = getattr(drafter, "observe", None)
-    if observe is not None:
-        observe(hidden_row)

@@ -49,8 +49,7 @@ class Sequence:
         self.sampler = Sampler(params)
         self.state = SeqState.WAITING
         self.cache = None  # a KVCache, from admission until it finishes
-        self.drafter = None  # speculative decoding's drafter for this sequence, when on
-        self.draft_length = None  # and how many tokens it drafts next (speculative.DraftLength)
+        self.speculator = None  # its speculative decoding (speculative.Speculator), when on
         self.n_prefilled = 0
         self.generated: list[int] = []
         self.next_token: int | None = None  # sampled, not yet fed to the model

@@ -14,14 +14,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.sequence import Event, Sequence, SeqState
-from turbollm.engine.speculative import DraftLength, SpecStats, accept, timed_propose
+from turbollm.engine.speculative import SpecStats, Speculator
 from turbollm.engine.text import OutputText
 from turbollm.errors import ContextLengthError
 
@@ -37,11 +37,8 @@ class EngineCounters:
     n_decode_steps: int = 0  # batched decode forwards
     n_decode_rows: int = 0  # sequence-tokens decoded in them (a step of 4 sequences counts 4)
     n_requests: int = 0
-    n_finished: dict[str, int] | None = None
-    spec: SpecStats | None = None  # speculative decoding over all requests
-
-    def __post_init__(self) -> None:
-        self.n_finished, self.spec = {}, SpecStats()
+    n_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding over all requests
 
 
 
@@ -149,8 +146,8 @@ class Engine:
             self._finish(seq, "length")
             return
         seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
-        seq.drafter = self.model.new_drafter(seq.cache)
-        seq.draft_length = DraftLength(self.model.spec)
+        drafter = self.model.new_drafter(seq.cache)
+        seq.speculator = Speculator(drafter, self.model.spec) if drafter is not None else None
         self._texts[seq.seq_id] = OutputText(self.tokenizer, seq.params.stop)
 
     def _forward(self, plan: StepPlan) -> None:
@@ -190,27 +187,17 @@ class Engine:
                 self.counters.prompt_seconds += time.perf_counter() - start
 
     def _drafts(self, seq: Sequence) -> list[int]:
-        spec = self.model.spec
-        n_max = min(seq.draft_length.n, seq.max_new - len(seq.generated) - 1)  # never past max_tokens
-        if seq.drafter is None or n_max < spec.draft_min or not seq.draft_length.drafting:
+        if seq.speculator is None:
             return []
-        drafts = timed_propose(seq.drafter, seq.history, n_max, self.counters.spec)
-        return drafts if len(drafts) >= spec.draft_min else []
+        return seq.speculator.drafts(seq.history, seq.max_new - len(seq.generated), self.counters.spec)
 
     def _verify(self, seq: Sequence, drafts: list[int]) -> None:
-        """One speculative round (engine/speculative.py): the pending token and the drafts in
-        one forward, the accepted ones committed, each output token emitted in turn."""
+        """One speculative round (engine/speculative.py), each output token emitted in turn."""
         start = time.perf_counter()
-        hidden = self.network.forward(torch.tensor([seq.next_token] + drafts, dtype=torch.int64), seq.cache, commit=False)
-        tokens, n_accepted = accept(seq.sampler, self.network.logits(hidden), seq.history, drafts)
-        seq.cache.advance(1 + n_accepted)
+        tokens = seq.speculator.verify(self.network, seq.cache, seq.sampler, seq.history, drafts, self.counters.spec)
         self.counters.decode_seconds += time.perf_counter() - start
         self.counters.n_decode_steps += 1
         self.counters.n_decode_rows += len(tokens)
-        stats = self.counters.spec
-        stats.n_rounds, stats.n_drafted, stats.n_accepted = stats.n_rounds + 1, stats.n_drafted + len(drafts), stats.n_accepted + n_accepted
-        seq.draft_length.update(len(drafts), n_accepted)
-        self._observe(seq, hidden[n_accepted])
         for token in tokens:
             self._emit(seq, token)
             if seq.is_finished:
@@ -218,9 +205,8 @@ class Engine:
 
     @staticmethod
     def _observe(seq: Sequence, hidden_row: torch.Tensor) -> None:
-        observe = getattr(seq.drafter, "observe", None)
-        if observe is not None:
-            observe(hidden_row)
+        if seq.speculator is not None:
+            seq.speculator.observe(hidden_row)
 
     def _emit(self, seq: Sequence, token: int) -> None:
         """A sampled token: end of generation, or text out and the sequence's next input."""
@@ -246,7 +232,7 @@ class Engine:
         if text is not None and reason in ("stop", "length"):
             for channel, piece in text.flush():
                 seq.on_event(Event(piece, channel))
-        seq.state, seq.finish_reason, seq.cache, seq.drafter = SeqState.FINISHED, reason, None, None
+        seq.state, seq.finish_reason, seq.cache, seq.speculator = SeqState.FINISHED, reason, None, None
         seq.t_finished = time.perf_counter()
         self.counters.n_finished[reason] = self.counters.n_finished.get(reason, 0) + 1
         try:

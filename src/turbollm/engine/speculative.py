@@ -175,9 +175,43 @@ def accept(sampler: Sampler, logits: torch.Tensor, history: list[int], drafts: l
     raise AssertionError("unreachable")
 
 
-def timed_propose(drafter: Drafter, history: list[int], n_max: int, stats: SpecStats) -> list[int]:
-    start = time.perf_counter()
-    drafts = drafter.propose(history, n_max)
-    stats.draft_seconds += time.perf_counter() - start
-    stats.n_draft_calls += 1
-    return drafts
+class Speculator:
+    """One sequence's speculative decoding: its drafter and draft length, a round's drafts and
+    their verification (steps 1-4 of the module docstring). The one-sequence loop
+    (engine/generate.py) and the serving engine (engine/serving.py) both drive it."""
+
+    def __init__(self, drafter: Drafter, spec: SpecConfig):
+        self.drafter, self.spec, self.length = drafter, spec, DraftLength(spec)
+
+    def observe(self, hidden_row: torch.Tensor) -> None:
+        """Tell a drafter that wants it the target's final-normed hidden row of the last
+        committed position (the row that produced the pending token): the MTP head's input."""
+        observe = getattr(self.drafter, "observe", None)
+        if observe is not None:
+            observe(hidden_row)
+
+    def drafts(self, history: list[int], n_left: int, stats: SpecStats) -> list[int]:
+        """This step's drafts, [] to decode plainly. A round emits at most drafts + 1 tokens, so
+        it never drafts past the `n_left` tokens the sequence may still generate (nor its cache)."""
+        n_max = min(self.length.n, n_left - 1)
+        if n_max < self.spec.draft_min or not self.length.drafting:
+            return []
+        start = time.perf_counter()
+        drafts = self.drafter.propose(history, n_max)
+        stats.draft_seconds += time.perf_counter() - start
+        stats.n_draft_calls += 1
+        return drafts if len(drafts) >= self.spec.draft_min else []
+
+    def verify(self, model, cache, sampler: Sampler, history: list[int], drafts: list[int], stats: SpecStats) -> list[int]:
+        """The pending token (history[-1]) and the drafts in one forward; keeps t and the
+        accepted drafts in the cache and returns the output tokens (accepted drafts, then the
+        corrected or bonus token)."""
+        hidden = model.forward(torch.tensor([history[-1]] + drafts, dtype=torch.int64), cache, commit=False)
+        tokens, n_accepted = accept(sampler, model.logits(hidden), history, drafts)
+        cache.advance(1 + n_accepted)
+        stats.n_rounds += 1
+        stats.n_drafted += len(drafts)
+        stats.n_accepted += n_accepted
+        self.length.update(len(drafts), n_accepted)
+        self.observe(hidden[n_accepted])
+        return tokens
