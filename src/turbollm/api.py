@@ -62,6 +62,29 @@ def read_config(path: str | os.PathLike[str] | None = None) -> ModelConfig:
     return ModelConfig.from_metadata(gf.metadata, str(gf.path))
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded: the flags `run`, `chat`, `serve` and `bench --spec-type` share
+    (Model.load's arguments, parsed once by the CLI)."""
+
+    model: str | None = None
+    ctx_size: int | None = None  # per sequence (serve turns its total into this per slot)
+    threads: int | None = None
+    prefill: str = "auto"
+    cache: CacheConfig = CacheConfig()
+    spec: SpecConfig = SpecConfig()
+    draft_model: str | None = None
+    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl, residency (turbollm.planner)
+    device: str = "cpu"
+    ram: int | None = None
+    vram: int | None = None
+
+    def load(self, parallel: int = 1) -> "Model":
+        return Model.load(self.model, ctx_size=self.ctx_size, threads=self.threads, device=self.device,
+                          prefill=self.prefill, cache=self.cache, spec=self.spec, draft_model=self.draft_model,
+                          parallel=parallel, placement=self.placement, ram_budget=self.ram, vram=self.vram)
+
+
 @dataclass
 class Completion:
     text: str

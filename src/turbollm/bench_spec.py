@@ -14,10 +14,8 @@ import statistics
 from dataclasses import dataclass, field
 from importlib import resources
 
-from turbollm.engine.generate import GenerationStats
+from turbollm.api import LoadOptions
 from turbollm.engine.sampler import SamplingParams
-from turbollm.engine.speculative import SpecConfig
-from turbollm.kv.cache import CacheConfig
 
 
 def copy_task_prompt() -> str:
@@ -27,14 +25,10 @@ def copy_task_prompt() -> str:
 
 @dataclass(frozen=True)
 class SpecBenchSettings:
-    model: str | None
-    spec: SpecConfig
-    draft_model: str | None = None
+    load: LoadOptions  # its spec says which speculative decoding to measure
     prompt: str | None = None  # None: the copy task
     n_gen: int = 256
     repetitions: int = 3
-    threads: int | None = None
-    cache: CacheConfig = CacheConfig()
 
 
 @dataclass
@@ -64,12 +58,12 @@ class SpecBenchReport:
 def run_spec_bench(s: SpecBenchSettings) -> SpecBenchReport:
     from turbollm.api import Model
 
-    spec_model = Model.load(s.model, threads=s.threads, cache=s.cache, spec=s.spec, draft_model=s.draft_model)
+    spec_model = s.load.load()
     plain_model = Model(spec_model.gguf, spec_model.config, spec_model.tokenizer, spec_model.network,
                         spec_model.ctx_size, spec_model.load_seconds, spec_model.cache)  # same weights, no drafter
     prompt = spec_model.encode(s.prompt if s.prompt is not None else copy_task_prompt())
     params = SamplingParams(temperature=0, max_tokens=s.n_gen)
-    report = SpecBenchReport(str(spec_model.gguf.path), s.spec.kind, len(prompt), s.n_gen)
+    report = SpecBenchReport(str(spec_model.gguf.path), s.load.spec.kind, len(prompt), s.n_gen)
     plain_model.generate(prompt, SamplingParams(temperature=0, max_tokens=8))  # warm-up
     for _ in range(s.repetitions):
         plain, spec = plain_model.generate(prompt, params), spec_model.generate(prompt, params)
@@ -88,7 +82,7 @@ def format_spec_report(r: SpecBenchReport) -> str:
     return "\n".join([
         f"speculative decoding ({r.spec}) on {r.model}: {r.n_prompt}-token prompt, {r.n_gen} tokens greedy, "
         f"{len(r.plain_ts)} alternating runs",
-        f"| decode | tok/s |", "| --- | --- |",
+        "| decode | tok/s |", "| --- | --- |",
         f"| plain | {statistics.fmean(r.plain_ts):.2f} ± {sd(r.plain_ts):.2f} |",
         f"| {r.spec} | {statistics.fmean(r.spec_ts):.2f} ± {sd(r.spec_ts):.2f} |",
         f"speedup {r.speedup:.2f}x; draft acceptance rate = {acceptance:.2f} ({r.n_accepted} accepted / "

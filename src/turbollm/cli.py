@@ -13,32 +13,22 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from turbollm.api import LoadOptions
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.cache import CacheConfig
-from turbollm.planner import PlanRequest
 
 
 @dataclass(frozen=True)
 class RunArgs:
-    model: str | None
     prompt: str | None
     prompt_file: str | None
     params: SamplingParams
-    ctx_size: int | None
-    threads: int | None
     chat: bool | None  # None: use the chat template if the GGUF has one
     system: str | None
     verbose: bool
-    prefill: str = "auto"
-    cache: CacheConfig = CacheConfig()
-    spec: SpecConfig = SpecConfig()
-    draft_model: str | None = None
-    placement: PlanRequest | None = None
-    device: str = "cpu"
-    ram: int | None = None
-    vram: int | None = None
+    load: LoadOptions = LoadOptions()
 
 
 @dataclass(frozen=True)
@@ -176,18 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run(RunArgs(
-                model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, params=_sampling_params(args),
-                ctx_size=args.ctx_size, threads=args.threads, prefill=args.prefill,
+                prompt=args.prompt, prompt_file=args.prompt_file, params=_sampling_params(args),
                 chat=True if args.system is not None else args.chat, system=args.system, verbose=args.verbose,
-                cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft,
-                placement=_plan_request(args), device=args.device, ram=args.ram, vram=args.vram,
+                load=_load_options(args),
             ))
         if args.command == "bench" and _spec_config(args).enabled:
             from turbollm.bench_spec import SpecBenchSettings
-            return bench_spec(SpecBenchSettings(model=args.model, spec=_spec_config(args), draft_model=args.model_draft,
-                                                prompt=_read_prompt_file(args.spec_prompt_file), n_gen=args.n_gen[0],
-                                                repetitions=args.repetitions,
-                                                threads=args.threads, cache=_cache_config(args)), args.json)
+            return bench_spec(SpecBenchSettings(load=_load_options(args), prompt=_read_prompt_file(args.spec_prompt_file),
+                                                n_gen=args.n_gen[0], repetitions=args.repetitions), args.json)
         if args.command == "bench":
             from turbollm.bench import BenchSettings
             return bench(BenchSettings(model=args.model, n_prompt=args.n_prompt, n_gen=args.n_gen,
@@ -203,18 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                                        max_tokens=args.max_tokens, as_json=args.json, plot=args.plot))
         if args.command == "chat":
             from turbollm.terminal_chat import ChatArgs, chat
-            return chat(ChatArgs(model=args.model, params=_sampling_params(args), ctx_size=args.ctx_size,
-                                 threads=args.threads, system=args.system, think=args.think, prefill=args.prefill,
-                                 cache=_cache_config(args), spec=_spec_config(args), draft_model=args.model_draft,
-                                 placement=_plan_request(args), device=args.device, ram=args.ram, vram=args.vram))
+            return chat(ChatArgs(params=_sampling_params(args), system=args.system, think=args.think,
+                                 load=_load_options(args)))
         if args.command == "serve":
             from turbollm.server.run import ServeArgs, serve
-            return serve(ServeArgs(model=args.model, host=args.host, port=args.port, ctx_size=args.ctx_size,
-                                   parallel=args.parallel, threads=args.threads, batch_size=args.batch_size,
+            return serve(ServeArgs(host=args.host, port=args.port, parallel=args.parallel, batch_size=args.batch_size,
                                    api_key=args.api_key, alias=args.alias, reasoning=args.reasoning,
-                                   prefill=args.prefill, cache=_cache_config(args), spec=_spec_config(args),
-                                   draft_model=args.model_draft, placement=_plan_request(args), device=args.device,
-                                   ram=args.ram, vram=args.vram))
+                                   load=_load_options(args)))
         if args.command == "fit":
             from turbollm.fit import FitArgs, fit
             return fit(FitArgs(model=args.model, request=_plan_request(args), device=args.device, vram=args.vram,
@@ -317,6 +298,14 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-ngram-max", type=int, default=4, metavar="N", help="prompt lookup: longest n-gram to match (default 4)")
 
 
+def _load_options(args) -> LoadOptions:
+    """The flags of run/chat/serve/bench that say how the model is loaded."""
+    return LoadOptions(model=args.model, ctx_size=getattr(args, "ctx_size", None),
+                       threads=args.threads, prefill=args.prefill, cache=_cache_config(args), spec=_spec_config(args),
+                       draft_model=args.model_draft, placement=_plan_request(args), device=args.device,
+                       ram=args.ram, vram=args.vram)
+
+
 def _spec_config(args) -> SpecConfig:
     kind = args.spec_type or ("mtp" if args.model_draft else "none")
     return SpecConfig("mtp" if kind == "draft-mtp" else kind, args.draft_max, args.draft_min, args.spec_ngram_min,
@@ -378,15 +367,12 @@ def _read_prompt(a: RunArgs) -> str:
 
 
 def run(a: RunArgs) -> int:
-    from turbollm.api import Model
     from turbollm.engine.generate import GenerationStats
     from turbollm.memory import mib, peak_rss_bytes, rss_breakdown
 
     prompt = _read_prompt(a)
     params = a.params
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
-                       spec=a.spec, draft_model=a.draft_model, placement=a.placement, device=a.device,
-                       ram_budget=a.ram, vram=a.vram)
+    model = a.load.load()
     if a.verbose:
         print(model.plan.format(), file=sys.stderr)
         print(f"model: {model.gguf.path} ({model.config.arch}, {model.config.name})", file=sys.stderr)

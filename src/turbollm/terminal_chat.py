@@ -11,41 +11,25 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 
+from turbollm.api import LoadOptions
 from turbollm.engine.sampler import SamplingParams
-from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
-from turbollm.kv.cache import CacheConfig
-from turbollm.planner import PlanRequest
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 @dataclass(frozen=True)
 class ChatArgs:
-    model: str | None
     params: SamplingParams
-    ctx_size: int | None = None
-    threads: int | None = None
     system: str | None = None
     think: bool = False
-    prefill: str = "auto"
-    cache: CacheConfig = CacheConfig()
-    spec: SpecConfig = SpecConfig()
-    draft_model: str | None = None
-    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl (turbollm.planner)
-    device: str = "cpu"
-    ram: int | None = None
-    vram: int | None = None
+    load: LoadOptions = LoadOptions()
 
 
 def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
-    from turbollm.api import Model
-
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tty = stdout.isatty()
-    model = Model.load(a.model, ctx_size=a.ctx_size, threads=a.threads, prefill=a.prefill, cache=a.cache,
-                       spec=a.spec, draft_model=a.draft_model, placement=a.placement, device=a.device,
-                       ram_budget=a.ram, vram=a.vram)
+    model = a.load.load()
     print(f"{model.gguf.path.name}: {model.ctx_size} tokens of context. /clear starts over, /exit quits.", file=stdout)
     messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     n_system = len(messages)

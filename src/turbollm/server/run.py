@@ -3,40 +3,29 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from turbollm.engine.speculative import SpecConfig
+from turbollm.api import LoadOptions
 from turbollm.errors import TurbollmError
-from turbollm.kv.cache import CacheConfig
-from turbollm.planner import PlanRequest
 
 
 @dataclass(frozen=True)
 class ServeArgs:
-    model: str | None
     host: str = "127.0.0.1"
     port: int = 8080
-    ctx_size: int | None = None  # all slots together, as llama-server's -c; None: the model's training context
     parallel: int = 1
-    threads: int | None = None
     batch_size: int = 512  # prompt chunk per step
     api_key: str | None = None
     alias: str | None = None
     reasoning: str = "auto"  # "on", "off", "auto" (on for Gemma 4)
-    prefill: str = "auto"
-    cache: CacheConfig = CacheConfig()
-    spec: SpecConfig = SpecConfig()
-    draft_model: str | None = None
-    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl (turbollm.planner)
-    device: str = "cpu"
-    ram: int | None = None
-    vram: int | None = None
+    # load.ctx_size is all slots together, as llama-server's -c (None: the model's training context)
+    load: LoadOptions = LoadOptions()
 
 
 def build(a: ServeArgs):
     """The model, engine and app of these settings (the engine not yet started)."""
-    from turbollm.api import Model, read_config
+    from turbollm.api import read_config
     from turbollm.engine.serving import Engine
     from turbollm.server.app import ServerSettings, create_app
 
@@ -44,14 +33,12 @@ def build(a: ServeArgs):
         raise TurbollmError(f"--parallel must be positive, got {a.parallel}")
     if a.batch_size <= 0:
         raise TurbollmError(f"--batch-size must be positive, got {a.batch_size}")
-    total = a.ctx_size if a.ctx_size is not None else read_config(a.model).n_ctx_train
+    total = a.load.ctx_size if a.load.ctx_size is not None else read_config(a.load.model).n_ctx_train
     slot_ctx = total // a.parallel  # llama-server: -c is all slots together
     if slot_ctx < 2:
         raise TurbollmError(f"--ctx-size {total} split over --parallel {a.parallel} leaves {slot_ctx} tokens per slot")
     # planned for every slot full, before any weight is read; refused with the numbers if it does not fit
-    model = Model.load(a.model, ctx_size=slot_ctx, threads=a.threads, prefill=a.prefill, cache=a.cache,
-                       spec=a.spec, draft_model=a.draft_model, parallel=a.parallel, placement=a.placement,
-                       device=a.device, ram_budget=a.ram, vram=a.vram)
+    model = replace(a.load, ctx_size=slot_ctx).load(parallel=a.parallel)
     engine = Engine(model, n_slots=a.parallel, slot_ctx=slot_ctx, n_batch=a.batch_size)
     thinking = {"on": True, "off": False, "auto": model.config.arch == "gemma4"}[a.reasoning]
     model_id = a.alias or Path(model.gguf.path).name
