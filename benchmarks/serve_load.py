@@ -17,9 +17,7 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,28 +27,10 @@ PROMPTS = ["Once upon a time", "The history of the printing press", "def quickso
            "The planets of the solar system are", "Dear friend,", "In the beginning", "Ten facts about whales:"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(args, slots: int):
-    port = free_port()
-    command = [sys.executable, "-m", "turbollm.cli", "serve", "--port", str(port), "-np", str(slots),
-               "-c", str(slots * 2048), "-t", str(args.threads)]
-    if args.model:
-        command += ["-m", args.model]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    from turbollm.server.run import launch
+    flags = ["-np", str(slots), "-c", str(slots * 2048), "-t", str(args.threads)] + (["-m", args.model] if args.model else [])
+    return launch(flags, timeout=120)
 
 
 def one_request(url: str, i: int, max_tokens: int, deadline: float) -> dict:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -83,31 +79,10 @@ def fast_model(default_model_path):
 
 # ---- a real `turbollm serve` on a free loopback port ------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(*flags: str):
     """Start `turbollm serve FLAGS` on a free port; (process, base URL) once /health answers."""
-    port = _free_port()
-    log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs a lot must never block on it
-    proc = subprocess.Popen([sys.executable, "-m", "turbollm.cli", "serve", "--port", str(port), *flags],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited: {log.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start in 120 s")
+    from turbollm.server.run import launch
+    return launch(list(flags), log=tempfile.TemporaryFile("w+"))
 
 
 def stop_server(proc) -> None:

@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from conftest import REFERENCE_DIR, _free_port, start_server, stop_server
+from conftest import REFERENCE_DIR, start_server, stop_server
+from turbollm.server.run import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not os.environ.get("TURBOLLM_REQUIRE_BROWSER") and (CHROMIUM is None or importlib.util.find_spec("playwright") is None):
@@ -99,7 +100,7 @@ def test_thoughts_appear_in_a_collapsed_section(browser):
     tok = model.tokenizer
     model.network = ScriptedNetwork(tok.encode(SCRIPT, add_special=False, parse_special=True) + [tok.eos_id], tok.n_vocab)
     engine = Engine(model, n_slots=1, slot_ctx=256).start()
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerSettings(model_id="tiny", thinking_default=True)),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -60,3 +60,41 @@ def serve(a: ServeArgs) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(flags: list[str], log=None, timeout: float = 120.0):
+    """`turbollm serve FLAGS` in a child process on a free loopback port: (process, base URL)
+    once /health answers (the tests and benchmarks/serve_load.py start servers this way).
+    `log`: a file for its output (a pipe could fill and block a server that logs a lot)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "turbollm.cli", "serve", "--port", str(port), *flags],
+                            stdout=log if log is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            output = ""
+            if log is not None:
+                log.seek(0)
+                output = ": " + log.read()
+            raise RuntimeError(f"the server exited with status {proc.returncode}{output}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not answer /health in {timeout:.0f} s")
