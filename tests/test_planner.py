@@ -113,6 +113,9 @@ def test_override_tensor_regexes_match_on_disk_names(gemma4_26b):
     assert {n for n in cpu if "_exps" in n} == {f"blk.{il}.{k}" for il in range(20, 30)
                                                 for k in ("ffn_gate_up_exps.weight", "ffn_down_exps.weight", "ffn_down_exps.scale")}
     assert next(t for t in p.tensors if t.name == "token_embd.weight").why == r"-ot token_embd\.weight"
+    # a moved layer's router, norms and scales follow its experts (the MoE block computes there)
+    assert {f"blk.{il}.ffn_gate_inp.weight" for il in range(20, 30)} <= set(cpu)
+    assert "blk.19.ffn_gate_inp.weight" not in cpu
     with pytest.raises(ValueError, match="REGEX=DEVICE"):
         planner.parse_override("token_embd")
     with pytest.raises(ValueError, match="bad regular expression"):
