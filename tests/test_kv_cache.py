@@ -14,6 +14,7 @@ from turbollm.kernels import native
 from turbollm.kernels.attention import attention as reference_attention
 from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, key_conditioning, plan_kv
 from turbollm.kv.codecs import CACHE_TYPES, Codec, pack_bits, parse_cache_type, unpack_bits
+from turbollm.kv.turboquant import expected_distortion
 from turbollm.quality import parse_cache_entry
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built")
@@ -90,12 +91,29 @@ def test_unknown_cache_types_and_bad_shapes_are_refused_clearly():
     assert parse_cache_entry("q8_0/turbo4@2") == CacheConfig("q8_0", "turbo4", 2)
 
 
+@pytest.mark.parametrize("block", [32, 128])
+def test_turbo_keys_keep_their_length_and_values_the_codewords(block):
+    x = _rows(64, 256, seed=5) * 7.0
+    keep, mse = Codec("turbo3", block, keep_length=True), Codec("turbo3", block)
+    blocks = x.view(64, -1, block)
+    kept = keep.decode(keep.encode(x), 256).view(64, -1, block)
+    shrunk = mse.decode(mse.encode(x), 256).view(64, -1, block)
+    assert torch.allclose(kept.norm(dim=-1), blocks.norm(dim=-1), rtol=2e-3)  # fp16 norms
+    # cell means lie inside their cells: the MSE reconstruction is 1 - distortion as long, on average
+    shrink = (shrunk.norm(dim=-1) / blocks.norm(dim=-1)).pow(2).mean()
+    assert abs(shrink - (1 - block * expected_distortion(3, block))) < 0.01
+    assert torch.equal(keep.encode(x)[:, 2:block * 3 // 8 + 2], mse.encode(x)[:, 2:block * 3 // 8 + 2])  # same codes
+    plan = plan_kv([LayerKVShape(1, 256)], 8, CacheConfig("turbo3", "turbo3"))
+    assert plan.stored[0].k.keep_length and not plan.stored[0].v.keep_length
+
+
 @needs_native
 @pytest.mark.parametrize("name", CACHE_TYPES)
 def test_native_codecs_write_and_read_the_reference_bytes(name):
     x = _rows(64, 512, seed=3)
-    for block in ((128, 32) if name.startswith("turbo") else (128,)):
-        codec = Codec(name, block)
+    for block, keep_length in (((128, False), (32, False), (128, True), (32, True)) if name.startswith("turbo")
+                               else ((128, False),)):
+        codec = Codec(name, block, keep_length)
         ref = codec.encode(x)
         assert (native.kv_encode(codec, x) != ref).float().mean() < 1e-3  # float sums may flip a rare code
         assert torch.equal(native.kv_decode(codec, ref, 512), codec.decode(ref, 512))
@@ -181,10 +199,10 @@ def test_ring_attention_equals_full_attention_with_a_window_mask(n_prompt, cache
     assert torch.allclose(out_ring, out_full, atol=1e-5)
     # and both are plain windowed attention over the decoded K/V of every position (quantized
     # keys coded relative to the offset and scale of the first step's keys)
-    codec = Codec(cache_type)
+    k_codec, v_codec = ring.plan.stored[0].k, ring.plan.stored[0].v  # TurboQuant keys keep their length
     offset, scale = key_conditioning(ks[:n_prompt]) if cache_type != "f32" else (0.0, 1.0)
-    k_dec = codec.decode(codec.encode((ks - offset) / scale), d) * scale + offset
-    v_dec = codec.decode(codec.encode(vs), d)
+    k_dec = k_codec.decode(k_codec.encode((ks - offset) / scale), d) * scale + offset
+    v_dec = v_codec.decode(v_codec.encode(vs), d)
     expected = reference_attention(qs, k_dec, v_dec, torch.arange(n), torch.arange(n), 0.2, window)
     assert torch.allclose(out_ring, expected, atol=1e-5)
 

@@ -85,7 +85,7 @@ class _MoeDesc(ctypes.Structure):
 
 class _KVCodec(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("bits", ctypes.c_int), ("block", ctypes.c_int),
-                ("codebook", ctypes.c_void_p), ("signs", ctypes.c_void_p)]
+                ("codebook", ctypes.c_void_p), ("signs", ctypes.c_void_p), ("keep_length", ctypes.c_int)]
 
 
 class _KVSegment(ctypes.Structure):
@@ -105,10 +105,10 @@ def kv_codec(codec) -> _KVCodec:
         if codec.is_turbo:
             q = codec.quantizer
             tables = (q.codebook.contiguous(), q.signs.contiguous())
-            desc = _KVCodec(100, q.bits, q.block, tables[0].data_ptr(), tables[1].data_ptr())
+            desc = _KVCodec(100, q.bits, q.block, tables[0].data_ptr(), tables[1].data_ptr(), int(codec.keep_length))
             desc._tables = tables
         else:
-            desc = _KVCodec(_KV_TYPES[codec.name], 0, 0, None, None)
+            desc = _KVCodec(_KV_TYPES[codec.name], 0, 0, None, None, 0)
         _kv_codecs[codec] = desc
     return desc
 

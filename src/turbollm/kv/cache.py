@@ -136,7 +136,8 @@ def plan_kv(layout: list[LayerKVShape | None], ctx: int, config: CacheConfig = C
     storing = [il for il, s in enumerate(layout) if s is not None]
     n = config.boundary_layers
     protected = set(storing[:n]) | set(storing[len(storing) - n:] if n else [])
-    k, v = Codec(config.type_k, config.turbo_block), Codec(config.type_v, config.turbo_block)
+    k = Codec(config.type_k, config.turbo_block, keep_length=True)
+    v = Codec(config.type_v, config.turbo_block)
     f16 = Codec("f16")
     plans: list[LayerPlan | None] = []
     for il, s in enumerate(layout):

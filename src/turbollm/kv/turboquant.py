@@ -113,13 +113,22 @@ class TurboQuantMSE:
     def unrotate(self, u: torch.Tensor) -> torch.Tensor:
         return hadamard(u) * self.signs
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., n * block] -> (codes uint8 [..., n * block], norms float32 [..., n])."""
+    def encode(self, x: torch.Tensor, keep_length: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., n * block] -> (codes uint8 [..., n * block], norms float32 [..., n]).
+
+        The stored norm is |x|: the decoded vector is |x| times the codeword, which is on
+        average shorter than x (each coordinate's cell mean lies inside its cell: by the
+        distortion, 3.4% in squared length at 3 bits). `keep_length` stores |x| / |codeword|
+        instead, so the decoded vector has x's length: keys want that (a shrunk key scales its
+        attention scores down, which flattens the softmax; see kv/codecs.py for the measure)."""
         blocks = self._blocks(x)
         norms = blocks.norm(dim=-1)
         unit = blocks / norms.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
-        codes = torch.bucketize(self.rotate(unit), self._bounds).to(torch.uint8)
-        return codes.reshape(x.shape), norms
+        codes = torch.bucketize(self.rotate(unit), self._bounds)
+        if keep_length:
+            length = self.codebook[codes].norm(dim=-1)
+            norms = norms / length.clamp(min=torch.finfo(torch.float32).tiny)
+        return codes.to(torch.uint8).reshape(x.shape), norms
 
     def decode(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         values = self.codebook[codes.long()].view(*codes.shape[:-1], -1, self.block)

@@ -178,16 +178,19 @@ static void encode_turbo(const tl_kv_codec *c, const float *x, uint8_t *y, int64
         const float norm = sqrtf(ss), safe = norm > 1.17549435e-38f ? norm : 1.17549435e-38f;
         for (int i = 0; i < B; i++) u[i] = x[b + i] / safe * c->signs[i];
         fwht(u, B);
-        const tl_half h = tl_f2h(norm);
-        memcpy(y, &h, 2);
         uint8_t *codes = y + 2;
         memset(codes, 0, (size_t)(B * c->bits / 8));
+        float length2 = 0.0f;
         for (int i = 0; i < B; i++) {
             const uint32_t q = (uint32_t)nearest(u[i], c->codebook, levels);
+            length2 += c->codebook[q] * c->codebook[q];
             const int bit = i * c->bits;
             codes[bit / 8] |= (uint8_t)(q << (bit % 8));
             if (bit % 8 + c->bits > 8) codes[bit / 8 + 1] |= (uint8_t)(q >> (8 - bit % 8));
         }
+        const float length = sqrtf(length2);
+        const tl_half h = tl_f2h(c->keep_length ? norm / (length > 1.17549435e-38f ? length : 1.17549435e-38f) : norm);
+        memcpy(y, &h, 2);
     }
 }
 

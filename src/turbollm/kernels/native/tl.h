@@ -126,6 +126,7 @@ typedef struct {
     int bits, block;       /* TurboQuant: bits per code, rotation block */
     const float *codebook; /* TurboQuant: 2^bits ascending values */
     const float *signs;    /* TurboQuant: the rotation's random signs, one per block position */
+    int keep_length;       /* TurboQuant: store norm / |codeword| (kv/turboquant.py) */
 } tl_kv_codec;
 typedef struct { const void *k, *v; const int64_t *pos; int64_t n; } tl_kv_segment;  /* rows [n, n_kv, row_bytes] */
 int64_t tl_kv_row_bytes(const tl_kv_codec *c, int64_t d);
