@@ -37,8 +37,7 @@ def layout_from_gguf(path: str) -> tuple[str, list[LayerKVShape | None]]:
     from turbollm.gguf.reader import GGUFFile
     gf = GGUFFile(path)
     cfg = ModelConfig.from_metadata(gf.metadata, path)
-    return cfg.name, [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il], cfg.sliding_window if cfg.is_swa(il) else 0)
-                      if cfg.has_kv(il) else None for il in range(cfg.n_layer)]
+    return cfg.name, cfg.kv_layout()
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from gguf import quants as gguf_quants
 
 from turbollm.kernels import native
 from turbollm.kernels.attention import attention as reference_attention
-from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, key_conditioning, plan_kv
+from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+from turbollm.kv.conditioning import condition_keys, rotate_by_position
 from turbollm.kv.codecs import CACHE_TYPES, Codec, pack_bits, parse_cache_type, unpack_bits
 from turbollm.kv.turboquant import expected_distortion
 from turbollm.quality import parse_cache_entry
@@ -137,8 +138,8 @@ def test_predicted_bytes_are_the_allocated_bytes(config):
 def test_sliding_layers_keep_a_ring_of_the_window_and_global_layers_the_context():
     plan = plan_kv(GEMMA4_26B_LIKE, 65536, CacheConfig("q8_0", "q8_0"))
     # llama.cpp's figure for these layers at 64K: 680 MiB global (one stream); we add each layer's
-    # key offset and scale (float32 per KV head and channel) and their flag
-    offsets = 2 * 2 * 512 * 4 + 4, 2 * 8 * 256 * 4 + 4
+    # key conditioning (rotated offset, offset and scale: float32 per KV head and channel) and its flag
+    offsets = 3 * 2 * 512 * 4 + 4, 3 * 8 * 256 * 4 + 4
     assert plan.global_bytes == 5 * (65536 * 2 * 2 * 512 * 34 // 32 + offsets[0]) == 680 * 2**20 + 5 * offsets[0]
     assert plan.sliding_bytes == 25 * (1024 * 8 * 2 * 256 * 34 // 32 + offsets[1])
     assert plan_kv(GEMMA4_26B_LIKE, 262144, CacheConfig("q8_0", "q8_0")).sliding_bytes == plan.sliding_bytes
@@ -178,8 +179,7 @@ def _native_attention(q, slots, positions, window, softcap):
     n = slots.n_keys
     return native.attention_coded(q, positions, slots.plan.k, slots.plan.v, slots.plan.n_head_kv,
                                   [(slots.k[:n], slots.v[:n], slots.positions[:n]),
-                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window, softcap, slots.k_offset,
-                                  slots.k_scale)
+                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window, softcap, slots)
 
 
 @pytest.mark.parametrize("n_prompt", [5, 16, 40])  # shorter than, equal to, much longer than the window
@@ -200,8 +200,11 @@ def test_ring_attention_equals_full_attention_with_a_window_mask(n_prompt, cache
     # and both are plain windowed attention over the decoded K/V of every position (quantized
     # keys coded relative to the offset and scale of the first step's keys)
     k_codec, v_codec = ring.plan.stored[0].k, ring.plan.stored[0].v  # TurboQuant keys keep their length
-    offset, scale = key_conditioning(ks[:n_prompt]) if cache_type != "f32" else (0.0, 1.0)
-    k_dec = k_codec.decode(k_codec.encode((ks - offset) / scale), d) * scale + offset
+    k_dec = k_codec.decode(k_codec.encode(ks), d)
+    if cache_type != "f32":
+        c = condition_keys(ks[:n_prompt], torch.arange(n_prompt), None)
+        offset = c.offset + c.rot_offset
+        k_dec = k_codec.decode(k_codec.encode((ks - offset) / c.scale), d) * c.scale + offset
     v_dec = v_codec.decode(v_codec.encode(vs), d)
     expected = reference_attention(qs, k_dec, v_dec, torch.arange(n), torch.arange(n), 0.2, window)
     assert torch.allclose(out_ring, expected, atol=1e-5)
@@ -209,18 +212,23 @@ def test_ring_attention_equals_full_attention_with_a_window_mask(n_prompt, cache
 
 @needs_native
 @pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0", "q5_1", "iq4_nl", "turbo2", "turbo4"])
-@pytest.mark.parametrize("window, softcap", [(0, 0.0), (16, 0.0), (0, 3.0)])  # a soft cap sees the key offset
-def test_native_attention_on_a_coded_cache_equals_attention_on_the_decoded_cache(cache_type, window, softcap):
+@pytest.mark.parametrize("window, softcap, rope", [(0, 0.0, True), (16, 0.0, True), (0, 3.0, True), (0, 0.0, False)])
+def test_native_attention_on_a_coded_cache_equals_attention_on_the_decoded_cache(cache_type, window, softcap, rope):
+    """A soft cap sees the key offsets; a ring (window 16) breaks the run of key positions the
+    native kernel steps RoPE's angles along."""
     n_kv, d, n = 2, 128, 300  # several chunks of keys per query: the per-chunk softmax merge
     g = torch.Generator().manual_seed(7)
     ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 8, d, generator=g)
     steps = [260, 1, 1, 5, 33]
     config = CacheConfig(cache_type, "q8_0" if cache_type == "turbo2" else cache_type)  # asymmetric K/V too
-    ks = ks + 3.0 * torch.randn(n_kv, d, generator=g)  # a constant part, as Gemma's keys have
-    ours = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, True,
-                      softcap)
-    ref = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config)), ks, vs, qs, steps, window, False,
-                     softcap)
+    freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d) if rope else None
+    # a constant part before RoPE, as Gemma's keys have
+    ks = ks + rotate_by_position(3.0 * torch.randn(n_kv, d, generator=g), torch.arange(n), freq)
+
+    def cache():
+        return KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config), rope_freqs=[freq])
+    ours = _run_layer(cache(), ks, vs, qs, steps, window, True, softcap)
+    ref = _run_layer(cache(), ks, vs, qs, steps, window, False, softcap)
     assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4)
 
 
@@ -274,17 +282,47 @@ def _keys_and_queries(n: int = 400, n_kv: int = 2, group: int = 2, d: int = 128,
     return ks, qs
 
 
+def _conditioning(ks, qs=None, rope_freq=None):
+    return condition_keys(ks, torch.arange(len(ks)), rope_freq, qs)
+
+
 def test_key_conditioning_weighs_channels_by_the_queries():
     ks, qs = _keys_and_queries()
-    offset, plain = key_conditioning(ks)
+    c = _conditioning(ks)  # no RoPE: the offset is the mean key
     sd = (ks - ks.mean(0)).pow(2).mean(0).sqrt()
-    assert torch.allclose(offset, ks.mean(0)) and torch.allclose(plain, sd.clamp(min=0.1 * sd.mean(-1, keepdim=True)).sqrt())
-    _, weighed = key_conditioning(ks, qs)
+    assert torch.allclose(c.rot_offset + c.offset, ks.mean(0), atol=1e-5) and c.offset.abs().max() < 1e-5
+    plain = c.scale
+    assert torch.allclose(plain, sd.clamp(min=0.1 * sd.mean(-1, keepdim=True)).sqrt(), rtol=1e-5)
+    weighed = _conditioning(ks, qs).scale
     q_rms = qs.reshape(len(qs), 2, 2, -1).pow(2).mean(dim=(0, 2)).sqrt()
     q_rms = q_rms.clamp(min=0.1 * q_rms.mean(-1, keepdim=True))
     assert torch.allclose(weighed, plain / q_rms.sqrt(), rtol=1e-5)
-    _, one = key_conditioning(ks[:1], qs[:1])  # one token says nothing about spreads
+    one = _conditioning(ks[:1], qs[:1]).scale  # one token says nothing about spreads
     assert torch.equal(one, torch.ones_like(one))
+
+
+def test_key_conditioning_follows_rope_a_channel_constant_before_it():
+    """Keys constant before RoPE turn with the position after it: no fixed offset removes them,
+    the offset turned by each key's position does."""
+    n, n_kv, d = 64, 2, 128
+    g = torch.Generator().manual_seed(4)
+    freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    strong = torch.zeros(d // 2, dtype=torch.bool)
+    strong[torch.randperm(d // 2, generator=g)[:d // 8]] = True  # a quarter of the pairs
+    mu = 5.0 * torch.randn(n_kv, d, generator=g) * torch.cat((strong, strong))
+    mu[:, :d // 2][:, ~strong] += 0.3  # weak pairs: left to the fixed offset
+    noise = 0.1 * torch.randn(n, n_kv, d, generator=g)
+    positions = torch.arange(100, 100 + n)
+    ks = rotate_by_position(mu, positions, freq) + noise
+    turned = condition_keys(ks, positions, freq)
+    kept = (turned.rot_offset != 0)[:, :d // 2] | (turned.rot_offset != 0)[:, d // 2:]
+    assert (kept.sum(-1) == d // 4).all() and kept[:, strong].all()  # the strongest half of the pairs turn
+    assert torch.allclose(turned.rot_offset * torch.cat((strong, strong)), mu * torch.cat((strong, strong)), atol=0.05)
+    fixed = condition_keys(ks, positions, None)
+    both = torch.cat((strong, strong))
+    assert turned.scale[:, both].mean() < 0.3 * fixed.scale[:, both].mean()  # what is left there is the noise
+    back = rotate_by_position(rotate_by_position(ks, positions, freq, inverse=True), positions, freq)
+    assert torch.allclose(back, ks, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["turbo2", "turbo3", "turbo4"])
@@ -296,12 +334,13 @@ def test_query_weighed_conditioning_lowers_turboquants_score_error(name):
     heads = qs.view(len(qs), 2, 2, d)[:, :, 0]  # one query head of each KV head's group
     exact = torch.einsum("tkd,skd->tsk", ks, heads)
 
-    def score_error(offset, scale):
-        k_dec = codec.decode(codec.encode((ks - offset) / scale), d) * scale + offset
+    def score_error(c):
+        offset = c.offset + c.rot_offset
+        k_dec = codec.decode(codec.encode((ks - offset) / c.scale), d) * c.scale + offset
         got = torch.einsum("tkd,skd->tsk", k_dec, heads)
         return (got - exact).pow(2).mean().item()
 
-    plain, weighed = score_error(*key_conditioning(ks)), score_error(*key_conditioning(ks, qs))
+    plain, weighed = score_error(_conditioning(ks)), score_error(_conditioning(ks, qs))
     assert weighed < 0.7 * plain
 
 
@@ -312,5 +351,6 @@ def test_the_cache_weighs_turboquant_keys_by_the_queries_and_ggml_blocks_not(nam
     cache.begin(8)
     slots = cache.slots(0)
     slots.write(ks, ks, q=qs)
-    expected = key_conditioning(ks, qs if uses_queries else None)
-    assert torch.allclose(slots.k_offset, expected[0]) and torch.allclose(slots.k_scale, expected[1])
+    expected = _conditioning(ks, qs if uses_queries else None)
+    assert torch.allclose(slots.k_offset, expected.offset) and torch.allclose(slots.k_scale, expected.scale)
+    assert torch.allclose(slots.k_rot_offset, expected.rot_offset)

@@ -189,11 +189,16 @@ def test_rms_norm_matches_reference():
     assert torch.allclose(native.rms_norm(x, None, 1e-6), reference.rms_norm(x, None, 1e-6), atol=1e-5, rtol=1e-5)
 
 
+def ROPE_FREQ(d: int) -> torch.Tensor:
+    return 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+
+
 def _cache_step(cache_type: str, n_before: int, n_new: int, n_kv: int, d: int, store: bool, window: int = 0):
     """A one-layer cache holding `n_before` committed tokens, in a step of `n_new` more: the
     layer's KVSlots. A reading (KV-shared) layer finds its tail filled, as its source leaves it."""
     from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
-    cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type)))
+    cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type)),
+                    rope_freqs=[ROPE_FREQ(d)])
     g = torch.Generator().manual_seed(9)
     if n_before:
         cache.begin(n_before)
@@ -220,7 +225,7 @@ def test_fused_attention_block_equals_composed(store, with_v, window, n_before, 
                               n_head, n_kv, hd, v_norm=True, scale=0.1, window=window, eps=1e-6)
     x = torch.randn(2, d_model)
     positions = torch.tensor([n_before, n_before + 1])
-    angles = positions.float()[:, None] * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    angles = positions.float()[:, None] * ROPE_FREQ(hd)
     angles = torch.cat((angles, angles), -1)[:, None, :]
     rope = (angles.cos(), angles.sin())
     composed_slots = _cache_step(cache_type, n_before, 2, n_kv, hd, store, window)
@@ -231,9 +236,10 @@ def test_fused_attention_block_equals_composed(store, with_v, window, n_before, 
     # the C encoder wrote the bytes the reference encoder writes (the K/V inputs agree to ~1e-6)
     assert (fused_slots.tail_k != composed_slots.tail_k).float().mean() < 0.01
     assert (fused_slots.tail_v != composed_slots.tail_v).float().mean() < 0.01
-    if composed_slots.k_offset is not None:  # quantized keys: the C code set the same offset and scale
+    if composed_slots.k_offset is not None:  # quantized keys: a first step set the same conditioning
         assert torch.allclose(fused_slots.k_offset, composed_slots.k_offset, atol=1e-5)
         assert torch.allclose(fused_slots.k_scale, composed_slots.k_scale, atol=1e-5)
+        assert torch.allclose(fused_slots.k_rot_offset, composed_slots.k_rot_offset, atol=1e-5)
         assert int(fused_slots.k_offset_set[0]) == 1
 
 

@@ -59,6 +59,13 @@ class ModelConfig:
         """Whether layer `il` computes and stores its own K/V (else it reads `kv_source(il)`'s)."""
         return il < self.n_layer - self.n_kv_shared
 
+    def kv_layout(self) -> list:
+        """Per layer: the K/V it stores (kv.cache.LayerKVShape), or None for a layer that reads
+        another layer's: what the KV cache and the planner size."""
+        from turbollm.kv.cache import LayerKVShape
+        return [LayerKVShape(self.n_head_kv[il], self.head_dim[il], self.sliding_window if self.is_swa(il) else 0)
+                if self.has_kv(il) else None for il in range(self.n_layer)]
+
     def kv_source(self, il: int) -> int:
         """The layer whose K/V layer `il` attends to: itself, or for a KV-shared layer the last
         layer before the shared block with the same attention type (transformers' "store" layer)."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from turbollm.config import ModelConfig
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
-from turbollm.kv.cache import CacheConfig, LayerKVShape, plan_kv
+from turbollm.kv.cache import CacheConfig, plan_kv
 
 MIB = 2**20
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -329,10 +329,8 @@ def plan(gguf: GGUFFile, cfg: ModelConfig, devices: list[Device], request: PlanR
             device, why = place(t.name, request.draft_overrides, True)
             p.tensors.append(TensorPlace(t.name, t.n_bytes, device, why, draft=True))
 
-    layout = [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il], cfg.sliding_window if cfg.is_swa(il) else 0)
-              if cfg.has_kv(il) else None for il in range(cfg.n_layer)]
     try:
-        kv = plan_kv(layout, ctx // request.parallel, request.cache)
+        kv = plan_kv(cfg.kv_layout(), ctx // request.parallel, request.cache)
     except ValueError as e:  # a codec that does not fit the head size
         raise TurbollmError(f"{gguf.path}: {e}") from None
     for lp in kv.stored:

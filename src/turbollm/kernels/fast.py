@@ -163,7 +163,9 @@ def attention_block(x: torch.Tensor, b: blocks.AttentionBlock, rope: tuple[torch
                     slots: blocks.KVSlots, positions: torch.Tensor) -> torch.Tensor:
     """kernels.blocks.attention_block in one native call at decode size."""
     cache_ok = all(t.device.type == "cpu" and t.is_contiguous() for t in (slots.k, slots.v, slots.tail_k, slots.tail_v))
-    if not (cache_ok and _block_native_ok(x, [b.wq, b.wk, b.wv, b.wo])):
+    # a sequence's first step sets its key conditioning, in PyTorch (kv/conditioning.py)
+    first = slots.store and slots.needs_conditioning
+    if first or not (cache_ok and _block_native_ok(x, [b.wq, b.wk, b.wv, b.wo])):
         return blocks.attention_block(Ops, x, b, rope, slots, positions)
     desc = _descs.get(b)
     if desc is None:

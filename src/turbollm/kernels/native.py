@@ -43,9 +43,9 @@ _SIGNATURES = {
     "tl_moe_block": (ctypes.c_int, [ctypes.c_void_p, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, ctypes.c_int]),
     "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64,
-                                          ctypes.c_int, _P, _P, _P, _P, _P]),
+                                          ctypes.c_int, _P, _P, _P]),
     "tl_kv_encode": (ctypes.c_int, [_P, _P, _I64, _I64, _P]),
-    "tl_attention_kv": (ctypes.c_int, [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int,
+    "tl_attention_kv": (ctypes.c_int, [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, ctypes.c_int,
                                        ctypes.c_float, _I64, ctypes.c_float, _P]),
     "tl_kv_decode": (ctypes.c_int, [_P, _P, _I64, _I64, ctypes.c_int, _P]),
     "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
@@ -86,6 +86,21 @@ class _MoeDesc(ctypes.Structure):
 class _KVCodec(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("bits", ctypes.c_int), ("block", ctypes.c_int),
                 ("codebook", ctypes.c_void_p), ("signs", ctypes.c_void_p), ("keep_length", ctypes.c_int)]
+
+
+class _KeyCond(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("rot_offset", ctypes.c_void_p),
+                ("rope_freq", ctypes.c_void_p)]
+
+
+def _key_cond(slots) -> ctypes.Structure | None:
+    """The C view of a layer's key conditioning (kv.cache.KVSlots; None for float keys)."""
+    if slots.k_offset is None:
+        return None
+    if slots.rope_freq is not None and slots.rope_freq.dtype != torch.float64:
+        raise ValueError("RoPE frequencies of the key conditioning must be float64")
+    return ctypes.byref(_KeyCond(_ptr(slots.k_offset), _ptr(slots.k_scale), _ptr(slots.k_rot_offset),
+                                 _tensor_ptr(slots.rope_freq)))
 
 
 class _KVSegment(ctypes.Structure):
@@ -135,17 +150,16 @@ def kv_decode(codec, raw: torch.Tensor, d: int, rotated: bool = False) -> torch.
 
 def attention_coded(q: torch.Tensor, q_pos: torch.Tensor, k_codec, v_codec, n_kv: int,
                     segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float, window: int = 0,
-                    softcap: float = 0.0, k_offset: torch.Tensor | None = None,
-                    k_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    softcap: float = 0.0, conditioning=None) -> torch.Tensor:
     """Attention of q [T, H, d] over coded K/V rows: segments of (k uint8 [S, n_kv, k_row_bytes],
     v, positions int64 [S]), read in order (the cache's slots, then a step's tail). Keys coded
-    as (k - k_offset) / k_scale ([n_kv, d] each) when those are given."""
+    with the key conditioning of `conditioning` (a kv.cache.KVSlots) when given."""
     n_tok, n_head, d = q.shape
     q, q_pos = q.contiguous(), q_pos.contiguous()
     segs = (_KVSegment * len(segments))(*(_KVSegment(_ptr(k), _ptr(v), _ptr(p), p.shape[0]) for k, v, p in segments))
     out = torch.empty((n_tok, n_head, d), dtype=torch.float32)
     rc = _lib.tl_attention_kv(_ptr(q), _ptr(q_pos), n_tok, n_head, n_kv, d, ctypes.byref(kv_codec(k_codec)),
-                              ctypes.byref(kv_codec(v_codec)), _tensor_ptr(k_offset), _tensor_ptr(k_scale), segs,
+                              ctypes.byref(kv_codec(v_codec)), None if conditioning is None else _key_cond(conditioning), segs,
                               len(segments), scale, window, softcap, _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native coded attention failed ({rc}): {n_head} heads over {n_kv} KV heads of {d}")
@@ -352,8 +366,8 @@ def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: to
     rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin),
                                  ctypes.byref(kv_codec(plan.k)), ctypes.byref(kv_codec(plan.v)), _ptr(slots.k),
                                  _ptr(slots.v), _ptr(slots.positions), slots.n_keys, _ptr(slots.tail_k),
-                                 _ptr(slots.tail_v), _ptr(slots.tail_positions), slots.tail_k.shape[0], int(slots.store), _tensor_ptr(slots.k_offset),
-                                 _tensor_ptr(slots.k_scale), _tensor_ptr(slots.k_offset_set), _ptr(positions), _ptr(out))
+                                 _ptr(slots.tail_v), _ptr(slots.tail_positions), slots.tail_k.shape[0], int(slots.store),
+                                 _key_cond(slots), _ptr(positions), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native attention block failed ({rc})")
     return out

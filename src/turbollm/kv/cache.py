@@ -30,6 +30,7 @@ import torch
 
 from turbollm.errors import ContextLengthError
 from turbollm.kv.codecs import Codec
+from turbollm.kv.conditioning import condition_keys, rotate_by_position
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ class LayerPlan:
 
     @property
     def offset_bytes(self) -> int:
-        """float32 offset and scale per (KV head, channel), and the int32 flag saying they are set."""
-        return 2 * self.n_head_kv * self.head_dim * 4 + 4 if self.has_k_offset else 0
+        """The key conditioning (kv/conditioning.py): float32 rotated offset, offset and scale per
+        (KV head, channel), and the int32 flag saying they are set."""
+        return 3 * self.n_head_kv * self.head_dim * 4 + 4 if self.has_k_offset else 0
 
     @property
     def nbytes(self) -> int:
@@ -191,27 +193,18 @@ class KVSlots:
     tail_v: torch.Tensor
     tail_positions: torch.Tensor  # int64 [T]
     store: bool  # the layer encodes its new K/V into the tail (else it reads its source's)
-    # Quantized keys are coded as (k - offset) / scale, per (KV head, channel): offset is the
-    # mean key of the sequence's first step, scale the square root of the channel's standard
-    # deviation there (for TurboQuant keys: over the root-mean-square of that step's queries in
-    # that channel; each at least a tenth of its mean over channels; 1 when the step has one
-    # token), both fixed from then on (k_offset_set[0] = 1). Gemma's keys carry channels that
-    # hardly change from token to token yet are up to ~40x the median channel (post k_norm);
-    # left in, they take most of each block's range or norm. Reading multiplies and adds them back (native
-    # attention scores (q * scale) . code + q . offset), so the maths is unchanged and only
-    # what the quantizer sees differs. TurboQuant's error is isotropic after its rotation, of
-    # energy proportional to the coded vector's: an error e_i in channel i costs q_i * scale_i
-    # * e_i in a score, and scale_i = sqrt(sd_i / rms(q_i)) minimises the expected squared sum
-    # (Cauchy-Schwarz on sum(q^2 scale^2) * sum(sd^2 / scale^2)). ggml's blocks err by the
-    # block's largest value instead, and measured better without the queries' term (q4_0 K
-    # and V, 3,202 tokens: KL 0.0557 without, 0.0619 with), so they keep sqrt(sd) (scale = sd
-    # was worse still: q4_0 K, 1,600 tokens, KL 0.066 against 0.039). Measured on the default
-    # model, keys coded and values f16: 800 tokens, turbo3 perplexity +71.8% (raw keys) ->
-    # +5.3% (offset and sqrt(sd)); 1,600 tokens, +9.5% -> +7.1% with the queries' term (KL
-    # 0.105 -> 0.068).
+    # Quantized keys are coded as (k - R_p rot_offset - offset) / scale (kv/conditioning.py),
+    # fixed by the sequence's first step (k_offset_set[0] = 1); float keys as they are.
     k_offset: torch.Tensor | None = None  # float32 [n_kv, head_dim]
     k_scale: torch.Tensor | None = None
     k_offset_set: torch.Tensor | None = None  # int32 [1]
+    k_rot_offset: torch.Tensor | None = None  # float32 [n_kv, head_dim]
+    rope_freq: torch.Tensor | None = None  # the layer's RoPE angle per position, per pair [head_dim / 2]
+
+    @property
+    def needs_conditioning(self) -> bool:
+        """A quantized-key layer whose sequence has not set its key conditioning yet."""
+        return self.k_offset is not None and not int(self.k_offset_set[0])
 
     def write(self, k: torch.Tensor, v: torch.Tensor, encode=None, q: torch.Tensor | None = None) -> None:
         """Encode the new tokens' K/V [T, n_kv, head_dim] into the tail, with `encode(codec, x)`
@@ -219,14 +212,18 @@ class KVSlots:
         the step's queries (RoPE applied), which weigh the key conditioning of a first step."""
         encode = encode or _reference_encode
         if self.k_offset is not None:
-            if not int(self.k_offset_set[0]):
-                offset, scale = key_conditioning(k, q if self.plan.k.is_turbo else None)
-                self.k_offset.copy_(offset)
-                self.k_scale.copy_(scale)
+            if self.needs_conditioning:
+                c = condition_keys(k, self.tail_positions, self.rope_freq, q if self.plan.k.is_turbo else None)
+                self.k_rot_offset.copy_(c.rot_offset)
+                self.k_offset.copy_(c.offset)
+                self.k_scale.copy_(c.scale)
                 self.k_offset_set[0] = 1
-            k = (k - self.k_offset) / self.k_scale
+            k = (k - self._position_offset(self.tail_positions) - self.k_offset) / self.k_scale
         self.tail_k.copy_(encode(self.plan.k, k))
         self.tail_v.copy_(encode(self.plan.v, v))
+
+    def _position_offset(self, positions: torch.Tensor) -> torch.Tensor:
+        return rotate_by_position(self.k_rot_offset, positions, self.rope_freq)
 
     def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoded keys and values [S, n_kv, head_dim] float32 of the slots then the tail, and
@@ -234,10 +231,11 @@ class KVSlots:
         decode = decode or _reference_decode
         hd, n = self.plan.head_dim, self.n_keys
         k = torch.cat([decode(self.plan.k, self.k[:n], hd), decode(self.plan.k, self.tail_k, hd)])
+        positions = torch.cat([self.positions[:n], self.tail_positions])
         if self.k_offset is not None:
-            k = k * self.k_scale + self.k_offset
+            k = k * self.k_scale + self.k_offset + self._position_offset(positions)
         v = torch.cat([decode(self.plan.v, self.v[:n], hd), decode(self.plan.v, self.tail_v, hd)])
-        return k, v, torch.cat([self.positions[:n], self.tail_positions])
+        return k, v, positions
 
 
 def _reference_encode(codec: Codec, x: torch.Tensor) -> torch.Tensor:
@@ -248,30 +246,16 @@ def _reference_decode(codec: Codec, raw: torch.Tensor, d: int) -> torch.Tensor:
     return codec.decode(raw, d)
 
 
-def key_conditioning(k: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offset and scale [n_kv, head_dim] from a step's keys [T, n_kv, head_dim] and queries
-    [T, n_head, head_dim] (None: every channel's queries weigh the same) (see KVSlots)."""
-    k = k.to(torch.float32)
-    offset = k.mean(dim=0)
-    if k.shape[0] < 2:
-        return offset, torch.ones_like(offset)
-    sd = _floored((k - offset).pow(2).mean(dim=0).sqrt())
-    if q is None:
-        return offset, sd.sqrt()
-    n_tok, n_kv = k.shape[:2]
-    q_rms = q.to(torch.float32).reshape(n_tok, n_kv, -1, k.shape[-1]).pow(2).mean(dim=(0, 2)).sqrt()
-    return offset, (sd / _floored(q_rms)).sqrt()
-
-
-def _floored(x: torch.Tensor) -> torch.Tensor:
-    """x [n_kv, d] >= 0, raised to a tenth of its mean over channels; ones where that mean is 0."""
-    floor = 0.1 * x.mean(dim=-1, keepdim=True)
-    return torch.where(floor > 0, torch.maximum(x, floor), torch.ones_like(x))
-
-
 class KVCache:
-    def __init__(self, plan: KVPlan, device: torch.device | str = "cpu"):
+    def __init__(self, plan: KVPlan, device: torch.device | str = "cpu",
+                 rope_freqs: list[torch.Tensor | None] | None = None):
+        """`rope_freqs`: per layer, the RoPE angle per position of each pair of its keys (None:
+        keys not rotated by position), which the key conditioning follows (kv/conditioning.py)."""
         self.plan, self.capacity, self.device = plan, plan.ctx, torch.device(device)
+        self.rope_freqs = [None if f is None else f.to(self.device, torch.float64).contiguous()
+                           for f in (rope_freqs or [None] * len(plan.layers))]
+        if len(self.rope_freqs) != len(plan.layers):
+            raise ValueError(f"{len(self.rope_freqs)} RoPE frequency sets for {len(plan.layers)} layers")
         self.n_tokens = 0  # positions 0 .. n_tokens-1 are committed in every layer
 
         def buffer(p: LayerPlan | None, row_bytes) -> torch.Tensor | None:
@@ -284,6 +268,7 @@ class KVCache:
         self.k_offset = [torch.zeros((p.n_head_kv, p.head_dim), dtype=torch.float32, device=self.device)
                          if p is not None and p.has_k_offset else None for p in plan.layers]
         self.k_scale = [None if t is None else torch.ones_like(t) for t in self.k_offset]
+        self.k_rot_offset = [None if t is None else torch.zeros_like(t) for t in self.k_offset]
         self.k_offset_set = [torch.zeros(1, dtype=torch.int32, device=self.device) if t is not None else None
                              for t in self.k_offset]
         # one positions array per slot geometry (all rings of one window share theirs)
@@ -296,7 +281,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        tensors = self.k + self.v + self.k_offset + self.k_scale + self.k_offset_set
+        tensors = self.k + self.v + self.k_offset + self.k_scale + self.k_rot_offset + self.k_offset_set
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def describe(self) -> str:
@@ -336,7 +321,7 @@ class KVCache:
         tail_k, tail_v = self._tails[il]
         return KVSlots(p, self.k[il], self.v[il], self._positions[p.capacity], min(self.n_tokens, p.capacity),
                        tail_k, tail_v, self._tail_positions, store, self.k_offset[il], self.k_scale[il],
-                       self.k_offset_set[il])
+                       self.k_offset_set[il], self.k_rot_offset[il], self.rope_freqs[il])
 
     def advance(self, n_keep: int | None = None) -> None:
         """Commit the first `n_keep` tokens of this step (default: all) into the slots. A

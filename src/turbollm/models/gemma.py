@@ -139,16 +139,15 @@ class Gemma:
         return cls(cfg, token_embd, output, t.dense("output_norm.weight", (d,)), layers, ple, freq_factors, device, ops)
 
     def kv_layout(self) -> list[LayerKVShape | None]:
-        """Per layer: the K/V it stores, or None for a layer that reads another layer's."""
-        cfg = self.cfg
-        return [LayerKVShape(cfg.n_head_kv[il], cfg.head_dim[il], cfg.sliding_window if cfg.is_swa(il) else 0)
-                if cfg.has_kv(il) else None for il in range(cfg.n_layer)]
+        return self.cfg.kv_layout()
 
     def new_cache_plan(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVPlan:
         return plan_kv(self.kv_layout(), capacity, config)
 
     def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache:
-        return KVCache(self.new_cache_plan(capacity, config), self.device)
+        """A sequence's cache; its quantized keys are conditioned along each layer's RoPE."""
+        rope_freqs = [self.ropes[self.cfg.is_swa(il)].inv_freq for il in range(self.cfg.n_layer)]
+        return KVCache(self.new_cache_plan(capacity, config), self.device, rope_freqs)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, commit: bool = True) -> torch.Tensor:

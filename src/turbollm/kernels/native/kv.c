@@ -337,63 +337,43 @@ int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d,
 
 /* ---- attention over coded segments ----------------------------------------------------------- */
 
-/* x [n_kv * d] >= 0 raised to a tenth of its mean over each head's channels; ones where that
- * mean is 0 (kv/cache.py's _floored) */
-static void floored(float *x, int64_t n_kv, int64_t d) {
-    for (int64_t h = 0; h < n_kv; h++) {
-        float *xh = x + h * d, mean = 0.0f;
-        for (int64_t i = 0; i < d; i++) mean += xh[i];
-        const float floor = 0.1f * mean / (float)d;
-        for (int64_t i = 0; i < d; i++) xh[i] = floor > 0 ? (xh[i] > floor ? xh[i] : floor) : 1.0f;
-    }
-}
+/* The position offset of a key (kv/conditioning.py): R_p mu for pair i is
+ *   (mu_i cos - mu_{i+h} sin, mu_{i+h} cos + mu_i sin),  angle p * freq_i, h = d / 2,
+ * and its score against a query q is sum_i A_i cos + B_i sin with
+ *   A_i = q_i mu_i + q_{i+h} mu_{i+h},  B_i = q_{i+h} mu_i - q_i mu_{i+h}.
+ * Attention steps cos/sin from key to key (position p + 1: one complex product by the angle
+ * of one position) and computes them afresh where the positions do not follow. */
 
-int tl_key_conditioning(const float *k, const float *q, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                        float *offset, float *scale) {
-    const int64_t w = n_kv * d, group = n_head / n_kv;
-    for (int64_t i = 0; i < w; i++) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < n_tok; t++) s += k[t * w + i];
-        offset[i] = s / (float)n_tok;
-    }
-    if (n_tok < 2) {
-        for (int64_t i = 0; i < w; i++) scale[i] = 1.0f;
-        return 0;
-    }
-    for (int64_t i = 0; i < w; i++) {
-        float ss = 0.0f;
-        for (int64_t t = 0; t < n_tok; t++) {
-            const float x = k[t * w + i] - offset[i];
-            ss += x * x;
-        }
-        scale[i] = sqrtf(ss / (float)n_tok);
-    }
-    floored(scale, n_kv, d);
-    if (q == NULL) {
-        for (int64_t i = 0; i < w; i++) scale[i] = sqrtf(scale[i]);
-        return 0;
-    }
-    float *q_rms = malloc(sizeof(float) * (size_t)w);
-    if (q_rms == NULL) return -3;
-    for (int64_t h = 0; h < n_kv; h++)
-        for (int64_t i = 0; i < d; i++) {
-            float ss = 0.0f;
-            for (int64_t t = 0; t < n_tok; t++)
-                for (int64_t g = 0; g < group; g++) {
-                    const float x = q[(t * n_head + h * group + g) * d + i];
-                    ss += x * x;
+void tl_condition_keys(const tl_key_cond *c, const int64_t *pos, int64_t n, int64_t n_kv, int64_t d, float *x) {
+    const int64_t h = d / 2;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t hk = 0; hk < n_kv; hk++) {
+            float *xr = x + (t * n_kv + hk) * d;
+            const float *mu = c->rot_offset + hk * d, *off = c->offset + hk * d, *sc = c->scale + hk * d;
+            for (int64_t i = 0; i < h; i++) {
+                double cs = 1.0, sn = 0.0;
+                if (c->rope_freq) {
+                    const double angle = (double)pos[t] * c->rope_freq[i];
+                    cs = cos(angle);
+                    sn = sin(angle);
                 }
-            q_rms[h * d + i] = sqrtf(ss / (float)(n_tok * group));
+                const float lo = (float)(mu[i] * cs - mu[i + h] * sn), hi = (float)(mu[i + h] * cs + mu[i] * sn);
+                xr[i] = (xr[i] - lo - off[i]) / sc[i];
+                xr[i + h] = (xr[i + h] - hi - off[i + h]) / sc[i + h];
+            }
         }
-    floored(q_rms, n_kv, d);
-    for (int64_t i = 0; i < w; i++) scale[i] = sqrtf(scale[i] / q_rms[i]);
-    free(q_rms);
-    return 0;
 }
 
 typedef struct {
     const float *q;  /* [T, H, D]: times the key scale, and rotated for a TurboQuant K */
     const float *qb; /* [T, H]: q . key offset, added to every score (NULL: none) */
+    /* the turning offset (NULL ab: none). Per KV head hk, the n_turn[hk] pairs whose offset
+     * turns, turn[hk * D / 2 + f]; per query row the A then B of those pairs; per KV head
+     * their angle per position, then its cos and sin */
+    const float *ab;
+    const int32_t *turn;
+    const int64_t *n_turn;
+    const double *angle, *step;  /* [n_kv, D / 2], [n_kv, D] */
     const int64_t *q_pos;
     int64_t n_tok, n_head, n_kv, d;
     const tl_kv_codec *kc, *vc;
@@ -420,6 +400,9 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
     const int64_t group = j->n_head / j->n_kv, d = j->d, n_units = j->n_tok * j->n_kv * j->n_chunks;
     float kbuf[KV_MAX_DIM], vbuf[KV_MAX_DIM];
     float scores[KV_CHUNK * 16];  /* group <= 16 */
+    double z[KV_MAX_DIM];  /* cos then sin of the key position's angles, of the turning pairs */
+    float zf[KV_MAX_DIM];
+    const int64_t half = d / 2;
     for (int64_t unit = ith; unit < n_units; unit += nth) {
         const int64_t chunk = unit % j->n_chunks, hk = unit / j->n_chunks % j->n_kv, t = unit / j->n_chunks / j->n_kv;
         const int64_t s0 = chunk * KV_CHUNK, s1 = s0 + KV_CHUNK < j->n_keys ? s0 + KV_CHUNK : j->n_keys;
@@ -427,6 +410,8 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
         float *part = j->partial + unit * group * (d + 2);
         float max[16];
         for (int g = 0; g < group; g++) max[g] = -INFINITY;
+        int64_t z_pos = -2;  /* the position z holds the angles of */
+        const int64_t m = j->ab ? j->n_turn[hk] : 0;
         for (int64_t s = s0; s < s1; s++) {
             const tl_kv_segment *seg;
             const int64_t i = locate(j, s, &seg);
@@ -436,10 +421,25 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
                 for (int g = 0; g < group; g++) sc[g] = -INFINITY;
                 continue;
             }
+            if (m) {  /* stepped from key to key, computed afresh at a chunk's start and at breaks */
+                if (kp == z_pos + 1) {
+                    tl_turn(z, j->step + hk * d, m, zf);
+                } else {
+                    for (int64_t f = 0; f < m; f++) {
+                        const double angle = (double)kp * j->angle[hk * half + f];
+                        z[f] = cos(angle);
+                        z[m + f] = sin(angle);
+                        zf[f] = (float)z[f];
+                        zf[m + f] = (float)z[m + f];
+                    }
+                }
+                z_pos = kp;
+            }
             const float *k = decode_row(j->kc, j->kkt, (const uint8_t *)seg->k + (i * j->n_kv + hk) * j->k_rb, kbuf, d);
             for (int g = 0; g < group; g++) {
                 const int64_t row = t * j->n_head + hk * group + g;
-                float v = (tl_dot_f32(j->q + row * d, k, d) + (j->qb ? j->qb[row] : 0.0f)) * j->scale;
+                const float turn = m ? tl_dot_f32(j->ab + row * d, zf, 2 * m) : 0.0f;
+                float v = (tl_dot_f32(j->q + row * d, k, d) + (j->qb ? j->qb[row] : 0.0f) + turn) * j->scale;
                 if (j->softcap > 0) v = tanhf(v / j->softcap) * j->softcap;
                 sc[g] = v;
                 if (v > max[g]) max[g] = v;
@@ -469,7 +469,7 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
 }
 
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                    const tl_kv_codec *kc, const tl_kv_codec *vc, const float *k_offset, const float *k_scale,
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_key_cond *kcond,
                     const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out) {
     if (n_kv <= 0 || n_head % n_kv || n_head / n_kv > 16 || d > KV_MAX_DIM) return -2;
     const int64_t group = n_head / n_kv;
@@ -478,25 +478,63 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
     const int64_t n_chunks = n_keys > 0 ? (n_keys + KV_CHUNK - 1) / KV_CHUNK : 1;
     simd_f16 = tl_simd_level() >= 1;
     float *qr = NULL, *qb = NULL;
-    if (kc->type == TL_KV_TURBO || k_offset) {  /* bring the queries to the keys' coded form once */
+    float *ab = NULL;
+    int32_t *turn = NULL;
+    int64_t *n_turn = NULL;
+    double *angle = NULL;
+    const int64_t half = d / 2;
+    if (kcond && kcond->rope_freq) {  /* the pairs whose offset turns: those the conditioning kept */
+        ab = malloc(sizeof(float) * (size_t)(n_tok * n_head * d));
+        turn = malloc(sizeof(int32_t) * (size_t)(n_kv * half));
+        n_turn = calloc((size_t)n_kv, sizeof(int64_t));
+        angle = malloc(sizeof(double) * (size_t)(n_kv * (half + d)));
+        if (!ab || !turn || !n_turn || !angle) { free(ab); free(turn); free(n_turn); free(angle); return -3; }
+        for (int64_t hk = 0; hk < n_kv; hk++) {
+            const float *mu = kcond->rot_offset + hk * d;
+            double *a = angle + hk * half, *step = angle + n_kv * half + hk * d;
+            int64_t m = 0;
+            for (int64_t f = 0; f < half; f++)
+                if (mu[f] != 0.0f || mu[f + half] != 0.0f) turn[hk * half + m++] = (int32_t)f;
+            n_turn[hk] = m;
+            for (int64_t f = 0; f < m; f++) {
+                a[f] = kcond->rope_freq[turn[hk * half + f]];
+                step[f] = cos(a[f]);
+                step[m + f] = sin(a[f]);
+            }
+        }
+    }
+    if (kc->type == TL_KV_TURBO || kcond) {  /* bring the queries to the keys' coded form once */
         qr = malloc(sizeof(float) * (size_t)(n_tok * n_head * (d + 1)));
-        if (qr == NULL) return -3;
-        qb = k_offset ? qr + n_tok * n_head * d : NULL;
+        if (qr == NULL) { free(ab); free(turn); free(n_turn); free(angle); return -3; }
+        qb = kcond ? qr + n_tok * n_head * d : NULL;
         for (int64_t r = 0; r < n_tok * n_head; r++) {
             const int64_t hk = r % n_head / group;
             float *qq = qr + r * d;
             memcpy(qq, q + r * d, sizeof(float) * (size_t)d);
-            if (k_offset) {
-                qb[r] = tl_dot_f32(qq, k_offset + hk * d, d);
-                for (int64_t i = 0; i < d; i++) qq[i] *= k_scale[hk * d + i];
+            if (kcond) {
+                const float *mu = kcond->rot_offset + hk * d;
+                qb[r] = tl_dot_f32(qq, kcond->offset + hk * d, d);
+                if (ab) {
+                    const int64_t m = n_turn[hk];
+                    float *a = ab + r * d, *b = a + m;
+                    for (int64_t e = 0; e < m; e++) {
+                        const int64_t f = turn[hk * half + e];
+                        a[e] = qq[f] * mu[f] + qq[f + half] * mu[f + half];
+                        b[e] = qq[f + half] * mu[f] - qq[f] * mu[f + half];
+                    }
+                } else {
+                    qb[r] += tl_dot_f32(qq, mu, d);  /* not turned: one more fixed offset */
+                }
+                for (int64_t i = 0; i < d; i++) qq[i] *= kcond->scale[hk * d + i];
             }
             if (kc->type == TL_KV_TURBO) rotate(kc, qq, d);
         }
         q = qr;
     }
     float *partial = malloc(sizeof(float) * (size_t)(n_tok * n_kv * n_chunks * group * (d + 2)));
-    if (partial == NULL) { free(qr); return -3; }
-    kv_attention_job job = {q, qb, q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
+    if (partial == NULL) { free(qr); free(ab); free(turn); free(n_turn); free(angle); return -3; }
+    kv_attention_job job = {q, qb, ab, turn, n_turn, angle, angle ? angle + n_kv * half : NULL,
+                            q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
                             tl_kv_row_bytes(kc, d), tl_kv_row_bytes(vc, d), segs, n_segs, n_keys, n_chunks,
                             scale, softcap, window, partial};
     if (n_keys > 0) tl_parallel(kv_attention_task, &job);
@@ -525,5 +563,9 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
         }
     free(partial);
     free(qr);
+    free(ab);
+    free(turn);
+    free(n_turn);
+    free(angle);
     return 0;
 }

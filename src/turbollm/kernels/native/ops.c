@@ -35,6 +35,18 @@ TL_CLONES static void axpy_f32(float a, const float *x, float *y, int64_t n) {
 
 void tl_axpy_f32(float a, const float *x, float *y, int64_t n) { axpy_f32(a, x, y, n); }
 
+TL_CLONES static void turn(double *z, const double *w, int64_t n, float *zf) {
+    for (int64_t i = 0; i < n; i++) {
+        const double c = z[i] * w[i] - z[n + i] * w[n + i], s = z[n + i] * w[i] + z[i] * w[n + i];
+        z[i] = c;
+        z[n + i] = s;
+        zf[i] = (float)c;
+        zf[n + i] = (float)s;
+    }
+}
+
+void tl_turn(double *z, const double *w, int64_t n, float *zf) { turn(z, w, n, zf); }
+
 TL_CLONES void tl_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64_t dim, float eps) {
     for (int64_t r = 0; r < n_rows; r++, x += dim, y += dim) {
         const float scale = 1.0f / sqrtf(dot_f32(x, x, dim) / (float)dim + eps);
@@ -50,6 +62,6 @@ int tl_attention(const float *q, const float *k, const float *v, const int64_t *
     if (dv != d) return -2;
     const tl_kv_codec f32 = {TL_F32, 0, 0, NULL, NULL};
     const tl_kv_segment seg = {k, v, k_pos, n_keys};
-    return tl_attention_kv(q, q_pos, n_tok, n_head, n_kv, d, &f32, &f32, NULL, NULL, &seg, 1, scale, window, softcap,
+    return tl_attention_kv(q, q_pos, n_tok, n_head, n_kv, d, &f32, &f32, NULL, &seg, 1, scale, window, softcap,
                            out);
 }

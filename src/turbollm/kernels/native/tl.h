@@ -132,22 +132,26 @@ typedef struct { const void *k, *v; const int64_t *pos; int64_t n; } tl_kv_segme
 int64_t tl_kv_row_bytes(const tl_kv_codec *c, int64_t d);
 int tl_kv_encode(const tl_kv_codec *c, const float *x, int64_t n_rows, int64_t d, void *out);
 int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d, int rotated, float *y);
-/* k_offset/k_scale [n_kv, d] (NULL: none): keys were coded as (k - offset) / scale */
+/* How quantized keys were coded (kv/conditioning.py): a key k at position p as
+ * (k - R_p rot_offset - offset) / scale, all [n_kv, d]; R_p turns pair (i, i + d/2) by
+ * p * rope_freq[i] (rope_freq NULL: no turn) */
+typedef struct {
+    const float *offset, *scale, *rot_offset;
+    const double *rope_freq;  /* [d / 2] */
+} tl_key_cond;
+/* keys x [n, n_kv, d] at positions pos [n] -> their coded form (x - R_p rot_offset - offset) / scale, in place */
+void tl_condition_keys(const tl_key_cond *c, const int64_t *pos, int64_t n, int64_t n_kv, int64_t d, float *x);
+/* kcond NULL: keys stored as they are */
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                    const tl_kv_codec *kc, const tl_kv_codec *vc, const float *k_offset, const float *k_scale,
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_key_cond *kcond,
                     const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out);
-/* offset and scale of a sequence's keys from its first step's keys [n_tok, n_kv, d] and
- * queries [n_tok, n_head, d] (RoPE applied; NULL: every channel weighs the same) */
-int tl_key_conditioning(const float *k, const float *q, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                        float *offset, float *scale);
 /* the new tokens' K/V are encoded into tail_k/tail_v (store: n_tail == n_tok) or read from
  * there (a KV-shared layer; an MTP head reads an empty tail, n_tail 0); attention runs over
  * the n_slots committed slots, then the n_tail tail rows at positions tail_pos */
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
                        const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, const int64_t *tail_pos,
-                       int64_t n_tail, int store,
-                       float *k_offset, float *k_scale, int32_t *k_offset_set, const int64_t *q_pos, float *out);
+                       int64_t n_tail, int store, const tl_key_cond *kcond, const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
 typedef struct {
     const float *router;        /* [n_expert, n_embd] float32 */
@@ -162,6 +166,9 @@ typedef struct {
 int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out);
 float tl_dot_f32(const float *a, const float *b, int64_t n);
 void tl_axpy_f32(float a, const float *x, float *y, int64_t n);  /* y += a x */
+/* z = (cos[n], sin[n]) of n angles, turned by the angles of w (z <- z * w as complex numbers);
+ * zf = z in float */
+void tl_turn(double *z, const double *w, int64_t n, float *zf);
 /* y: float32, or bfloat16 when bf16 != 0 */
 int tl_dequantize(int type, const void *w, int64_t w_row_bytes, int64_t n_rows, int64_t k, void *y, int bf16);
 int tl_quantize_activations(int type, const float *x, int64_t n_tok, int64_t k, void *out);
