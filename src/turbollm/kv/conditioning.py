@@ -73,7 +73,7 @@ def condition_keys(k: torch.Tensor, positions: torch.Tensor, rope_freq: torch.Te
     k = k.to(torch.float32)
     rot_offset = rotate_by_position(k, positions, rope_freq, inverse=True).mean(dim=0)
     if rope_freq is not None:
-        rot_offset = _strongest_pairs(rot_offset)
+        rot_offset = _strongest_pairs(rot_offset, rope_freq > 0)
     residual = k - rotate_by_position(rot_offset, positions, rope_freq)
     offset = residual.mean(dim=0)
     if k.shape[0] < 2:
@@ -86,11 +86,16 @@ def condition_keys(k: torch.Tensor, positions: torch.Tensor, rope_freq: torch.Te
     return KeyConditioning(rot_offset, offset, (sd / _floored(q_rms)).sqrt())
 
 
-def _strongest_pairs(mu: torch.Tensor) -> torch.Tensor:
-    """mu [n_kv, d] with only the half of its pairs (i, i + d/2) of most energy kept, per KV head."""
+def _strongest_pairs(mu: torch.Tensor, turning: torch.Tensor) -> torch.Tensor:
+    """mu [n_kv, d] with only the half of its pairs (i, i + d/2) of most energy kept, per KV head,
+    among the pairs RoPE turns (`turning` [d/2]; Gemma 4's global layers turn a quarter of them:
+    the others' offset is fixed, and c holds it)."""
     half = mu.shape[-1] // 2
-    energy = mu[:, :half].pow(2) + mu[:, half:].pow(2)
-    keep = torch.zeros_like(energy, dtype=torch.bool).scatter_(1, energy.topk(max(1, half // 2), dim=-1).indices, True)
+    energy = torch.where(turning.to(mu.device), mu[:, :half].pow(2) + mu[:, half:].pow(2), torch.full_like(mu[:, :half], -1.0))
+    n_keep = min(max(1, half // 2), int(turning.sum()))
+    keep = torch.zeros_like(energy, dtype=torch.bool)
+    if n_keep:
+        keep.scatter_(1, energy.topk(n_keep, dim=-1).indices, True)
     keep = torch.cat((keep, keep), dim=-1)
     return torch.where(keep, mu, torch.zeros_like(mu))
 
