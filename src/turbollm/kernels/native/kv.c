@@ -293,6 +293,61 @@ __attribute__((target("avx2,fma"))) static void turbo_rotated_avx2(const tl_kv_c
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The scores of a TurboQuant key row against `G` query rows (q, G rows of d; rotated basis):
+ * out[g] = sum_blocks norm * (q_g . codebook[codes]), without writing the row out (decoding into
+ * a buffer and then dotting each query with it cost twice the work per key) */
+__attribute__((target("avx2,fma"), always_inline)) static inline void turbo_dots_g(
+        const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, float *out, const int G) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+    float table[16] = {0};
+    memcpy(table, c->codebook, sizeof(float) * (size_t)(1 << bits));
+    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    __m256 tot[16], acc[16];
+    for (int g = 0; g < G; g++) tot[g] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
+        tl_half h;
+        memcpy(&h, x, 2);
+        const uint8_t *codes = x + 2;
+        for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+        for (int i = 0; i < B; i += 8) {
+            const uint32_t word = load_codes(codes + i / 8 * bits, bits);
+            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
+            __m256 v = _mm256_permutevar8x32_ps(lo, idx);
+            if (bits == 4)
+                v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+            for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(v, _mm256_loadu_ps(q + g * d + b + i), acc[g]);
+        }
+        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
+        for (int g = 0; g < G; g++) tot[g] = _mm256_fmadd_ps(acc[g], norm, tot[g]);
+    }
+    for (int g = 0; g < G; g++) {
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(tot[g]), _mm256_extractf128_ps(tot[g], 1));
+        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        out[g] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    }
+}
+
+/* 1, 2, 4 or 8 query rows per KV head (the GQA groups of the Gemma models), unrolled; 0: not here */
+__attribute__((target("avx2,fma"))) static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q,
+                                                              int64_t d, int64_t G, float *out) {
+    switch (G) {
+    case 1: turbo_dots_g(c, x, q, d, out, 1); return 1;
+    case 2: turbo_dots_g(c, x, q, d, out, 2); return 1;
+    case 4: turbo_dots_g(c, x, q, d, out, 4); return 1;
+    case 8: turbo_dots_g(c, x, q, d, out, 8); return 1;
+    default: return 0;
+    }
+}
+#else
+static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, int64_t G, float *out) {
+    (void)c; (void)x; (void)q; (void)d; (void)G; (void)out;
+    return 0;
+}
+#endif
+
 static int simd_f16 = 0;
 
 /* returns the row as floats: `buf` filled, or the row itself for f32 */
@@ -403,6 +458,7 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
     double z[KV_MAX_DIM];  /* cos then sin of the key position's angles, of the turning pairs */
     float zf[KV_MAX_DIM];
     const int64_t half = d / 2;
+    const int fused_k = simd_f16 && j->kc->type == TL_KV_TURBO && j->kc->bits <= 4;
     for (int64_t unit = ith; unit < n_units; unit += nth) {
         const int64_t chunk = unit % j->n_chunks, hk = unit / j->n_chunks % j->n_kv, t = unit / j->n_chunks / j->n_kv;
         const int64_t s0 = chunk * KV_CHUNK, s1 = s0 + KV_CHUNK < j->n_keys ? s0 + KV_CHUNK : j->n_keys;
@@ -435,11 +491,17 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
                 }
                 z_pos = kp;
             }
-            const float *k = decode_row(j->kc, j->kkt, (const uint8_t *)seg->k + (i * j->n_kv + hk) * j->k_rb, kbuf, d);
+            const uint8_t *krow = (const uint8_t *)seg->k + (i * j->n_kv + hk) * j->k_rb;
+            const int64_t row0 = t * j->n_head + hk * group;
+            float dots[16];
+            if (!(fused_k && turbo_dots_avx2(j->kc, krow, j->q + row0 * d, d, group, dots))) {
+                const float *k = decode_row(j->kc, j->kkt, krow, kbuf, d);
+                for (int g = 0; g < group; g++) dots[g] = tl_dot_f32(j->q + (row0 + g) * d, k, d);
+            }
             for (int g = 0; g < group; g++) {
-                const int64_t row = t * j->n_head + hk * group + g;
+                const int64_t row = row0 + g;
                 const float turn = m ? tl_dot_f32(j->ab + row * d, zf, 2 * m) : 0.0f;
-                float v = (tl_dot_f32(j->q + row * d, k, d) + (j->qb ? j->qb[row] : 0.0f) + turn) * j->scale;
+                float v = (dots[g] + (j->qb ? j->qb[row] : 0.0f) + turn) * j->scale;
                 if (j->softcap > 0) v = tanhf(v / j->softcap) * j->softcap;
                 sc[g] = v;
                 if (v > max[g]) max[g] = v;
