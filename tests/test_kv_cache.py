@@ -232,6 +232,35 @@ def test_native_attention_on_a_coded_cache_equals_attention_on_the_decoded_cache
     assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("cache_type, n_head", [("turbo3", 8), ("turbo4", 3), ("q8_0", 8)])
+def test_native_coded_attention_is_the_same_on_every_simd_path(cache_type, n_head):
+    """The SIMD paths (TurboQuant scores without the row written out, the turning offset stepped
+    in float between double anchors) against the portable one and the reference; 3 query heads
+    per KV head take the generic loops on every path."""
+    n_kv, d, n, window = 1, 256, 300, 0
+    g = torch.Generator().manual_seed(11)
+    ks, vs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g)
+    qs = torch.randn(n, n_head * n_kv, d, generator=g)
+    freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ks = ks + rotate_by_position(3.0 * torch.randn(n_kv, d, generator=g), torch.arange(n), freq)
+    config, steps = CacheConfig(cache_type, cache_type), [260, 1, 1, 5, 33]
+
+    def run(use_native):
+        cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config), rope_freqs=[freq])
+        return _run_layer(cache, ks, vs, qs, steps, window, use_native)
+    ref = run(False)
+    best = native.simd_level()
+    try:
+        native.set_simd(0)
+        portable = run(True)
+    finally:
+        native.set_simd(best)
+    fast = run(True)
+    assert torch.allclose(portable, ref, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(fast, ref, atol=2e-5, rtol=1e-4)
+
+
 def test_a_speculative_step_keeps_only_the_accepted_tokens_even_in_a_ring():
     window, d = 4, 32
     ring = KVCache(plan_kv([LayerKVShape(1, d, window)], 64, CacheConfig("f32", "f32")))

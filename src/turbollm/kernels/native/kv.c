@@ -25,6 +25,7 @@
 
 #define KV_CHUNK 128     /* keys per work item */
 #define KV_MAX_DIM 1024  /* longest head the stack buffers hold */
+#define TURN_REANCHOR 8  /* the SIMD turning offset steps in float this many keys, then from double */
 
 int64_t tl_kv_row_bytes(const tl_kv_codec *c, int64_t d) {
     switch (c->type) {
@@ -330,6 +331,47 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void turbo_dots
     }
 }
 
+/* The turning offset's scores: z (cos of m angles, then their sines) first turned by the angles
+ * w when `step` (float: at most TURN_REANCHOR - 1 steps from a double-precision anchor), then
+ * out[g] = ab_g . z over the 2m values, ab_g = ab + g * d (A then B of query row g) */
+__attribute__((target("avx2,fma"), always_inline)) static inline void turn_dots_g(
+        float *z, const float *w, int64_t m, int step, const float *ab, int64_t d, float *out, const int G) {
+    __m256 acc[16];
+    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    for (int64_t f = 0; f < m; f += 8) {
+        __m256 c = _mm256_loadu_ps(z + f), s = _mm256_loadu_ps(z + m + f);
+        if (step) {
+            const __m256 wc = _mm256_loadu_ps(w + f), ws = _mm256_loadu_ps(w + m + f);
+            const __m256 c2 = _mm256_fmsub_ps(c, wc, _mm256_mul_ps(s, ws));
+            s = _mm256_fmadd_ps(s, wc, _mm256_mul_ps(c, ws));
+            c = c2;
+            _mm256_storeu_ps(z + f, c);
+            _mm256_storeu_ps(z + m + f, s);
+        }
+        for (int g = 0; g < G; g++)
+            acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(ab + g * d + f), c,
+                                     _mm256_fmadd_ps(_mm256_loadu_ps(ab + g * d + m + f), s, acc[g]));
+    }
+    for (int g = 0; g < G; g++) {
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
+        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        out[g] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    }
+}
+
+/* m a multiple of 8 and 1, 2, 4 or 8 query rows; 0: not here */
+__attribute__((target("avx2,fma"))) static int turn_dots_avx2(float *z, const float *w, int64_t m, int step,
+                                                             const float *ab, int64_t d, int64_t G, float *out) {
+    if (m % 8) return 0;
+    switch (G) {
+    case 1: turn_dots_g(z, w, m, step, ab, d, out, 1); return 1;
+    case 2: turn_dots_g(z, w, m, step, ab, d, out, 2); return 1;
+    case 4: turn_dots_g(z, w, m, step, ab, d, out, 4); return 1;
+    case 8: turn_dots_g(z, w, m, step, ab, d, out, 8); return 1;
+    default: return 0;
+    }
+}
+
 /* 1, 2, 4 or 8 query rows per KV head (the GQA groups of the Gemma models), unrolled; 0: not here */
 __attribute__((target("avx2,fma"))) static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q,
                                                               int64_t d, int64_t G, float *out) {
@@ -344,6 +386,11 @@ __attribute__((target("avx2,fma"))) static int turbo_dots_avx2(const tl_kv_codec
 #else
 static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, int64_t G, float *out) {
     (void)c; (void)x; (void)q; (void)d; (void)G; (void)out;
+    return 0;
+}
+static int turn_dots_avx2(float *z, const float *w, int64_t m, int step, const float *ab, int64_t d, int64_t G,
+                          float *out) {
+    (void)z; (void)w; (void)m; (void)step; (void)ab; (void)d; (void)G; (void)out;
     return 0;
 }
 #endif
@@ -428,7 +475,8 @@ typedef struct {
     const float *ab;
     const int32_t *turn;
     const int64_t *n_turn;
-    const double *angle, *step;  /* [n_kv, D / 2], [n_kv, D] */
+    const double *angle, *step, *step8;  /* per KV head: [D / 2]; cos, sin [D] of 1 and of TURN_REANCHOR positions */
+    const float *stepf;  /* step in float */
     const int64_t *q_pos;
     int64_t n_tok, n_head, n_kv, d;
     const tl_kv_codec *kc, *vc;
@@ -459,6 +507,7 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
     float zf[KV_MAX_DIM];
     const int64_t half = d / 2;
     const int fused_k = simd_f16 && j->kc->type == TL_KV_TURBO && j->kc->bits <= 4;
+    const int fused_turn = simd_f16 && (group == 1 || group == 2 || group == 4 || group == 8);
     for (int64_t unit = ith; unit < n_units; unit += nth) {
         const int64_t chunk = unit % j->n_chunks, hk = unit / j->n_chunks % j->n_kv, t = unit / j->n_chunks / j->n_kv;
         const int64_t s0 = chunk * KV_CHUNK, s1 = s0 + KV_CHUNK < j->n_keys ? s0 + KV_CHUNK : j->n_keys;
@@ -468,6 +517,9 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
         for (int g = 0; g < group; g++) max[g] = -INFINITY;
         int64_t z_pos = -2;  /* the position z holds the angles of */
         const int64_t m = j->ab ? j->n_turn[hk] : 0;
+        const int simd_turn = fused_turn && m % 8 == 0;
+        int since = 0;  /* float steps since the double anchor */
+        float turns[16];
         for (int64_t s = s0; s < s1; s++) {
             const tl_kv_segment *seg;
             const int64_t i = locate(j, s, &seg);
@@ -477,10 +529,18 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
                 for (int g = 0; g < group; g++) sc[g] = -INFINITY;
                 continue;
             }
+            int float_step = 0;
             if (m) {  /* stepped from key to key, computed afresh at a chunk's start and at breaks */
-                if (kp == z_pos + 1) {
+                if (kp == z_pos + 1 && simd_turn && since + 1 < TURN_REANCHOR) {
+                    float_step = 1;  /* in turn_dots_avx2 below */
+                    since++;
+                } else if (kp == z_pos + 1 && simd_turn) {
+                    tl_turn(z, j->step8 + hk * d, m, zf);  /* the anchor, TURN_REANCHOR positions on */
+                    since = 0;
+                } else if (kp == z_pos + 1) {
                     tl_turn(z, j->step + hk * d, m, zf);
                 } else {
+                    since = 0;
                     for (int64_t f = 0; f < m; f++) {
                         const double angle = (double)kp * j->angle[hk * half + f];
                         z[f] = cos(angle);
@@ -498,10 +558,11 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
                 const float *k = decode_row(j->kc, j->kkt, krow, kbuf, d);
                 for (int g = 0; g < group; g++) dots[g] = tl_dot_f32(j->q + (row0 + g) * d, k, d);
             }
+            if (m && !(simd_turn && turn_dots_avx2(zf, j->stepf + hk * d, m, float_step, j->ab + row0 * d, d, group, turns)))
+                for (int g = 0; g < group; g++) turns[g] = tl_dot_f32(j->ab + (row0 + g) * d, zf, 2 * m);
             for (int g = 0; g < group; g++) {
                 const int64_t row = row0 + g;
-                const float turn = m ? tl_dot_f32(j->ab + row * d, zf, 2 * m) : 0.0f;
-                float v = (dots[g] + (j->qb ? j->qb[row] : 0.0f) + turn) * j->scale;
+                float v = (dots[g] + (j->qb ? j->qb[row] : 0.0f) + (m ? turns[g] : 0.0f)) * j->scale;
                 if (j->softcap > 0) v = tanhf(v / j->softcap) * j->softcap;
                 sc[g] = v;
                 if (v > max[g]) max[g] = v;
@@ -549,11 +610,12 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
         ab = malloc(sizeof(float) * (size_t)(n_tok * n_head * d));
         turn = malloc(sizeof(int32_t) * (size_t)(n_kv * half));
         n_turn = calloc((size_t)n_kv, sizeof(int64_t));
-        angle = malloc(sizeof(double) * (size_t)(n_kv * (half + d)));
+        angle = malloc(sizeof(double) * (size_t)(n_kv * (half + 2 * d)) + sizeof(float) * (size_t)(n_kv * d));
         if (!ab || !turn || !n_turn || !angle) { free(ab); free(turn); free(n_turn); free(angle); return -3; }
         for (int64_t hk = 0; hk < n_kv; hk++) {
             const float *mu = kcond->rot_offset + hk * d;
-            double *a = angle + hk * half, *step = angle + n_kv * half + hk * d;
+            double *a = angle + hk * half, *step = angle + n_kv * half + hk * d, *step8 = step + n_kv * d;
+            float *stepf = (float *)(angle + n_kv * (half + 2 * d)) + hk * d;
             int64_t m = 0;
             for (int64_t f = 0; f < half; f++)
                 if (mu[f] != 0.0f || mu[f + half] != 0.0f) turn[hk * half + m++] = (int32_t)f;
@@ -562,6 +624,10 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
                 a[f] = kcond->rope_freq[turn[hk * half + f]];
                 step[f] = cos(a[f]);
                 step[m + f] = sin(a[f]);
+                step8[f] = cos(TURN_REANCHOR * a[f]);
+                step8[m + f] = sin(TURN_REANCHOR * a[f]);
+                stepf[f] = (float)step[f];
+                stepf[m + f] = (float)step[m + f];
             }
         }
     }
@@ -596,6 +662,7 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
     float *partial = malloc(sizeof(float) * (size_t)(n_tok * n_kv * n_chunks * group * (d + 2)));
     if (partial == NULL) { free(qr); free(ab); free(turn); free(n_turn); free(angle); return -3; }
     kv_attention_job job = {q, qb, ab, turn, n_turn, angle, angle ? angle + n_kv * half : NULL,
+                            angle ? angle + n_kv * (half + d) : NULL, angle ? (float *)(angle + n_kv * (half + 2 * d)) : NULL,
                             q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
                             tl_kv_row_bytes(kc, d), tl_kv_row_bytes(vc, d), segs, n_segs, n_keys, n_chunks,
                             scale, softcap, window, partial};
