@@ -3,7 +3,7 @@
     MODE=mse3|mse2|qjl python benchmarks/kv_qjl.py [N_TOKENS]
 
 Keys of the default model go through a round trip at three bits per value, with turbollm's key
-conditioning (kv.cache.key_conditioning) and blocks of 128; values stay f16:
+conditioning (kv/conditioning.py, queries weighed in) and blocks of 128; values stay f16:
     mse3  the 3-bit Lloyd-Max quantizer (what turbo3 stores)
     mse2  the 2-bit quantizer alone
     qjl   2-bit quantizer + 1-bit QJL of the residual r: x^ + |r| sqrt(pi/2)/d S^T sign(S r),
@@ -23,6 +23,7 @@ import torch
 
 from turbollm import Model, quality
 from turbollm.kv import cache as kc
+from turbollm.kv.conditioning import condition_keys, rotate_by_position
 from turbollm.kv.turboquant import TurboQuantMSE
 
 BLOCK = 128
@@ -32,7 +33,7 @@ def round_trip(x: torch.Tensor, mode: str) -> torch.Tensor:
     blocks = x.reshape(-1, BLOCK)
     if mode == "mse3":
         q = TurboQuantMSE(3, BLOCK, 0)
-        return q.decode(*q.encode(blocks)).reshape(x.shape)
+        return q.decode(*q.encode(blocks, keep_length=True)).reshape(x.shape)  # as turbo3 keys
     q = TurboQuantMSE(2, BLOCK, 0)
     approx = q.decode(*q.encode(blocks))
     if mode == "mse2":
@@ -46,14 +47,15 @@ def round_trip(x: torch.Tensor, mode: str) -> torch.Tensor:
 def main() -> None:
     mode = os.environ.get("MODE", "qjl")
     n_tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    conditioning: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    conditioning: dict = {}
     write = kc.KVSlots.write
 
-    def patched(self, k, v, encode=None):
+    def patched(self, k, v, encode=None, q=None):
         if self.plan.k.name == "f32":  # the configuration under test; the f16 baseline is untouched
-            offset, scale = conditioning.setdefault(id(self.k), kc.key_conditioning(k))
-            k = round_trip((k - offset) / scale, mode) * scale + offset
-        write(self, k, v, encode)
+            c = conditioning.setdefault(id(self.k), condition_keys(k, self.tail_positions, self.rope_freq, q))
+            offset = rotate_by_position(c.rot_offset, self.tail_positions, self.rope_freq) + c.offset
+            k = round_trip((k - offset) / c.scale, mode) * c.scale + offset
+        write(self, k, v, encode, q)
 
     kc.KVSlots.write = patched
     model = Model.load(threads=2)
