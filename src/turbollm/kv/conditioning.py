@@ -73,7 +73,9 @@ def condition_keys(k: torch.Tensor, positions: torch.Tensor, rope_freq: torch.Te
     k = k.to(torch.float32)
     rot_offset = rotate_by_position(k, positions, rope_freq, inverse=True).mean(dim=0)
     if rope_freq is not None:
-        rot_offset = _strongest_pairs(rot_offset, rope_freq > 0)
+        # a pair turning less than a thousandth of a radian in a million positions is fixed
+        # (Gemma 4's proportional RoPE divides the frequencies of the pairs it leaves by 1e30)
+        rot_offset = _strongest_pairs(rot_offset, rope_freq > 1e-9)
     residual = k - rotate_by_position(rot_offset, positions, rope_freq)
     offset = residual.mean(dim=0)
     if k.shape[0] < 2:
