@@ -267,45 +267,54 @@ static void decode_turbo_rotated(const tl_kv_codec *c, const uint8_t *x, float *
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-/* 8 codes at a time: one broadcast word, per-lane shifts, and the codebook as a register table
- * (vpermps; 16 entries: two tables chosen by the code's high bit) */
-__attribute__((target("avx2,fma"))) static void turbo_rotated_avx2(const tl_kv_codec *c, const uint8_t *x, float *y,
-                                                                  int64_t d) {
-    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "x86_simd.h"
+
+/* A TurboQuant codebook of up to 16 entries as a register table: 8 codes at a time from one
+ * broadcast word, per-lane shifts and vpermps (two tables chosen by the code's high bit) */
+typedef struct {
+    __m256 lo, hi;
+    __m256i shifts, mask;
+    int bits;
+} turbo_table;
+
+static inline turbo_table turbo_table_of(const tl_kv_codec *c) {
     float table[16] = {0};
-    memcpy(table, c->codebook, sizeof(float) * (size_t)(1 << bits));
-    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    memcpy(table, c->codebook, sizeof(float) * (size_t)(1 << c->bits));
+    return (turbo_table){_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8),
+                         _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(c->bits)),
+                         _mm256_set1_epi32((1 << c->bits) - 1), c->bits};
+}
+
+/* the codebook values of the 8 codes packed in `word` */
+static inline __m256 turbo_lookup8(const turbo_table *t, uint32_t word) {
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), t->shifts), t->mask);
+    const __m256 v = _mm256_permutevar8x32_ps(t->lo, idx);
+    if (t->bits < 4) return v;
+    return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t->hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static void turbo_rotated_avx2(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+    const turbo_table t = turbo_table_of(c);
     for (int64_t b = 0; b < d; b += B, x += block_bytes) {
         tl_half h;
         memcpy(&h, x, 2);
         const __m256 norm = _mm256_set1_ps(tl_h2f(h));
         const uint8_t *codes = x + 2;
-        for (int i = 0; i < B; i += 8) {
-            const uint32_t word = load_codes(codes + i / 8 * bits, bits);
-            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
-            __m256 v = _mm256_permutevar8x32_ps(lo, idx);
-            if (bits == 4)
-                v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-            _mm256_storeu_ps(y + b + i, _mm256_mul_ps(v, norm));
-        }
+        for (int i = 0; i < B; i += 8)
+            _mm256_storeu_ps(y + b + i, _mm256_mul_ps(turbo_lookup8(&t, load_codes(codes + i / 8 * bits, bits)), norm));
     }
 }
-#endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
 /* The scores of a TurboQuant key row against `G` query rows (q, G rows of d; rotated basis):
  * out[g] = sum_blocks norm * (q_g . codebook[codes]), without writing the row out (decoding into
  * a buffer and then dotting each query with it cost twice the work per key) */
-__attribute__((target("avx2,fma"), always_inline)) static inline void turbo_dots_g(
+__attribute__((always_inline)) static inline void turbo_dots_g(
         const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, float *out, const int G) {
     const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
-    float table[16] = {0};
-    memcpy(table, c->codebook, sizeof(float) * (size_t)(1 << bits));
-    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const turbo_table t = turbo_table_of(c);
     __m256 tot[16], acc[16];
     for (int g = 0; g < G; g++) tot[g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < d; b += B, x += block_bytes) {
@@ -314,27 +323,19 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void turbo_dots
         const uint8_t *codes = x + 2;
         for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
         for (int i = 0; i < B; i += 8) {
-            const uint32_t word = load_codes(codes + i / 8 * bits, bits);
-            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
-            __m256 v = _mm256_permutevar8x32_ps(lo, idx);
-            if (bits == 4)
-                v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+            const __m256 v = turbo_lookup8(&t, load_codes(codes + i / 8 * bits, bits));
             for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(v, _mm256_loadu_ps(q + g * d + b + i), acc[g]);
         }
         const __m256 norm = _mm256_set1_ps(tl_h2f(h));
         for (int g = 0; g < G; g++) tot[g] = _mm256_fmadd_ps(acc[g], norm, tot[g]);
     }
-    for (int g = 0; g < G; g++) {
-        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(tot[g]), _mm256_extractf128_ps(tot[g], 1));
-        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        out[g] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-    }
+    for (int g = 0; g < G; g++) out[g] = hsum_ps(tot[g]);
 }
 
 /* The turning offset's scores: z (cos of m angles, then their sines) first turned by the angles
  * w when `step` (float: at most TURN_REANCHOR - 1 steps from a double-precision anchor), then
  * out[g] = ab_g . z over the 2m values, ab_g = ab + g * d (A then B of query row g) */
-__attribute__((target("avx2,fma"), always_inline)) static inline void turn_dots_g(
+__attribute__((always_inline)) static inline void turn_dots_g(
         float *z, const float *w, int64_t m, int step, const float *ab, int64_t d, float *out, const int G) {
     __m256 acc[16];
     for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
@@ -352,15 +353,11 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void turn_dots_
             acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(ab + g * d + f), c,
                                      _mm256_fmadd_ps(_mm256_loadu_ps(ab + g * d + m + f), s, acc[g]));
     }
-    for (int g = 0; g < G; g++) {
-        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
-        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        out[g] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-    }
+    for (int g = 0; g < G; g++) out[g] = hsum_ps(acc[g]);
 }
 
 /* m a multiple of 8 and 1, 2, 4 or 8 query rows; 0: not here */
-__attribute__((target("avx2,fma"))) static int turn_dots_avx2(float *z, const float *w, int64_t m, int step,
+static int turn_dots_avx2(float *z, const float *w, int64_t m, int step,
                                                              const float *ab, int64_t d, int64_t G, float *out) {
     if (m % 8) return 0;
     switch (G) {
@@ -373,7 +370,7 @@ __attribute__((target("avx2,fma"))) static int turn_dots_avx2(float *z, const fl
 }
 
 /* 1, 2, 4 or 8 query rows per KV head (the GQA groups of the Gemma models), unrolled; 0: not here */
-__attribute__((target("avx2,fma"))) static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q,
+static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q,
                                                               int64_t d, int64_t G, float *out) {
     switch (G) {
     case 1: turbo_dots_g(c, x, q, d, out, 1); return 1;
@@ -383,6 +380,7 @@ __attribute__((target("avx2,fma"))) static int turbo_dots_avx2(const tl_kv_codec
     default: return 0;
     }
 }
+#pragma GCC pop_options
 #else
 static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, int64_t G, float *out) {
     (void)c; (void)x; (void)q; (void)d; (void)G; (void)out;
@@ -604,7 +602,8 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
     float *ab = NULL;
     int32_t *turn = NULL;
     int64_t *n_turn = NULL;
-    double *angle = NULL;
+    double *angle = NULL, *step = NULL, *step8 = NULL;  /* per KV head: [half], [d], [d] */
+    float *stepf = NULL;                                 /* [d] */
     const int64_t half = d / 2;
     if (kcond && kcond->rope_freq) {  /* the pairs whose offset turns: those the conditioning kept */
         ab = malloc(sizeof(float) * (size_t)(n_tok * n_head * d));
@@ -612,22 +611,25 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
         n_turn = calloc((size_t)n_kv, sizeof(int64_t));
         angle = malloc(sizeof(double) * (size_t)(n_kv * (half + 2 * d)) + sizeof(float) * (size_t)(n_kv * d));
         if (!ab || !turn || !n_turn || !angle) { free(ab); free(turn); free(n_turn); free(angle); return -3; }
+        step = angle + n_kv * half;
+        step8 = step + n_kv * d;
+        stepf = (float *)(step8 + n_kv * d);
         for (int64_t hk = 0; hk < n_kv; hk++) {
             const float *mu = kcond->rot_offset + hk * d;
-            double *a = angle + hk * half, *step = angle + n_kv * half + hk * d, *step8 = step + n_kv * d;
-            float *stepf = (float *)(angle + n_kv * (half + 2 * d)) + hk * d;
+            double *a = angle + hk * half, *s1 = step + hk * d, *s8 = step8 + hk * d;
+            float *sf = stepf + hk * d;
             int64_t m = 0;
             for (int64_t f = 0; f < half; f++)
                 if (mu[f] != 0.0f || mu[f + half] != 0.0f) turn[hk * half + m++] = (int32_t)f;
             n_turn[hk] = m;
             for (int64_t f = 0; f < m; f++) {
                 a[f] = kcond->rope_freq[turn[hk * half + f]];
-                step[f] = cos(a[f]);
-                step[m + f] = sin(a[f]);
-                step8[f] = cos(TURN_REANCHOR * a[f]);
-                step8[m + f] = sin(TURN_REANCHOR * a[f]);
-                stepf[f] = (float)step[f];
-                stepf[m + f] = (float)step[m + f];
+                s1[f] = cos(a[f]);
+                s1[m + f] = sin(a[f]);
+                s8[f] = cos(TURN_REANCHOR * a[f]);
+                s8[m + f] = sin(TURN_REANCHOR * a[f]);
+                sf[f] = (float)s1[f];
+                sf[m + f] = (float)s1[m + f];
             }
         }
     }
@@ -661,9 +663,7 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
     }
     float *partial = malloc(sizeof(float) * (size_t)(n_tok * n_kv * n_chunks * group * (d + 2)));
     if (partial == NULL) { free(qr); free(ab); free(turn); free(n_turn); free(angle); return -3; }
-    kv_attention_job job = {q, qb, ab, turn, n_turn, angle, angle ? angle + n_kv * half : NULL,
-                            angle ? angle + n_kv * (half + d) : NULL, angle ? (float *)(angle + n_kv * (half + 2 * d)) : NULL,
-                            q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
+    kv_attention_job job = {q, qb, ab, turn, n_turn, angle, step, step8, stepf, q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
                             tl_kv_row_bytes(kc, d), tl_kv_row_bytes(vc, d), segs, n_segs, n_keys, n_chunks,
                             scale, softcap, window, partial};
     if (n_keys > 0) tl_parallel(kv_attention_task, &job);
