@@ -107,6 +107,38 @@ def test_simd_and_portable_paths_agree(qtype, level):
     assert ((portable - fast_path).abs() <= 1e-5 * scale + 1e-6).all()
 
 
+@pytest.mark.parametrize("qtype", BLOCK_32_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("last", range(1, 8))
+def test_a_rows_last_partial_step_of_each_length(qtype, last, simd):
+    """Rows of 8 + `last` blocks: the eight-block kernels end on a step of `last` blocks
+    (compiled for each length); every code path within the activation rounding bound."""
+    n_cols = 32 * (8 + last)
+    w = random_weight(qtype, 19, n_cols, seed=last)
+    x = torch.randn(5, n_cols, generator=torch.Generator().manual_seed(last))
+    wd = w.dequantize()
+    slack = 1e-4 * (x.abs() @ wd.abs().T) + 1e-6
+    if qtype in (Q.Q4_1, Q.Q5_1):
+        slack = slack + 2.0 ** -10 * (x.abs() @ wd.abs().T)
+    assert ((native.matmul(x, w) - x @ wd.T).abs() <= quantization_bound(wd, x, 32) + slack).all()
+
+
+def test_products_do_not_depend_on_the_thread_count_or_who_computed_a_row():
+    """Threads steal row chunks from each other's ranges: which thread computes a chunk
+    varies from call to call, its result must not."""
+    w = random_weight(Q.Q4_0, 16 * 97 + 5, 512, seed=13)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(14))
+    before = native.num_threads()
+    try:
+        native.set_num_threads(1)
+        alone = native.matmul(x, w)
+        for n in (2, 3, 5):
+            native.set_num_threads(n)
+            for _ in range(5):
+                assert torch.equal(native.matmul(x, w), alone)
+    finally:
+        native.set_num_threads(before)
+
+
 @pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda q: q.name)
 def test_dequantize_is_bit_exact(qtype, simd):
     w = random_weight(qtype, 37, 512, seed=5)

@@ -216,21 +216,18 @@ static void dot_rows(const tl_kernels *kt, int64_t k, const uint8_t *w, int64_t 
 #undef Y_ROW
 }
 
-/* Each thread takes one contiguous range of chunks: long sequential reads keep the hardware
- * prefetchers streaming (handing out chunks one by one interleaved the threads' reads and cost
- * a third of the bandwidth on the layer weights). */
-static void matmul_task(void *vctx, int ith, int nth) {
+/* An item is one chunk of rows of one weight. Threads take contiguous ranges of chunks, long
+ * sequential reads that keep the hardware prefetchers streaming (handing out chunks one by one
+ * interleaved the threads' reads and cost a third of the bandwidth on the layer weights), and
+ * steal from the ends of each other's ranges when done (tl_parallel_for). */
+static void matmul_item(void *vctx, int64_t c) {
     matmul_job *j = vctx;
-    const int64_t n_chunks = j->first_chunk[j->n_mats];
-    const int64_t c0 = n_chunks * ith / nth, c1 = n_chunks * (ith + 1) / nth;
     int m = 0;
-    for (int64_t c = c0; c < c1; c++) {
-        while (c >= j->first_chunk[m + 1]) m++;
-        const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
-        const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
-        dot_rows(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, j->q[m], j->q_row_bytes[m], NULL,
-                 j->y[m], j->n_rows[m], NULL, j->n_tok);
-    }
+    while (c >= j->first_chunk[m + 1]) m++;
+    const int64_t r0 = (c - j->first_chunk[m]) * ROWS_PER_CHUNK;
+    const int64_t r1 = r0 + ROWS_PER_CHUNK < j->n_rows[m] ? r0 + ROWS_PER_CHUNK : j->n_rows[m];
+    dot_rows(j->kt[m], j->k, j->w[m], j->w_row_bytes[m], r0, r1, j->q[m], j->q_row_bytes[m], NULL,
+             j->y[m], j->n_rows[m], NULL, j->n_tok);
 }
 
 int tl_matmul_multi(int n_mats, const int *types, const void *const *ws, const int64_t *w_row_bytes,
@@ -260,7 +257,7 @@ int tl_matmul_multi(int n_mats, const int *types, const void *const *ws, const i
             job.q[m] = owned[m];
         }
     }
-    if (rc == 0) tl_parallel(matmul_task, &job);
+    if (rc == 0) tl_parallel_for(matmul_item, &job, job.first_chunk[n_mats]);
     for (int m = 0; m < n_mats; m++) free(owned[m]);
     return rc;
 }
@@ -285,20 +282,18 @@ typedef struct {
     float *y;
 } matmul_id_job;
 
-static void matmul_id_task(void *vctx, int ith, int nth) {
+/* an item is one row chunk of one expert, applied to every pair routed to that expert: the
+ * chunk stays in cache while the expert's tokens pass through it; items in expert order, so a
+ * thread's range streams through whole experts (see matmul_item) */
+static void matmul_id_item(void *vctx, int64_t item) {
     matmul_id_job *j = vctx;
-    const int64_t chunks = (j->n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK, n_items = j->n_groups * chunks;
-    /* an item is one row chunk of one expert, applied to every pair routed to that expert: the
-     * chunk stays in cache while the expert's tokens pass through it. Each thread takes one
-     * contiguous range of items, so it streams through whole experts (see matmul_task). */
-    for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
-        const int64_t g = item / chunks, c = item % chunks;
-        const uint8_t *we = j->w + (int64_t)j->group_expert[g] * j->expert_bytes;
-        const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
-        const int64_t p0 = j->group_start[g];
-        dot_rows(j->kt, j->k, we, j->w_row_bytes, r0, r1, j->q, j->q_row_bytes, j->pair_q_row + p0,
-                 j->y, j->n_rows, j->pair_y_row + p0, j->group_start[g + 1] - p0);
-    }
+    const int64_t chunks = (j->n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+    const int64_t g = item / chunks, c = item % chunks;
+    const uint8_t *we = j->w + (int64_t)j->group_expert[g] * j->expert_bytes;
+    const int64_t r0 = c * ROWS_PER_CHUNK, r1 = r0 + ROWS_PER_CHUNK < j->n_rows ? r0 + ROWS_PER_CHUNK : j->n_rows;
+    const int64_t p0 = j->group_start[g];
+    dot_rows(j->kt, j->k, we, j->w_row_bytes, r0, r1, j->q, j->q_row_bytes, j->pair_q_row + p0,
+             j->y, j->n_rows, j->pair_y_row + p0, j->group_start[g + 1] - p0);
 }
 
 int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_bytes, int64_t n_rows, int64_t k,
@@ -337,7 +332,7 @@ int tl_matmul_id(int type, const void *w, int64_t expert_bytes, int64_t w_row_by
     }
     matmul_id_job job = {kt, w, expert_bytes, w_row_bytes, n_rows, k, q, q_row_bytes,
                          group_expert, group_start, pair_q, pair_y, n_groups, y};
-    tl_parallel(matmul_id_task, &job);
+    tl_parallel_for(matmul_id_item, &job, n_groups * ((n_rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK));
     free(q); free(count); free(pair_q); free(pair_y); free(group_start); free(group_expert);
     return 0;
 }

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <time.h>
 
 #include "tl.h"
@@ -99,12 +100,10 @@ void tl_set_num_threads(int n) {
 
 int tl_get_num_threads(void) { return pool.n_threads; }
 
-void tl_parallel(tl_task_fn fn, void *ctx) {
-    pthread_mutex_lock(&pool.call_lock);
-    const int n = pool.n_threads;
+/* runs one section; the caller holds call_lock */
+static void run_section(tl_task_fn fn, void *ctx, int n) {
     if (n == 1) {
         fn(ctx, 0, 1);
-        pthread_mutex_unlock(&pool.call_lock);
         return;
     }
     pool.fn = fn;
@@ -118,6 +117,75 @@ void tl_parallel(tl_task_fn fn, void *ctx) {
     fn(ctx, 0, n);
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
     atomic_store_explicit(&pool.hot_until, now_ns() + TL_HOT_NS, memory_order_relaxed);
+}
+
+void tl_parallel(tl_task_fn fn, void *ctx) {
+    pthread_mutex_lock(&pool.call_lock);
+    run_section(fn, ctx, pool.n_threads);
+    pthread_mutex_unlock(&pool.call_lock);
+}
+
+/* ---- items with stealing ------------------------------------------------------------------------
+ *
+ * tl_parallel_for gives each thread one contiguous range of the items, as a static split does
+ * (long sequential reads keep the prefetchers streaming), but a thread that finishes its range
+ * takes the items left at the far end of the others' ranges, one at a time, instead of
+ * spinning until they finish. Decode on the synthetic 26B-A4B spent ~10% of the calling
+ * thread's time waiting at the end of sections the static split had made uneven (perf). A
+ * range is one word, next item (low 32 bits) and end (high 32 bits), so its owner (from the
+ * front) and a thief (from the back) never both take the item where they meet. */
+
+typedef struct {
+    _Alignas(64) atomic_ullong range;  /* one cache line each: the owner's updates do not disturb the others */
+} item_range;
+
+static item_range ranges[TL_MAX_THREADS];
+
+typedef struct {
+    tl_item_fn fn;
+    void *ctx;
+} items_job;
+
+static int take_item(atomic_ullong *range, int from_back, int64_t *item) {
+    unsigned long long v = atomic_load_explicit(range, memory_order_relaxed);
+    for (;;) {
+        const uint32_t next = (uint32_t)v, end = (uint32_t)(v >> 32);
+        if (next >= end) return 0;
+        const unsigned long long taken = from_back ? ((unsigned long long)(end - 1) << 32) | next
+                                                   : ((unsigned long long)end << 32) | (next + 1);
+        if (atomic_compare_exchange_weak_explicit(range, &v, taken, memory_order_relaxed, memory_order_relaxed)) {
+            *item = from_back ? end - 1 : next;
+            return 1;
+        }
+    }
+}
+
+static void items_task(void *vctx, int ith, int nth) {
+    const items_job *j = vctx;
+    int64_t item;
+    while (take_item(&ranges[ith].range, 0, &item)) j->fn(j->ctx, item);
+    for (int d = 1; d < nth; d++) {
+        atomic_ullong *other = &ranges[(ith + d) % nth].range;
+        while (take_item(other, 1, &item)) j->fn(j->ctx, item);
+    }
+}
+
+void tl_parallel_for(tl_item_fn fn, void *ctx, int64_t n_items) {
+    if (n_items <= 0) return;
+    pthread_mutex_lock(&pool.call_lock);
+    int n = pool.n_threads;
+    if (n > n_items) n = (int)n_items;
+    if (n_items > UINT32_MAX || n == 1) {  /* one thread, or too many items for a range word: in order */
+        pthread_mutex_unlock(&pool.call_lock);
+        for (int64_t i = 0; i < n_items; i++) fn(ctx, i);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const unsigned long long lo = (unsigned long long)(n_items * i / n), hi = (unsigned long long)(n_items * (i + 1) / n);
+        atomic_store_explicit(&ranges[i].range, (hi << 32) | lo, memory_order_relaxed);
+    }
+    items_job job = {fn, ctx};
+    run_section(items_task, &job, n);  /* the section's release store publishes the ranges */
     pthread_mutex_unlock(&pool.call_lock);
 }
 

@@ -83,6 +83,9 @@ void tl_register_vnni(tl_kernels *table);    /* overrides where an AVX-512 VNNI 
 /* ---- threads ------------------------------------------------------------------------------ */
 typedef void (*tl_task_fn)(void *ctx, int ith, int nth);
 void tl_parallel(tl_task_fn fn, void *ctx);  /* fn(ctx, i, n) for i in 0..n-1; the caller runs i = 0 */
+typedef void (*tl_item_fn)(void *ctx, int64_t item);
+/* fn(ctx, item) for every item in 0..n_items-1, contiguous ranges per thread, idle threads stealing */
+void tl_parallel_for(tl_item_fn fn, void *ctx, int64_t n_items);
 void tl_set_num_threads(int n);
 int tl_get_num_threads(void);
 void tl_rest(void);  /* let the workers sleep now instead of spinning for the next section */
