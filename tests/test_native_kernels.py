@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from turbollm.kernels import blocks, fast, native, reference
@@ -187,6 +188,24 @@ def test_expert_matmul_equals_one_product_per_expert(qtype, per_slot, threads):
         for s in range(k):
             row = x[t * k + s] if per_slot else x[t]
             assert torch.equal(y[t, s], native.matmul(row[None].contiguous(), w.select(int(ids[t, s])))[0])
+
+
+def test_gelu_mul_within_a_few_ulp_of_float64():
+    """The blocks' gelu (x / (1 + e^(-2z)), a polynomial e^x), against the same function in
+    float64 (0.5 x (1 + tanh z) == x sigmoid(2z); float64's tanh form itself cancels in the
+    negative tail), from deep in that tail to saturation, odd length; and within float32
+    rounding of torch's tanh form."""
+    g = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 200.0, -200.0])])
+    u = torch.randn(g.shape, generator=torch.Generator().manual_seed(2))
+    x = g.double()
+    z = 0.7978845608028654 * (x + 0.044715 * x ** 3)
+    want = x * torch.sigmoid(2 * z) * u.double()
+    got = native.gelu_mul(g, u).double()
+    # z is rounded in float32 (a few ulp), and e^(-2z) turns that into |2z| ulp of the result
+    ulp = 2.0 ** -24
+    assert ((got - want).abs() <= 4 * ulp * (4 + 2 * z.abs()) * want.abs() + 1e-35 * u.abs().double()).all()
+    torch_form = F.gelu(g, approximate="tanh").double() * u.double()
+    assert ((got - torch_form).abs() <= 1e-6 * (torch_form.abs() + u.abs().double())).all()
 
 
 def test_moe_ffn_fast_within_quantization_noise_of_reference():

@@ -50,6 +50,7 @@ _SIGNATURES = {
     "tl_kv_decode": (ctypes.c_int, [_P, _P, _I64, _I64, ctypes.c_int, _P]),
     "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
     "tl_rms_norm": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float]),
+    "tl_gelu_mul": (None, [_P, _P, _P, _I64]),
     "tl_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                                     ctypes.c_float, _I64, ctypes.c_float, _P]),
     "tl_quantize_activations": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _P]),
@@ -283,6 +284,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     dim = x.shape[-1]
     _lib.tl_rms_norm(_ptr(x), _ptr(weight) if weight is not None else None, _ptr(y), x.numel() // dim, dim, eps)
     return y
+
+
+def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(g) * u as the fused FFN and MoE blocks compute it; float32 contiguous, same shape."""
+    out = torch.empty_like(g)
+    _lib.tl_gelu_mul(_ptr(g), _ptr(u), _ptr(out), g.numel())
+    return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,

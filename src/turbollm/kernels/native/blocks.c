@@ -106,10 +106,6 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
     return rc;
 }
 
-static inline float gelu_tanh(float x) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-}
-
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out) {
     const int64_t D = b->n_embd, F = b->gate.n_rows;
     float *n = malloc(sizeof(float) * (size_t)(n_tok * D));
@@ -123,7 +119,7 @@ int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const floa
         rc = matmul_weights(ws, 2, n, n_tok, ys);
     }
     if (rc == 0) {
-        for (int64_t i = 0; i < n_tok * F; i++) g[i] = gelu_tanh(g[i]) * u[i];
+        tl_gelu_mul(g, u, g, n_tok * F);
         const tl_weight *ws[1] = {&b->down};
         float *ys[1] = {n};  /* reuse: D floats per token */
         rc = matmul_weights(ws, 1, g, n_tok, ys);
@@ -209,7 +205,7 @@ int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out
     if (rc == 0) {
         for (int64_t i = 0; i < n_tok * K; i++) {
             const float *gi = g + i * G, *ui = fused ? gi + F : u + i * F;
-            for (int64_t f = 0; f < F; f++) a[i * F + f] = gelu_tanh(gi[f]) * ui[f];
+            tl_gelu_mul(gi, ui, a + i * F, F);
         }
         rc = tl_matmul_id(b->down.type, b->down.data, b->down_expert_bytes, b->down.row_bytes, D, F, ids, n_tok, K, a, 1, d);
     }

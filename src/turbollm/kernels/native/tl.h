@@ -169,6 +169,7 @@ typedef struct {
 int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out);
 float tl_dot_f32(const float *a, const float *b, int64_t n);
 void tl_axpy_f32(float a, const float *x, float *y, int64_t n);  /* y += a x */
+void tl_gelu_mul(const float *g, const float *u, float *out, int64_t n);  /* out = gelu_tanh(g) * u (out may be g) */
 /* z = (cos[n], sin[n]) of n angles, turned by the angles of w (z <- z * w as complex numbers);
  * zf = z in float */
 void tl_turn(double *z, const double *w, int64_t n, float *zf);
