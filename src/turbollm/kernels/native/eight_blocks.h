@@ -10,7 +10,6 @@
 #ifndef E8_PREFIX
 #error "define E8_DOT_U8S8 and E8_PREFIX before including eight_blocks.h"
 #endif
-#include <string.h>
 
 #define E8_CAT2(a, b) a##_##b
 #define E8_CAT(a, b) E8_CAT2(a, b)
@@ -75,10 +74,11 @@ static inline __m256i sum8(const __m256i *s) {
 /* One step: r <= 8 blocks (from block i) of one weight row against activation row x, added to
  * acc. q holds the blocks' weight bytes: unsigned for Q4_0 (its nibbles 0..15; the - 8 is taken
  * off as 8 * the activation's block sums), else signed (|w| . sign(y, w)). dw: the blocks'
- * scales, zero past r. Called with constant r and is_unsigned, it compiles to straight code.
- * The last step of a row (r < 8) reads only r blocks of x, and their scales and sums with a
- * masked load: Q4_0 rows of 704 (22 blocks, Gemma 4's expert down projection) ran at 7.4 GB/s
- * in cache with a copy to a zeroed buffer there, 13.6 at 768 (no last step); see the commit. */
+ * scales, zero past r. Called with constant r and is_unsigned (a row's last step, r < 8, via
+ * E8(last_NAME)), it compiles to straight code; that step reads only r blocks of x, and their
+ * scales and sums with a masked load. Copying them to zeroed buffers with a variable r there
+ * held Q4_0 rows of 704 (22 blocks, Gemma 4's expert down projection) to 7.4 GB/s, 1 thread
+ * in cache; this way 13.6 (benchmarks/kernels.py -t 1 --cols 704 --rows 4096). */
 static inline __attribute__((always_inline)) __m256
 step8(const __m256i *q, int r, int is_unsigned, __m256 dw, const void *x, int nb, int i, __m256 acc) {
     const int8_t *yq = (const int8_t *)x + 32 * i;
