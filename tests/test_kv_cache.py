@@ -4,6 +4,8 @@ and attention over coded caches against attention over the decoded cache."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +130,7 @@ GEMMA4_26B_LIKE = [LayerKVShape(2, 512) if il % 6 == 5 else LayerKVShape(8, 256,
 
 
 @pytest.mark.parametrize("config", [CacheConfig(), CacheConfig("q8_0", "turbo3"), CacheConfig("turbo2", "turbo2", 2),
-                                    CacheConfig("q4_1", "iq4_nl", swa_full=True)])
+                                    CacheConfig("q4_1", "iq4_nl", swa_full=True), CacheConfig("q8_0", "q8_0", recent=32, sink=4)])
 def test_predicted_bytes_are_the_allocated_bytes(config):
     layout = [LayerKVShape(1, 256, 512), None, LayerKVShape(2, 128), LayerKVShape(1, 256, 512)]
     plan = plan_kv(layout, 2000, config)
@@ -155,10 +157,10 @@ def test_boundary_layers_stay_f16():
 # ---- rings and coded caches in attention ----------------------------------------------------
 
 def _run_layer(cache: KVCache, ks: torch.Tensor, vs: torch.Tensor, qs: torch.Tensor, steps: list[int], window: int,
-               use_native: bool, softcap: float = 0.0) -> torch.Tensor:
-    """Feed K/V/Q [N, ...] in steps of the given sizes through a one-layer cache; attention
-    outputs of every query, as a model layer computes them."""
-    outs, at = [], 0
+               use_native: bool, softcap: float = 0.0, at: int = 0) -> torch.Tensor:
+    """Feed K/V/Q [N, ...] in steps of the given sizes through a one-layer cache holding
+    positions 0..at-1; attention outputs of every query, as a model layer computes them."""
+    outs = []
     for n in steps:
         cache.begin(n)
         slots = cache.slots(0)
@@ -168,8 +170,8 @@ def _run_layer(cache: KVCache, ks: torch.Tensor, vs: torch.Tensor, qs: torch.Ten
         if use_native:  # the same bytes, read by the native kernel
             outs.append(_native_attention(q, slots, positions, window, softcap))
         else:
-            k, v, k_pos = slots.read()
-            outs.append(reference_attention(q, k, v, positions, k_pos, 0.2, window, softcap))
+            k, v, k_pos, split = slots.read()
+            outs.append(reference_attention(q, k, v, positions, k_pos, 0.2, window, softcap, split))
         cache.advance()
         at += n
     return torch.cat(outs)
@@ -177,9 +179,12 @@ def _run_layer(cache: KVCache, ks: torch.Tensor, vs: torch.Tensor, qs: torch.Ten
 
 def _native_attention(q, slots, positions, window, softcap):
     n = slots.n_keys
+    exact = None if slots.exact_k is None else (
+        [(slots.exact_k, slots.exact_v, slots.exact_positions), (slots.tail_exact_k, slots.tail_exact_v, positions)],
+        slots.split)
     return native.attention_coded(q, positions, slots.plan.k, slots.plan.v, slots.plan.n_head_kv,
                                   [(slots.k[:n], slots.v[:n], slots.positions[:n]),
-                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window, softcap, slots)
+                                   (slots.tail_k, slots.tail_v, positions)], 0.2, window, softcap, slots, exact)
 
 
 @pytest.mark.parametrize("n_prompt", [5, 16, 40])  # shorter than, equal to, much longer than the window
@@ -190,9 +195,9 @@ def test_ring_attention_equals_full_attention_with_a_window_mask(n_prompt, cache
     n = n_prompt + n_decode
     ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 4, d, generator=g)
     steps = [n_prompt] + [1] * 20 + [3] * 3 + [1]  # a prompt, decode steps, small batches (speculative verify)
-    config = CacheConfig(cache_type, cache_type)
+    config = CacheConfig(cache_type, cache_type, recent=0, sink=0)  # every key coded (the exact window: below)
     ring = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config))
-    full = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, CacheConfig(cache_type, cache_type, swa_full=True)))
+    full = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, replace(config, swa_full=True)))
     assert ring.plan.stored[0].capacity == min(window, n) and full.plan.stored[0].capacity == n
     out_ring = _run_layer(ring, ks, vs, qs, steps, window, use_native=False)
     out_full = _run_layer(full, ks, vs, qs, steps, window, use_native=False)
@@ -274,7 +279,7 @@ def test_a_speculative_step_keeps_only_the_accepted_tokens_even_in_a_ring():
     assert ring.n_tokens == 8
     ring.begin(1)
     ring.slots(0).write(x[8:9], x[8:9])
-    k, _, pos = ring.slots(0).read()
+    k, _, pos, _ = ring.slots(0).read()
     held = sorted(int(p) for p in pos if p >= 0)
     assert held == [4, 5, 6, 7, 8]  # the window before position 8, then the new token
     assert sorted(int(v) for v in k[:, 0, 0][pos >= 0]) == [4, 5, 6, 7, 8]
@@ -388,3 +393,81 @@ def test_the_cache_weighs_turboquant_keys_by_the_queries_and_ggml_blocks_not(nam
     expected = _conditioning(ks, qs if uses_queries else None)
     assert torch.allclose(slots.k_offset, expected.offset) and torch.allclose(slots.k_scale, expected.scale)
     assert torch.allclose(slots.k_rot_offset, expected.rot_offset)
+
+
+# ---- the exact window: f16 rows of the first and the latest positions ------------------------
+
+def test_the_exact_window_defaults_to_codecs_under_8_bits():
+    assert CacheConfig().exact_window == (0, 0)
+    assert CacheConfig("q8_0", "q8_0").exact_window == (0, 0)  # at the noise floor: not worth its bytes
+    assert CacheConfig("q4_0", "q4_0").exact_window == (1, 64)
+    assert CacheConfig("q8_0", "turbo3").exact_window == (1, 64)
+    assert CacheConfig("turbo3", "turbo3", recent=0).exact_window == (0, 0)  # ~0: neither
+    assert CacheConfig("turbo3", "turbo3", recent=8).exact_window == (1, 8)
+    assert CacheConfig("q8_0", "q8_0", recent=8, sink=2).exact_window == (2, 8)
+    with pytest.raises(ValueError, match="recent must be >= 0"):
+        CacheConfig("turbo3", "turbo3", recent=-1)
+    plan = plan_kv([LayerKVShape(2, 64, 16), LayerKVShape(2, 64), LayerKVShape(2, 64)], 100,
+                   CacheConfig("turbo3", "turbo3", boundary_layers=1))
+    # boundary layers are f16 and keep no window; a ring's window is capped at the ring
+    assert [(p.sink, p.recent) for p in plan.stored] == [(0, 0), (1, 64), (0, 0)]
+    assert plan_kv([LayerKVShape(2, 64, 16)], 100, CacheConfig("turbo3", "turbo3")).stored[0].recent == 16
+    assert plan.stored[1].exact_bytes == 65 * 2 * 2 * 64 * 2  # rows x KV heads x (K, V) x f16 values
+
+
+def _expected_with_exact_window(ks, vs, qs, config, exact_from=lambda p: 0, window=0):
+    """Attention of each query at position p over keys 0..p, where a key reads its f16 value
+    when kp < sink or (p - kp < recent and kp >= exact_from(p)), else its coded value."""
+    n, n_kv, d = ks.shape
+    plan = plan_kv([LayerKVShape(n_kv, d, window)], n, config).stored[0]
+    sink, recent = config.exact_window
+    c = condition_keys(ks[:6], torch.arange(6), None)  # the first step's 6 keys set the conditioning
+    k_coded = plan.k.decode(plan.k.encode((ks - c.offset - c.rot_offset) / c.scale), d) * c.scale + c.offset + c.rot_offset
+    v_coded = plan.v.decode(plan.v.encode(vs), d)
+    k_f16, v_f16 = ks.half().float(), vs.half().float()
+    outs = []
+    for p in range(n):
+        kp = torch.arange(p + 1)
+        exact = ((kp < sink) | ((p - kp < recent) & (kp >= exact_from(p))))[:, None, None]
+        k = torch.where(exact, k_f16[:p + 1], k_coded[:p + 1])
+        v = torch.where(exact, v_f16[:p + 1], v_coded[:p + 1])
+        outs.append(reference_attention(qs[p:p + 1], k, v, torch.tensor([p]), kp, 0.2, window))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=needs_native)])
+@pytest.mark.parametrize("cache_type, window", [("turbo3", 0), ("turbo2", 12), ("q4_0", 0), ("q8_0/turbo4", 12)])
+def test_the_exact_window_reads_its_positions_at_f16_and_the_rest_coded(cache_type, window, use_native):
+    n_kv, d, n = 2, 128, 40
+    g = torch.Generator().manual_seed(3)
+    ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 4, d, generator=g)
+    k_name, _, v_name = cache_type.partition("/")
+    config = CacheConfig(k_name, v_name or k_name, recent=5, sink=2)
+    cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config))
+    steps = [6] + [1] * 10 + [9, 3] + [1] * 12  # a prompt, decode steps, a step longer than the window of 5
+    got = _run_layer(cache, ks, vs, qs, steps, window, use_native)
+    expected = _expected_with_exact_window(ks, vs, qs, config, window=window)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4)
+    # the window changes what attention reads: without it the same steps give other outputs
+    plain = _run_layer(KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, replace(config, recent=0, sink=0))),
+                       ks, vs, qs, steps, window, use_native)
+    assert (plain - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=needs_native)])
+def test_after_a_rollback_past_the_exact_ring_its_lost_positions_are_read_coded(use_native):
+    n_kv, d = 1, 128
+    g = torch.Generator().manual_seed(5)
+    ks, vs, qs = torch.randn(40, n_kv, d, generator=g), torch.randn(40, n_kv, d, generator=g), torch.randn(40, 2, d, generator=g)
+    config = CacheConfig("turbo3", "turbo3", recent=4, sink=1)
+    cache = KVCache(plan_kv([LayerKVShape(n_kv, d)], 40, config))
+    _run_layer(cache, ks, vs, qs, [6, 6], 0, use_native)  # positions 0..11; the ring holds 8..11
+    cache.truncate(10)  # it still holds 8, 9
+    part = _run_layer(cache, ks, vs, qs, [1, 1], 0, use_native, at=10)
+    expected = _expected_with_exact_window(ks, vs, qs, config, exact_from=lambda p: 8 if p < 12 else 0)[10:12]
+    assert torch.allclose(part, expected, atol=2e-5, rtol=1e-4)
+    cache.truncate(7)  # the ring holds nothing below 7: positions 4..6 are read coded from here on
+    part = _run_layer(cache, ks, vs, qs, [1, 2], 0, use_native, at=7)
+    expected = _expected_with_exact_window(ks, vs, qs, config, exact_from=lambda p: 7)[7:10]
+    assert torch.allclose(part, expected, atol=2e-5, rtol=1e-4)
+

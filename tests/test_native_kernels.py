@@ -246,9 +246,11 @@ def ROPE_FREQ(d: int) -> torch.Tensor:
 
 def _cache_step(cache_type: str, n_before: int, n_new: int, n_kv: int, d: int, store: bool, window: int = 0):
     """A one-layer cache holding `n_before` committed tokens, in a step of `n_new` more: the
-    layer's KVSlots. A reading (KV-shared) layer finds its tail filled, as its source leaves it."""
+    layer's KVSlots. A reading (KV-shared) layer finds its tail filled, as its source leaves it.
+    Quantized caches keep the first and the latest 3 positions at f16 (kv/cache.py), so a query
+    reads some keys from f16 rows and the rest from coded rows."""
     from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
-    cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type)),
+    cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type, recent=3, sink=1)),
                     rope_freqs=[ROPE_FREQ(d)])
     g = torch.Generator().manual_seed(9)
     if n_before:
@@ -287,6 +289,9 @@ def test_fused_attention_block_equals_composed(store, with_v, window, n_before, 
     # the C encoder wrote the bytes the reference encoder writes (the K/V inputs agree to ~1e-6)
     assert (fused_slots.tail_k != composed_slots.tail_k).float().mean() < 0.01
     assert (fused_slots.tail_v != composed_slots.tail_v).float().mean() < 0.01
+    if store and composed_slots.exact_k is not None:  # and the f16 rows of the exact window
+        assert (fused_slots.tail_exact_k != composed_slots.tail_exact_k).float().mean() < 0.01
+        assert (fused_slots.tail_exact_v != composed_slots.tail_exact_v).float().mean() < 0.01
     if composed_slots.k_offset is not None:  # quantized keys: a first step set the same conditioning
         assert torch.allclose(fused_slots.k_offset, composed_slots.k_offset, atol=1e-5)
         assert torch.allclose(fused_slots.k_scale, composed_slots.k_scale, atol=1e-5)

@@ -15,6 +15,7 @@ Left out: sampling (llama-bench does not sample either), batched decoding of sev
 from __future__ import annotations
 
 import copy
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,7 @@ class _Runner:
 def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     from turbollm.api import Model, read_config  # the API is above this module; imported when used
 
+    gc.collect()  # what a caller left for the collector is not the baseline (else it may be freed during the load)
     rss_before, anon_before = rss_bytes(), anonymous_bytes()
     needed = s.depth + max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
     n_ctx_train = read_config(s.model).n_ctx_train

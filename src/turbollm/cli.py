@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="UTF-8 text to score (default: the bundled public-domain text)")
     quality.add_argument("--cache-types", type=lambda t: tuple(x for x in t.split(",") if x.strip()),
                          default=DEFAULT_QUALITY_TYPES,
-                         help="comma-separated entries K[/V][@N]: K and V codecs, N boundary layers kept at f16 "
+                         help="comma-separated entries K[/V][@N][~R]: K and V codecs, N boundary layers kept at f16, "
+                              "R latest positions kept at f16 beside their codes (default 64 under 8 bits, ~0: none) "
                               f"(default {','.join(DEFAULT_QUALITY_TYPES)})")
     quality.add_argument("--cache-turbo-block", dest="turbo_block", type=int, choices=(32, 128), default=128,
                          help="TurboQuant rotation block (default 128)")
@@ -331,11 +332,16 @@ def _cache_flags(p: argparse.ArgumentParser) -> None:
                    help="TurboQuant rotation block: 128 (bits + 0.125 per value) or 32 (bits + 0.5)")
     p.add_argument("--swa-full", action="store_true",
                    help="sliding-window layers keep the whole context instead of a ring of `window` positions")
+    p.add_argument("--cache-recent", type=int, default=None, metavar="N",
+                   help="quantized caches also keep each query's latest N positions at f16, read instead of their "
+                        "codes (default 64 for cache types under 8 bits, 0 for q8_0 and floats; 0: off)")
+    p.add_argument("--cache-sink", type=int, default=None, metavar="N",
+                   help="... and the sequence's first N positions (default 1 with a recent window, else 0)")
 
 
 def _cache_config(args) -> CacheConfig:
     return CacheConfig(args.cache_type_k, args.cache_type_v, args.cache_boundary_layers, args.cache_turbo_block,
-                       args.swa_full)
+                       args.swa_full, args.cache_recent, args.cache_sink)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -11,8 +11,9 @@ through the configuration's codecs. For each configuration against the f16 cache
     compression      f16 cache bytes / this cache's bytes
 
 Logits are compared in slices of positions, so no [tokens, vocab] array of the whole text is
-ever held. A configuration is written `K[/V][@N]`: K and V codecs (V defaults to K), and N
-boundary layers (the first and last N storing layers) kept at f16.
+ever held. A configuration is written `K[/V][@N][~R]`: K and V codecs (V defaults to K), N
+boundary layers (the first and last N storing layers) kept at f16, and R latest positions in
+the exact window of f16 rows (kv/cache.py; default: 64 below 8 bits per value; ~0 turns it off).
 """
 
 from __future__ import annotations
@@ -30,14 +31,20 @@ _LOGIT_ROWS = 64  # positions per slice of logits (times the configurations: row
 
 
 def parse_cache_entry(entry: str, turbo_block: int = 128) -> CacheConfig:
-    """'q8_0/turbo4@2' -> CacheConfig(type_k='q8_0', type_v='turbo4', boundary_layers=2)."""
-    text, _, boundary = entry.strip().partition("@")
+    """'q8_0/turbo4@2' -> CacheConfig(type_k='q8_0', type_v='turbo4', boundary_layers=2);
+    'turbo3~0': turbo3 without the exact window ('~R': its latest R positions at f16)."""
+    text, _, recent = entry.strip().partition("~")
+    text, _, boundary = text.partition("@")
     k, _, v = text.partition("/")
     try:
         n = int(boundary) if boundary else 0
     except ValueError:
         raise ValueError(f"cache entry {entry!r}: the part after '@' must be a number of layers") from None
-    return CacheConfig(k, v or k, n, turbo_block)
+    try:
+        r = int(recent) if recent else None
+    except ValueError:
+        raise ValueError(f"cache entry {entry!r}: the part after '~' must be a number of positions") from None
+    return CacheConfig(k, v or k, n, turbo_block, recent=r)
 
 
 def default_text() -> str:

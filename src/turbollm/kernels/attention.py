@@ -3,11 +3,40 @@
 Causality and the sliding window come from token positions, not from array indices, so the
 same function serves a full cache, a ring buffer whose slots hold positions out of order, and
 a speculative step that verifies several tokens at once.
+
+A quantized cache also keeps some positions at f16 (kv/cache.py's exact window): the first
+`sink` and each query's `recent` latest. Both copies of such a key reach attention, the coded
+row and the f16 row; `ExactSplit` says which one a query reads, so each key counts once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class ExactSplit:
+    """Keys [0, n_coded) are coded rows, the rest f16 rows of some of the same positions. A query
+    at p reads key position kp from its f16 row when kp < sink, or when p - kp < recent and
+    kp >= exact_from (the f16 rows of older positions were lost by a rollback), else from
+    its coded row."""
+
+    n_coded: int
+    sink: int
+    recent: int
+    exact_from: int = 0
+
+    def reads_exact(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """[T, S] bool: query q_pos[t] reads position k_pos[s] from its f16 row."""
+        kp = k_pos[None, :]
+        return (kp < self.sink) | ((kp >= self.exact_from) & (q_pos[:, None] - kp < self.recent))
+
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """[T, S] bool: the rows each query reads (the f16 row or the coded row of a position)."""
+        is_exact_row = torch.arange(k_pos.shape[0], device=k_pos.device) >= self.n_coded
+        return self.reads_exact(q_pos, k_pos) == is_exact_row[None, :]
 
 # Queries per chunk: bounds the [heads, queries, keys] score matrix for long prompts.
 _QUERY_CHUNK = 512
@@ -22,6 +51,7 @@ def attention(
     scale: float,
     window: int = 0,  # > 0: a query at p sees keys p-window+1 .. p
     softcap: float = 0.0,  # > 0: scores = softcap * tanh(scores / softcap)
+    split: ExactSplit | None = None,  # coded rows, then f16 rows of the exact window
 ) -> torch.Tensor:  # [T, n_head, d_v]
     n_tok, n_head, d = q.shape
     n_kv = k.shape[1]
@@ -40,6 +70,8 @@ def attention(
         visible = (k_pos[None, :] <= qp) & (k_pos[None, :] >= 0)
         if window > 0:
             visible &= qp - k_pos[None, :] < window
+        if split is not None:
+            visible &= split.mask(q_pos[start:stop], k_pos)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[:, :, start:stop] = torch.matmul(probs, vg)

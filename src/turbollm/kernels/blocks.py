@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from turbollm.kernels.attention import ExactSplit
 from turbollm.kernels.qtensor import QTensor
 
 
@@ -80,9 +81,10 @@ class KVSlots(Protocol):
         """Store the new tokens' K/V [T, n_kv, head_dim], coding rows with encode(codec, x);
         q [T, n_head, head_dim] are the step's queries."""
 
-    def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values [S, n_kv, head_dim] float32 (rows decoded with decode(codec, raw, d))
-        and their positions [S] (-1: empty)."""
+    def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ExactSplit | None]:
+        """Keys, values [S, n_kv, head_dim] float32 (rows decoded with decode(codec, raw, d)),
+        their positions [S] (-1: empty), and which rows each query reads when some positions
+        come twice, coded and at f16 (kernels.attention.ExactSplit; None: each once)."""
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,8 +110,8 @@ def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.T
     q = apply_rope(ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps), *rope)
     if slots.store:
         slots.write(k, v, ops.kv_encode, q)  # the queries weigh the key conditioning (kv/cache.py)
-    keys, values, key_positions = slots.read(ops.kv_decode)
-    out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap)
+    keys, values, key_positions, split = slots.read(ops.kv_decode)
+    out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap, split)
     return x + ops.rms_norm(ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo), b.post_norm, b.eps)
 
 

@@ -105,12 +105,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return native.rms_norm(x.contiguous(), weight, eps)
 
 
-def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, softcap: float = 0.0,
+              split: reference_attention.ExactSplit | None = None) -> torch.Tensor:
     if q.device.type != "cpu":
-        return reference_attention.attention(q, k, v, q_pos, k_pos, scale, window, softcap)
-    if q.shape[0] > DECODE_MAX_TOKENS:  # prefill: torch's batched matmuls on all cores
+        return reference_attention.attention(q, k, v, q_pos, k_pos, scale, window, softcap, split)
+    # prefill: torch's batched matmuls on all cores; an exact window's split too (decode steps
+    # over a quantized cache take the native block, which reads the coded rows themselves)
+    if q.shape[0] > DECODE_MAX_TOKENS or split is not None:
         with _torch_threads():
-            return reference_attention.attention(q, k, v, q_pos, k_pos, scale, window, softcap)
+            return reference_attention.attention(q, k, v, q_pos, k_pos, scale, window, softcap, split)
     return native.attention(q.contiguous(), k.contiguous(), v.contiguous(), q_pos.contiguous(), k_pos.contiguous(),
                             scale, window, softcap)
 
@@ -162,7 +165,9 @@ def _block_native_ok(x: torch.Tensor, weights: list[QTensor | None]) -> bool:
 def attention_block(x: torch.Tensor, b: blocks.AttentionBlock, rope: tuple[torch.Tensor, torch.Tensor],
                     slots: blocks.KVSlots, positions: torch.Tensor) -> torch.Tensor:
     """kernels.blocks.attention_block in one native call at decode size."""
-    cache_ok = all(t.device.type == "cpu" and t.is_contiguous() for t in (slots.k, slots.v, slots.tail_k, slots.tail_v))
+    rows = (slots.k, slots.v, slots.tail_k, slots.tail_v, slots.exact_k, slots.exact_v, slots.tail_exact_k,
+            slots.tail_exact_v)
+    cache_ok = all(t.device.type == "cpu" and t.is_contiguous() for t in rows if t is not None)
     # a sequence's first step sets its key conditioning, in PyTorch (kv/conditioning.py)
     first = slots.store and slots.needs_conditioning
     if first or not (cache_ok and _block_native_ok(x, [b.wq, b.wk, b.wv, b.wo])):

@@ -43,9 +43,9 @@ _SIGNATURES = {
     "tl_moe_block": (ctypes.c_int, [ctypes.c_void_p, _P, _I64, _P]),
     "tl_dequantize": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _I64, _P, ctypes.c_int]),
     "tl_attention_block": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _I64,
-                                          ctypes.c_int, _P, _P, _P]),
+                                          ctypes.c_int, _P, _P, _P, _P]),
     "tl_kv_encode": (ctypes.c_int, [_P, _P, _I64, _I64, _P]),
-    "tl_attention_kv": (ctypes.c_int, [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, ctypes.c_int,
+    "tl_attention_kv": (ctypes.c_int, [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int,
                                        ctypes.c_float, _I64, ctypes.c_float, _P]),
     "tl_kv_decode": (ctypes.c_int, [_P, _P, _I64, _I64, ctypes.c_int, _P]),
     "tl_ffn_block": (ctypes.c_int, [_P, _P, _I64, _P, _P]),
@@ -108,6 +108,23 @@ class _KVSegment(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
 
+class _KVExact(ctypes.Structure):
+    _fields_ = [("segs", _KVSegment * 2), ("n_segs", ctypes.c_int), ("sink", ctypes.c_int64),
+                ("recent", ctypes.c_int64), ("exact_from", ctypes.c_int64)]
+
+
+def _kv_exact(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], split) -> ctypes.Structure | None:
+    """The C view of an exact window: up to two segments of f16 rows (k, v, positions) and the
+    split (kernels.attention.ExactSplit) that says which keys a query reads from them."""
+    if split is None:
+        return None
+    if len(segments) > 2:
+        raise ValueError(f"the exact window has at most 2 segments of f16 rows, not {len(segments)}")
+    segs = [_KVSegment(_ptr(k), _ptr(v), _ptr(p), p.shape[0]) for k, v, p in segments]
+    segs += [_KVSegment(None, None, None, 0)] * (2 - len(segs))
+    return ctypes.byref(_KVExact((_KVSegment * 2)(*segs), len(segments), split.sink, split.recent, split.exact_from))
+
+
 # KV cache codec names (turbollm.kv.codecs) -> the library's type ids; TurboQuant is 100
 _KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20,
              "turbo2": 100, "turbo3": 100, "turbo4": 100}
@@ -151,16 +168,20 @@ def kv_decode(codec, raw: torch.Tensor, d: int, rotated: bool = False) -> torch.
 
 def attention_coded(q: torch.Tensor, q_pos: torch.Tensor, k_codec, v_codec, n_kv: int,
                     segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float, window: int = 0,
-                    softcap: float = 0.0, conditioning=None) -> torch.Tensor:
+                    softcap: float = 0.0, conditioning=None,
+                    exact: tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], object] | None = None
+                    ) -> torch.Tensor:
     """Attention of q [T, H, d] over coded K/V rows: segments of (k uint8 [S, n_kv, k_row_bytes],
     v, positions int64 [S]), read in order (the cache's slots, then a step's tail). Keys coded
-    with the key conditioning of `conditioning` (a kv.cache.KVSlots) when given."""
+    with the key conditioning of `conditioning` (a kv.cache.KVSlots) when given. `exact`:
+    (segments of f16 rows, kernels.attention.ExactSplit), an exact window's rows and rule."""
     n_tok, n_head, d = q.shape
     q, q_pos = q.contiguous(), q_pos.contiguous()
     segs = (_KVSegment * len(segments))(*(_KVSegment(_ptr(k), _ptr(v), _ptr(p), p.shape[0]) for k, v, p in segments))
     out = torch.empty((n_tok, n_head, d), dtype=torch.float32)
     rc = _lib.tl_attention_kv(_ptr(q), _ptr(q_pos), n_tok, n_head, n_kv, d, ctypes.byref(kv_codec(k_codec)),
-                              ctypes.byref(kv_codec(v_codec)), None if conditioning is None else _key_cond(conditioning), segs,
+                              ctypes.byref(kv_codec(v_codec)), None if conditioning is None else _key_cond(conditioning),
+                              None if exact is None else _kv_exact(*exact), segs,
                               len(segments), scale, window, softcap, _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native coded attention failed ({rc}): {n_head} heads over {n_kv} KV heads of {d}")
@@ -368,14 +389,17 @@ def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: to
                     positions: torch.Tensor) -> torch.Tensor:
     """One decode-sized step of an attention sub-layer over a coded KV cache (kv.cache.KVSlots):
     the new K/V are encoded into the slots' tail (when the layer stores), attention reads the
-    committed slots and the tail."""
+    committed slots and the tail (and the f16 rows of an exact window, kv/cache.py)."""
     out = torch.empty_like(x)
     plan = slots.plan
+    exact = None if slots.exact_k is None else _kv_exact(
+        [(slots.exact_k, slots.exact_v, slots.exact_positions),
+         (slots.tail_exact_k, slots.tail_exact_v, slots.tail_positions)], slots.split)
     rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin),
                                  ctypes.byref(kv_codec(plan.k)), ctypes.byref(kv_codec(plan.v)), _ptr(slots.k),
                                  _ptr(slots.v), _ptr(slots.positions), slots.n_keys, _ptr(slots.tail_k),
                                  _ptr(slots.tail_v), _ptr(slots.tail_positions), slots.tail_k.shape[0], int(slots.store),
-                                 _key_cond(slots), _ptr(positions), _ptr(out))
+                                 _key_cond(slots), exact, _ptr(positions), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native attention block failed ({rc})")
     return out

@@ -8,6 +8,15 @@ Layout (llama.cpp's iSWA cache, `llama-kv-cache-iswa.h`, with exact rings):
 Each slot holds [n_head_kv, row_bytes] of one (layer, K or V) codec (kv/codecs.py), so the
 bytes are an exact figure known before allocating (`KVPlan`), the one the planner prints.
 
+The exact window. A layer with a quantized codec also keeps f16 K/V rows of the sequence's
+first `sink` positions and, in a ring, of its latest `recent` (KIVI's full-precision
+residual, StreamingLLM's attention sink): a query reads those keys from their f16 rows and all
+others from their coded rows (kernels.attention.ExactSplit). Attention puts most of its weight
+there, so most of the coding error goes: default model, 3,202 tokens, turbo3 K and V, KL
+0.061 -> 0.015 with the first 1 and the latest 64 positions at f16 (`turbollm quality`). Every
+token is still coded when it is written (nothing is re-encoded as it ages), so the f16 rows
+are a fixed cost per layer, independent of the context length.
+
 One forward step of T new tokens (llama.cpp plans a batch's cache changes, then applies them
 in one place; so do we):
 1. `begin(T)` checks the room and makes a *tail* per storing layer: [T, n_kv, row_bytes] for
@@ -19,7 +28,8 @@ in one place; so do we):
 3. `advance()` commits the tails into the slots (the last `window` tokens for a ring) and
    records their positions; `advance(k)` commits only the first k (accepted draft tokens).
 `truncate(n)` forgets positions >= n (rejected draft tokens): it refuses when a ring has
-already overwritten keys that the next token would need.
+already overwritten keys that the next token would need. The exact window's f16 ring may have
+lost rows the next tokens would read at f16 then: they read the coded rows (`exact_from`).
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from turbollm.errors import ContextLengthError
-from turbollm.kv.codecs import Codec
+from turbollm.kernels.attention import ExactSplit
+from turbollm.kv.codecs import FLOAT_DTYPES, Codec
 from turbollm.kv.conditioning import condition_keys, rotate_by_position
 
 
@@ -40,26 +51,55 @@ class LayerKVShape:
     window: int = 0  # > 0: a sliding-window layer
 
 
+DEFAULT_RECENT = 64  # latest positions a quantized layer also keeps at f16
+DEFAULT_SINK = 1  # first positions it keeps at f16 (Gemma's BOS draws much of the attention)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """What the user chooses about the cache (`--cache-type-k/-v`, `--kv-boundary-layers`, `--swa-full`)."""
+    """What the user chooses about the cache (`--cache-type-k/-v`, `--cache-boundary-layers`,
+    `--cache-turbo-block`, `--swa-full`, `--cache-recent`, `--cache-sink`)."""
 
     type_k: str = "f16"
     type_v: str = "f16"
     boundary_layers: int = 0  # the first and last N storing layers keep f16 K and V
     turbo_block: int = 128  # TurboQuant rotation block: 128 or 32
     swa_full: bool = False  # sliding-window layers keep the whole context (llama.cpp --swa-full)
+    # the exact window of quantized layers (see the module's docstring): f16 rows of each
+    # query's latest `recent` positions and of the sequence's first `sink`. None: the defaults
+    # where a codec has fewer than 8 bits per value, none for q8_0 (it measures at the noise
+    # floor); the sink's default follows the recent window's (recent=0: neither)
+    recent: int | None = None
+    sink: int | None = None
 
     def __post_init__(self) -> None:
         Codec(self.type_k, self.turbo_block), Codec(self.type_v, self.turbo_block)  # validate names
-        if self.boundary_layers < 0:
-            raise ValueError(f"boundary layers must be >= 0, not {self.boundary_layers}")
+        for name in ("boundary_layers", "recent", "sink"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name.replace('_', ' ')} must be >= 0, not {value}")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether K or V is coded below float precision (then the exact window applies)."""
+        return self.type_k not in FLOAT_DTYPES or self.type_v not in FLOAT_DTYPES
+
+    @property
+    def exact_window(self) -> tuple[int, int]:
+        """(sink, recent) of the quantized layers' exact window."""
+        if not self.quantized:
+            return 0, 0
+        low = min(Codec(t, self.turbo_block).bits_per_value for t in (self.type_k, self.type_v)) < 8
+        recent = (DEFAULT_RECENT if low else 0) if self.recent is None else self.recent
+        return (DEFAULT_SINK if recent else 0) if self.sink is None else self.sink, recent
 
     @property
     def label(self) -> str:
-        """'K[/V][@N]', the form `turbollm quality --cache-types` reads."""
+        """'K[/V][@N][~R]', the form `turbollm quality --cache-types` reads (~R: an exact window
+        of the latest R positions, when set)."""
         name = self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
-        return name + (f"@{self.boundary_layers}" if self.boundary_layers else "")
+        name += f"@{self.boundary_layers}" if self.boundary_layers else ""
+        return name + (f"~{self.recent}" if self.quantized and self.recent is not None else "")
 
 
 @dataclass(frozen=True)
@@ -71,6 +111,8 @@ class LayerPlan:
     capacity: int  # slots
     k: Codec
     v: Codec
+    sink: int = 0  # the exact window: f16 rows of the first `sink` positions,
+    recent: int = 0  # and a ring of the latest `recent`
 
     @property
     def k_row_bytes(self) -> int:
@@ -96,8 +138,21 @@ class LayerPlan:
         return 3 * self.n_head_kv * self.head_dim * 4 + 4 if self.has_k_offset else 0
 
     @property
+    def exact_rows(self) -> int:
+        return self.sink + self.recent
+
+    @property
+    def exact_row_bytes(self) -> int:
+        return EXACT.row_bytes(self.head_dim)
+
+    @property
+    def exact_bytes(self) -> int:
+        """The exact window's f16 K and V rows."""
+        return self.exact_rows * self.n_head_kv * 2 * self.exact_row_bytes
+
+    @property
     def nbytes(self) -> int:
-        return self.capacity * self.bytes_per_slot + self.offset_bytes
+        return self.capacity * self.bytes_per_slot + self.offset_bytes + self.exact_bytes
 
     @property
     def is_ring(self) -> bool:
@@ -141,6 +196,7 @@ def plan_kv(layout: list[LayerKVShape | None], ctx: int, config: CacheConfig = C
     k = Codec(config.type_k, config.turbo_block, keep_length=True)
     v = Codec(config.type_v, config.turbo_block)
     f16 = Codec("f16")
+    sink, recent = config.exact_window
     plans: list[LayerPlan | None] = []
     for il, s in enumerate(layout):
         if s is None:
@@ -148,8 +204,11 @@ def plan_kv(layout: list[LayerKVShape | None], ctx: int, config: CacheConfig = C
             continue
         ring = s.window > 0 and not config.swa_full
         capacity = min(ctx, s.window) if ring else ctx
-        kc, vc = (f16, f16) if il in protected else (k, v)
-        plans.append(LayerPlan(il, s.n_head_kv, s.head_dim, s.window, capacity, kc, vc))
+        if il in protected:
+            plans.append(LayerPlan(il, s.n_head_kv, s.head_dim, s.window, capacity, f16, f16))
+        else:
+            plans.append(LayerPlan(il, s.n_head_kv, s.head_dim, s.window, capacity, k, v, min(sink, capacity),
+                                   min(recent, capacity)))
     return KVPlan(ctx, tuple(plans))
 
 
@@ -200,6 +259,22 @@ class KVSlots:
     k_offset_set: torch.Tensor | None = None  # int32 [1]
     k_rot_offset: torch.Tensor | None = None  # float32 [n_kv, head_dim]
     rope_freq: torch.Tensor | None = None  # the layer's RoPE angle per position, per pair [head_dim / 2]
+    # The exact window (plan.exact_rows > 0): f16 rows [sink + recent, n_kv, exact_row_bytes] of
+    # the first positions then a ring of the latest, their positions (-1: empty), the step's f16
+    # rows [T, n_kv, exact_row_bytes], and the first position the ring still holds in order
+    exact_k: torch.Tensor | None = None
+    exact_v: torch.Tensor | None = None
+    exact_positions: torch.Tensor | None = None
+    tail_exact_k: torch.Tensor | None = None
+    tail_exact_v: torch.Tensor | None = None
+    exact_from: int = 0
+
+    @property
+    def split(self) -> ExactSplit | None:
+        """Which keys attention reads from the f16 rows (those follow the coded rows in `read`)."""
+        if self.exact_k is None:
+            return None
+        return ExactSplit(self.n_keys + self.tail_k.shape[0], self.plan.sink, self.plan.recent, self.exact_from)
 
     @property
     def needs_conditioning(self) -> bool:
@@ -211,6 +286,9 @@ class KVSlots:
         (a kernel backend's; default: the codecs' reference encoders). q [T, n_head, head_dim]:
         the step's queries (RoPE applied), which weigh the key conditioning of a first step."""
         encode = encode or _reference_encode
+        if self.exact_k is not None:
+            self.tail_exact_k.copy_(encode(EXACT, k))
+            self.tail_exact_v.copy_(encode(EXACT, v))
         if self.k_offset is not None:
             if self.needs_conditioning:
                 c = condition_keys(k, self.tail_positions, self.rope_freq, q if self.plan.k.is_turbo else None)
@@ -225,9 +303,11 @@ class KVSlots:
     def _position_offset(self, positions: torch.Tensor) -> torch.Tensor:
         return rotate_by_position(self.k_rot_offset, positions, self.rope_freq)
 
-    def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoded keys and values [S, n_kv, head_dim] float32 of the slots then the tail, and
-        their positions [S]: what attention runs over. `decode(codec, raw, d)`: as in write."""
+    def read(self, decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ExactSplit | None]:
+        """Decoded keys and values [S, n_kv, head_dim] float32 of the slots then the tail, then
+        (with an exact window) the f16 rows of the first positions, the ring and the tail, their
+        positions [S], and the split that says which rows a query reads: what attention runs
+        over. `decode(codec, raw, d)`: as in write."""
         decode = decode or _reference_decode
         hd, n = self.plan.head_dim, self.n_keys
         k = torch.cat([decode(self.plan.k, self.k[:n], hd), decode(self.plan.k, self.tail_k, hd)])
@@ -235,7 +315,14 @@ class KVSlots:
         if self.k_offset is not None:
             k = k * self.k_scale + self.k_offset + self._position_offset(positions)
         v = torch.cat([decode(self.plan.v, self.v[:n], hd), decode(self.plan.v, self.tail_v, hd)])
-        return k, v, positions
+        if self.exact_k is not None:
+            k = torch.cat([k, decode(EXACT, self.exact_k, hd), decode(EXACT, self.tail_exact_k, hd)])
+            v = torch.cat([v, decode(EXACT, self.exact_v, hd), decode(EXACT, self.tail_exact_v, hd)])
+            positions = torch.cat([positions, self.exact_positions, self.tail_positions])
+        return k, v, positions, self.split
+
+
+EXACT = Codec("f16")  # the exact window's rows
 
 
 def _reference_encode(codec: Codec, x: torch.Tensor) -> torch.Tensor:
@@ -258,10 +345,11 @@ class KVCache:
             raise ValueError(f"{len(self.rope_freqs)} RoPE frequency sets for {len(plan.layers)} layers")
         self.n_tokens = 0  # positions 0 .. n_tokens-1 are committed in every layer
 
+        def buffer_of(p: LayerPlan, rows: int, row_bytes: int) -> torch.Tensor:
+            return torch.zeros((rows, p.n_head_kv, row_bytes), dtype=torch.uint8, device=self.device)
+
         def buffer(p: LayerPlan | None, row_bytes) -> torch.Tensor | None:
-            if p is None:
-                return None
-            return torch.zeros((p.capacity, p.n_head_kv, row_bytes(p)), dtype=torch.uint8, device=self.device)
+            return None if p is None else buffer_of(p, p.capacity, row_bytes(p))
 
         self.k = [buffer(p, lambda p: p.k_row_bytes) for p in plan.layers]
         self.v = [buffer(p, lambda p: p.v_row_bytes) for p in plan.layers]
@@ -271,6 +359,15 @@ class KVCache:
         self.k_rot_offset = [None if t is None else torch.zeros_like(t) for t in self.k_offset]
         self.k_offset_set = [torch.zeros(1, dtype=torch.int32, device=self.device) if t is not None else None
                              for t in self.k_offset]
+        self.exact_k = [buffer_of(p, p.exact_rows, p.exact_row_bytes) if p is not None and p.exact_rows else None
+                        for p in plan.layers]
+        self.exact_v = [None if t is None else torch.zeros_like(t) for t in self.exact_k]
+        # the exact window's positions per geometry (sink, recent), and the first position from
+        # which its ring holds every committed position (lower after a rollback past the ring)
+        self._exact: dict[tuple[int, int], _ExactRing] = {}
+        for p in plan.stored:
+            if p.exact_rows and (p.sink, p.recent) not in self._exact:
+                self._exact[p.sink, p.recent] = _ExactRing(p.sink, p.recent, self.device)
         # one positions array per slot geometry (all rings of one window share theirs)
         self._positions: dict[int, torch.Tensor] = {}
         for p in plan.stored:
@@ -281,7 +378,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        tensors = self.k + self.v + self.k_offset + self.k_scale + self.k_rot_offset + self.k_offset_set
+        tensors = (self.k + self.v + self.k_offset + self.k_scale + self.k_rot_offset + self.k_offset_set
+                   + self.exact_k + self.exact_v)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def describe(self) -> str:
@@ -295,6 +393,9 @@ class KVCache:
         shared = len(self.plan.layers) - len(stored)
         if shared:
             layout += f", {shared} layers reading another's"
+        exact = sorted({(p.sink, p.recent) for p in stored if p.exact_rows})
+        if exact:
+            layout += ", f16 rows of the " + " / ".join(f"first {s} and latest {r}" for s, r in exact) + " positions"
         return (f"KV cache: {', '.join(codecs)}; {layout}; {self.nbytes / 2**20:.2f} MiB for {self.capacity} "
                 f"positions")
 
@@ -308,20 +409,26 @@ class KVCache:
         """Start a step of `n_new` tokens at positions n_tokens .. n_tokens + n_new - 1."""
         self.check_room(n_new)
         self._n_new = n_new
+        def rows(p: LayerPlan, row_bytes: int) -> torch.Tensor:
+            return torch.empty((n_new, p.n_head_kv, row_bytes), dtype=torch.uint8, device=self.device)
+
         for il, p in enumerate(self.plan.layers):
             self._tails[il] = None if p is None else (
-                torch.empty((n_new, p.n_head_kv, p.k_row_bytes), dtype=torch.uint8, device=self.device),
-                torch.empty((n_new, p.n_head_kv, p.v_row_bytes), dtype=torch.uint8, device=self.device))
+                rows(p, p.k_row_bytes), rows(p, p.v_row_bytes),
+                *((rows(p, p.exact_row_bytes), rows(p, p.exact_row_bytes)) if p.exact_rows else (None, None)))
         self._tail_positions = torch.arange(self.n_tokens, self.n_tokens + n_new, device=self.device)
 
     def slots(self, il: int, store: bool = True) -> KVSlots:
         """Layer `il`'s view for this step: its own slots (store), or those of the layer it
         shares (store=False, `il` is then the source layer)."""
         p = self.plan.layers[il]
-        tail_k, tail_v = self._tails[il]
+        tail_k, tail_v, tail_exact_k, tail_exact_v = self._tails[il]
+        ring = self._exact.get((p.sink, p.recent)) if p.exact_rows else None
         return KVSlots(p, self.k[il], self.v[il], self._positions[p.capacity], min(self.n_tokens, p.capacity),
                        tail_k, tail_v, self._tail_positions, store, self.k_offset[il], self.k_scale[il],
-                       self.k_offset_set[il], self.k_rot_offset[il], self.rope_freqs[il])
+                       self.k_offset_set[il], self.k_rot_offset[il], self.rope_freqs[il], self.exact_k[il],
+                       self.exact_v[il], None if ring is None else ring.positions, tail_exact_k, tail_exact_v,
+                       0 if ring is None else ring.exact_from)
 
     def advance(self, n_keep: int | None = None) -> None:
         """Commit the first `n_keep` tokens of this step (default: all) into the slots. A
@@ -337,9 +444,15 @@ class KVCache:
                 continue
             keep = min(n_keep, p.capacity)  # a ring keeps the last `window` of a long step
             idx = torch.arange(first + n_keep - keep, first + n_keep, device=self.device) % p.capacity
-            tail_k, tail_v = self._tails[il]
+            tail_k, tail_v, tail_exact_k, tail_exact_v = self._tails[il]
             self.k[il].index_copy_(0, idx, tail_k[n_keep - keep:n_keep])
             self.v[il].index_copy_(0, idx, tail_v[n_keep - keep:n_keep])
+            if p.exact_rows:
+                rows, src = self._exact[p.sink, p.recent].rows_of(first, n_keep)
+                self.exact_k[il].index_copy_(0, rows, tail_exact_k[src])
+                self.exact_v[il].index_copy_(0, rows, tail_exact_v[src])
+        for ring in self._exact.values():
+            ring.commit(first, n_keep)
         for capacity, positions in self._positions.items():
             keep = min(n_keep, capacity)
             new = torch.arange(first + n_keep - keep, first + n_keep, device=self.device)
@@ -364,8 +477,38 @@ class KVCache:
                     f"ring of {p.capacity} slots has overwritten keys the next token needs (use --swa-full)")
         for positions in self._positions.values():
             positions[positions >= n_tokens] = -1
+        for ring in self._exact.values():
+            ring.truncate(n_tokens)
         if n_tokens == 0:  # a new sequence: its first step sets new key offsets
             for flag in self.k_offset_set:
                 if flag is not None:
                     flag.zero_()
         self.n_tokens = n_tokens
+
+
+class _ExactRing:
+    """Where the exact window keeps the f16 rows of which positions: rows 0 .. sink-1 hold
+    positions 0 .. sink-1, rows sink .. sink+recent-1 a ring of the latest later positions (one
+    row per position: a query must not read a key twice)."""
+
+    def __init__(self, sink: int, recent: int, device: torch.device):
+        self.sink, self.recent, self.device = sink, recent, device
+        self.positions = torch.full((sink + recent,), -1, dtype=torch.int64, device=device)
+        self.exact_from = 0  # the ring holds every committed position from here on
+
+    def rows_of(self, first: int, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, indices into the step's tail) of committing positions first .. first+n_keep-1."""
+        new = torch.arange(first, first + n_keep, device=self.device)
+        to_sink = new < self.sink
+        later = new[~to_sink][-self.recent:] if self.recent else new[:0]
+        rows = torch.cat([new[to_sink], self.sink + later % max(1, self.recent)])
+        return rows, torch.cat([new[to_sink], later]) - first
+
+    def commit(self, first: int, n_keep: int) -> None:
+        rows, src = self.rows_of(first, n_keep)
+        self.positions[rows] = first + src
+        self.exact_from = max(self.exact_from, first + n_keep - self.recent)
+
+    def truncate(self, n_tokens: int) -> None:
+        self.positions[self.positions >= n_tokens] = -1
+        self.exact_from = min(self.exact_from, n_tokens)

@@ -55,7 +55,8 @@ static void norm_rope(float *x, int64_t n_tok, int64_t n_head, int64_t d, const 
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
                        const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, const int64_t *tail_pos,
-                       int64_t n_tail, int store, const tl_key_cond *kcond, const int64_t *q_pos, float *out) {
+                       int64_t n_tail, int store, const tl_key_cond *kcond, const tl_kv_exact *exact,
+                       const int64_t *q_pos, float *out) {
     const int64_t D = b->n_embd, hd = b->head_dim, q_dim = b->n_head * hd, kv_dim = b->n_kv * hd;
     if (store && n_tail != n_tok) return -2;  /* bad shape: a storing layer's tail is its new tokens */
     float *a = malloc(sizeof(float) * (size_t)(n_tok * D));
@@ -82,6 +83,10 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
     if (rc == 0 && store) {
         norm_rope(k, n_tok, b->n_kv, hd, b->k_norm, b->eps, cos, sin);
         if (b->v_norm) tl_rms_norm(v, NULL, v, n_tok * b->n_kv, hd, b->eps);
+        static const tl_kv_codec f16 = {TL_F16, 0, 0, NULL, NULL, 0};
+        if (exact && (tl_kv_encode(&f16, k, n_tok * b->n_kv, hd, (void *)exact->segs[1].k) ||
+                      tl_kv_encode(&f16, v, n_tok * b->n_kv, hd, (void *)exact->segs[1].v)))
+            rc = -4;  /* the f16 rows are the keys before their conditioning */
         /* quantized keys in their coded form; the conditioning was set by the sequence's first
          * step (kernels/fast.py runs that one in PyTorch, kv/conditioning.py) */
         if (kcond) tl_condition_keys(kcond, tail_pos, n_tok, b->n_kv, hd, k);
@@ -90,7 +95,7 @@ int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, con
     }
     if (rc == 0) {
         const tl_kv_segment segs[2] = {{k_slots, v_slots, slot_pos, n_slots}, {tail_k, tail_v, tail_pos, n_tail}};
-        rc = tl_attention_kv(q, q_pos, n_tok, b->n_head, b->n_kv, hd, kc, vc, kcond, segs, 2, b->scale,
+        rc = tl_attention_kv(q, q_pos, n_tok, b->n_head, b->n_kv, hd, kc, vc, kcond, exact, segs, 2, b->scale,
                              b->window, b->softcap, att);
     }
     if (rc == 0) {

@@ -12,6 +12,8 @@
  *
  * The work is split over (token, KV head, chunk of keys) with a per-chunk softmax (max, sum,
  * weighted values) merged at the end, so one token over a long context still uses every core.
+ * With an exact window (tl_kv_exact) the f16 rows are a second pass of the same kind, with the
+ * plain queries, whose chunks merge with the coded pass's (its values rotated back first).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -485,8 +487,19 @@ typedef struct {
     int64_t n_keys, n_chunks;
     float scale, softcap;
     int64_t window;
+    /* which rows this pass reads when positions come twice (tl_kv_exact): BAND_ALL, or the
+     * coded rows of the keys not read at f16, or the f16 rows of those that are */
+    int band;
+    int64_t sink, recent, exact_from;
     float *partial;  /* per (t, hk, chunk): group x (max, sum, out[d]) */
 } kv_attention_job;
+
+enum { BAND_ALL = 0, BAND_CODED = 1, BAND_EXACT = 2 };
+
+/* whether the query at p reads key position kp from its f16 row (kernels/attention.py ExactSplit) */
+static inline int reads_exact(const kv_attention_job *j, int64_t p, int64_t kp) {
+    return kp < j->sink || (kp >= j->exact_from && p - kp < j->recent);
+}
 
 static int locate(const kv_attention_job *j, int64_t s, const tl_kv_segment **seg) {
     for (int i = 0; i < j->n_segs; i++) {
@@ -523,7 +536,8 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
             const int64_t i = locate(j, s, &seg);
             const int64_t kp = seg->pos[i];
             float *sc = scores + (s - s0) * group;
-            if (kp < 0 || kp > p || (j->window > 0 && p - kp >= j->window)) {
+            if (kp < 0 || kp > p || (j->window > 0 && p - kp >= j->window) ||
+                (j->band != BAND_ALL && reads_exact(j, p, kp) != (j->band == BAND_EXACT))) {
                 for (int g = 0; g < group; g++) sc[g] = -INFINITY;
                 continue;
             }
@@ -589,15 +603,53 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
     }
 }
 
+/* Runs one pass of attention (job's q, codecs, segments and band filled in) into j->partial:
+ * per (t, hk, chunk) and head of the group (max, sum, out[d]). */
+static int run_pass(kv_attention_job *j) {
+    int64_t n_keys = 0;
+    for (int i = 0; i < j->n_segs; i++) n_keys += j->segs[i].n;
+    const int64_t group = j->n_head / j->n_kv;
+    j->n_keys = n_keys;
+    j->n_chunks = n_keys > 0 ? (n_keys + KV_CHUNK - 1) / KV_CHUNK : 1;
+    j->k_rb = tl_kv_row_bytes(j->kc, j->d);
+    j->v_rb = tl_kv_row_bytes(j->vc, j->d);
+    j->kkt = tl_kernels_for(j->kc->type);
+    j->vkt = tl_kernels_for(j->vc->type);
+    j->partial = malloc(sizeof(float) * (size_t)(j->n_tok * j->n_kv * j->n_chunks * group * (j->d + 2)));
+    if (j->partial == NULL) return -3;
+    if (n_keys > 0) {
+        tl_parallel(kv_attention_task, j);
+    } else {
+        for (int64_t r = 0; r < j->n_tok * j->n_kv * group; r++) j->partial[r * (j->d + 2)] = -INFINITY;
+    }
+    return 0;
+}
+
+/* Folds a pass's chunks for query row (t, h) into the running softmax (m, sum, o[d]). */
+static void merge_pass(const kv_attention_job *j, int64_t t, int64_t h, float *m, float *sum, float *o) {
+    const int64_t group = j->n_head / j->n_kv, hk = h / group, g = h % group, d = j->d;
+    for (int64_t c = 0; c < j->n_chunks; c++) {
+        const float *part = j->partial + ((t * j->n_kv + hk) * j->n_chunks + c) * group * (d + 2) + g * (d + 2);
+        if (part[0] == -INFINITY) continue;
+        if (part[0] > *m) {  /* a new maximum: what is summed so far shrinks by e^(old - new) */
+            const float shrink = *m == -INFINITY ? 0.0f : expf(*m - part[0]);
+            *sum *= shrink;
+            for (int64_t i = 0; i < d; i++) o[i] *= shrink;
+            *m = part[0];
+        }
+        const float w = expf(part[0] - *m);
+        *sum += part[1] * w;
+        tl_axpy_f32(w, part + 2, o, d);
+    }
+}
+
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_key_cond *kcond,
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_key_cond *kcond, const tl_kv_exact *exact,
                     const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out) {
     if (n_kv <= 0 || n_head % n_kv || n_head / n_kv > 16 || d > KV_MAX_DIM) return -2;
     const int64_t group = n_head / n_kv;
-    int64_t n_keys = 0;
-    for (int i = 0; i < n_segs; i++) n_keys += segs[i].n;
-    const int64_t n_chunks = n_keys > 0 ? (n_keys + KV_CHUNK - 1) / KV_CHUNK : 1;
     simd_f16 = tl_simd_level() >= 1;
+    const float *q_plain = q;
     float *qr = NULL, *qb = NULL;
     float *ab = NULL;
     int32_t *turn = NULL;
@@ -661,40 +713,45 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
         }
         q = qr;
     }
-    float *partial = malloc(sizeof(float) * (size_t)(n_tok * n_kv * n_chunks * group * (d + 2)));
-    if (partial == NULL) { free(qr); free(ab); free(turn); free(n_turn); free(angle); return -3; }
-    kv_attention_job job = {q, qb, ab, turn, n_turn, angle, step, step8, stepf, q_pos, n_tok, n_head, n_kv, d, kc, vc, tl_kernels_for(kc->type), tl_kernels_for(vc->type),
-                            tl_kv_row_bytes(kc, d), tl_kv_row_bytes(vc, d), segs, n_segs, n_keys, n_chunks,
-                            scale, softcap, window, partial};
-    if (n_keys > 0) tl_parallel(kv_attention_task, &job);
-    for (int64_t t = 0; t < n_tok; t++)
-        for (int64_t h = 0; h < n_head; h++) {
-            const int64_t hk = h / group, g = h % group;
-            float *o = out + (t * n_head + h) * d;
-            memset(o, 0, sizeof(float) * (size_t)d);
-            if (n_keys == 0) continue;
-            float m = -INFINITY, sum = 0.0f;
-            for (int64_t c = 0; c < n_chunks; c++) {
-                const float pm = partial[((t * n_kv + hk) * n_chunks + c) * group * (d + 2) + g * (d + 2)];
-                if (pm > m) m = pm;
+    static const tl_kv_codec f16 = {TL_F16, 0, 0, NULL, NULL, 0};
+    kv_attention_job coded = {q, qb, ab, turn, n_turn, angle, step, step8, stepf, q_pos, n_tok, n_head, n_kv, d, kc, vc,
+                              NULL, NULL, 0, 0, segs, n_segs, 0, 0, scale, softcap, window,
+                              exact ? BAND_CODED : BAND_ALL, 0, 0, 0, NULL};
+    kv_attention_job plain = coded;  /* the f16 rows: plain queries, no offsets, no rotation */
+    if (exact) {
+        coded.sink = plain.sink = exact->sink;
+        coded.recent = plain.recent = exact->recent;
+        coded.exact_from = plain.exact_from = exact->exact_from;
+        plain.q = q_plain;
+        plain.qb = NULL;
+        plain.ab = NULL;
+        plain.kc = plain.vc = &f16;
+        plain.segs = exact->segs;
+        plain.n_segs = exact->n_segs;
+        plain.band = BAND_EXACT;
+    }
+    int rc = run_pass(&coded);
+    if (rc == 0 && exact) rc = run_pass(&plain);
+    if (rc == 0) {
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t h = 0; h < n_head; h++) {
+                float *o = out + (t * n_head + h) * d;
+                float m = -INFINITY, sum = 0.0f;
+                memset(o, 0, sizeof(float) * (size_t)d);
+                merge_pass(&coded, t, h, &m, &sum, o);
+                if (vc->type == TL_KV_TURBO && m != -INFINITY) unrotate(vc, o, d);  /* a linear map: sums too */
+                if (exact) merge_pass(&plain, t, h, &m, &sum, o);
+                if (m == -INFINITY) continue;  /* no visible key: zeros */
+                const float inv = 1.0f / sum;
+                for (int64_t i = 0; i < d; i++) o[i] *= inv;
             }
-            if (m == -INFINITY) continue;  /* no visible key: zeros */
-            for (int64_t c = 0; c < n_chunks; c++) {
-                const float *part = partial + ((t * n_kv + hk) * n_chunks + c) * group * (d + 2) + g * (d + 2);
-                if (part[0] == -INFINITY) continue;
-                const float w = expf(part[0] - m);
-                sum += part[1] * w;
-                tl_axpy_f32(w, part + 2, o, d);
-            }
-            const float inv = 1.0f / sum;
-            for (int64_t i = 0; i < d; i++) o[i] *= inv;
-            if (vc->type == TL_KV_TURBO) unrotate(vc, o, d);
-        }
-    free(partial);
+    }
+    free(coded.partial);
+    free(plain.partial);  /* NULL unless the f16 pass ran: copied from `coded` before its run */
     free(qr);
     free(ab);
     free(turn);
     free(n_turn);
     free(angle);
-    return 0;
+    return rc;
 }

@@ -94,6 +94,6 @@ int tl_attention(const float *q, const float *k, const float *v, const int64_t *
     if (dv != d) return -2;
     const tl_kv_codec f32 = {TL_F32, 0, 0, NULL, NULL};
     const tl_kv_segment seg = {k, v, k_pos, n_keys};
-    return tl_attention_kv(q, q_pos, n_tok, n_head, n_kv, d, &f32, &f32, NULL, &seg, 1, scale, window, softcap,
+    return tl_attention_kv(q, q_pos, n_tok, n_head, n_kv, d, &f32, &f32, NULL, NULL, &seg, 1, scale, window, softcap,
                            out);
 }

@@ -144,17 +144,29 @@ typedef struct {
 } tl_key_cond;
 /* keys x [n, n_kv, d] at positions pos [n] -> their coded form (x - R_p rot_offset - offset) / scale, in place */
 void tl_condition_keys(const tl_key_cond *c, const int64_t *pos, int64_t n, int64_t n_kv, int64_t d, float *x);
-/* kcond NULL: keys stored as they are */
+/* The exact window of a quantized cache (kv/cache.py): f16 K/V rows of some positions besides
+ * their coded rows. A query at p reads position kp from its f16 row when kp < sink, or when
+ * p - kp < recent and kp >= exact_from, else from its coded row (kernels/attention.py
+ * ExactSplit). segs: the f16 rows [n, n_kv, 2 d bytes] (the committed ones, then a step's). */
+typedef struct {
+    tl_kv_segment segs[2];
+    int n_segs;
+    int64_t sink, recent, exact_from;
+} tl_kv_exact;
+/* kcond NULL: keys stored as they are; exact NULL: no f16 rows */
 int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t n_head, int64_t n_kv, int64_t d,
-                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_key_cond *kcond,
+                    const tl_kv_codec *kc, const tl_kv_codec *vc, const tl_key_cond *kcond, const tl_kv_exact *exact,
                     const tl_kv_segment *segs, int n_segs, float scale, int64_t window, float softcap, float *out);
 /* the new tokens' K/V are encoded into tail_k/tail_v (store: n_tail == n_tok) or read from
  * there (a KV-shared layer; an MTP head reads an empty tail, n_tail 0); attention runs over
- * the n_slots committed slots, then the n_tail tail rows at positions tail_pos */
+ * the n_slots committed slots, then the n_tail tail rows at positions tail_pos. With an exact
+ * window, a storing layer also writes the new tokens' f16 rows into exact->segs[1] (the step's
+ * rows, whose n is n_tail) */
 int tl_attention_block(const tl_attn_desc *b, const float *x, int64_t n_tok, const float *cos, const float *sin,
                        const tl_kv_codec *kc, const tl_kv_codec *vc, const void *k_slots, const void *v_slots,
                        const int64_t *slot_pos, int64_t n_slots, void *tail_k, void *tail_v, const int64_t *tail_pos,
-                       int64_t n_tail, int store, const tl_key_cond *kcond, const int64_t *q_pos, float *out);
+                       int64_t n_tail, int store, const tl_key_cond *kcond, const tl_kv_exact *exact,
+                       const int64_t *q_pos, float *out);
 int tl_ffn_block(const tl_ffn_desc *b, const float *h, int64_t n_tok, const float *residual, float *out);
 typedef struct {
     const float *router;        /* [n_expert, n_embd] float32 */
