@@ -113,16 +113,24 @@ class _KVExact(ctypes.Structure):
                 ("recent", ctypes.c_int64), ("exact_from", ctypes.c_int64)]
 
 
-def _kv_exact(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], split) -> ctypes.Structure | None:
+def _kv_exact(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], split,
+              into: _KVExact | None = None) -> _KVExact | None:
     """The C view of an exact window: up to two segments of f16 rows (k, v, positions) and the
-    split (kernels.attention.ExactSplit) that says which keys a query reads from them."""
+    split (kernels.attention.ExactSplit) that says which keys a query reads from them; written
+    into `into` when given (decode reuses one per layer: building a ctypes structure costs more
+    than the step's f16 rows)."""
     if split is None:
         return None
     if len(segments) > 2:
         raise ValueError(f"the exact window has at most 2 segments of f16 rows, not {len(segments)}")
-    segs = [_KVSegment(_ptr(k), _ptr(v), _ptr(p), p.shape[0]) for k, v, p in segments]
-    segs += [_KVSegment(None, None, None, 0)] * (2 - len(segs))
-    return ctypes.byref(_KVExact((_KVSegment * 2)(*segs), len(segments), split.sink, split.recent, split.exact_from))
+    x = into if into is not None else _KVExact()
+    for seg, (k, v, p) in zip(x.segs, segments):
+        seg.k, seg.v, seg.pos, seg.n = k.data_ptr(), v.data_ptr(), p.data_ptr(), p.shape[0]
+    x.n_segs, x.sink, x.recent, x.exact_from = len(segments), split.sink, split.recent, split.exact_from
+    return x
+
+
+_exact_views: dict[int, _KVExact] = {}  # one per layer's exact rows, by their address
 
 
 # KV cache codec names (turbollm.kv.codecs) -> the library's type ids; TurboQuant is 100
@@ -181,7 +189,7 @@ def attention_coded(q: torch.Tensor, q_pos: torch.Tensor, k_codec, v_codec, n_kv
     out = torch.empty((n_tok, n_head, d), dtype=torch.float32)
     rc = _lib.tl_attention_kv(_ptr(q), _ptr(q_pos), n_tok, n_head, n_kv, d, ctypes.byref(kv_codec(k_codec)),
                               ctypes.byref(kv_codec(v_codec)), None if conditioning is None else _key_cond(conditioning),
-                              None if exact is None else _kv_exact(*exact), segs,
+                              None if exact is None else ctypes.byref(_kv_exact(*exact)), segs,
                               len(segments), scale, window, softcap, _ptr(out))
     if rc != 0:
         raise RuntimeError(f"native coded attention failed ({rc}): {n_head} heads over {n_kv} KV heads of {d}")
@@ -392,9 +400,16 @@ def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: to
     committed slots and the tail (and the f16 rows of an exact window, kv/cache.py)."""
     out = torch.empty_like(x)
     plan = slots.plan
-    exact = None if slots.exact_k is None else _kv_exact(
-        [(slots.exact_k, slots.exact_v, slots.exact_positions),
-         (slots.tail_exact_k, slots.tail_exact_v, slots.tail_positions)], slots.split)
+    exact = None
+    if slots.exact_k is not None:
+        view = _exact_views.get(slots.exact_k.data_ptr())
+        if view is None:
+            if len(_exact_views) > 4096:  # caches come and go; a stale view is only rewritten
+                _exact_views.clear()
+            view = _exact_views[slots.exact_k.data_ptr()] = _KVExact()
+        exact = ctypes.byref(_kv_exact([(slots.exact_k, slots.exact_v, slots.exact_positions),
+                                        (slots.tail_exact_k, slots.tail_exact_v, slots.tail_positions)],
+                                       slots.split, view))
     rc = _lib.tl_attention_block(ctypes.byref(desc), _ptr(x), x.shape[0], _ptr(cos), _ptr(sin),
                                  ctypes.byref(kv_codec(plan.k)), ctypes.byref(kv_codec(plan.v)), _ptr(slots.k),
                                  _ptr(slots.v), _ptr(slots.positions), slots.n_keys, _ptr(slots.tail_k),

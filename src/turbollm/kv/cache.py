@@ -439,24 +439,25 @@ class KVCache:
         if not 0 <= n_keep <= n_new:
             raise ValueError(f"cannot keep {n_keep} of a step of {n_new} tokens")
         first = self.n_tokens
+        # where the kept tokens go, once per slot geometry (not per layer: decode pays this per token)
+        slot_rows = {capacity: _ring_rows(first, n_keep, capacity, self.device) for capacity in self._positions}
+        exact_rows = {key: ring.rows_of(first, n_keep) for key, ring in self._exact.items()}
         for il, p in enumerate(self.plan.layers):
             if p is None:
                 continue
-            keep = min(n_keep, p.capacity)  # a ring keeps the last `window` of a long step
-            idx = torch.arange(first + n_keep - keep, first + n_keep, device=self.device) % p.capacity
+            idx, src = slot_rows[p.capacity]
             tail_k, tail_v, tail_exact_k, tail_exact_v = self._tails[il]
-            self.k[il].index_copy_(0, idx, tail_k[n_keep - keep:n_keep])
-            self.v[il].index_copy_(0, idx, tail_v[n_keep - keep:n_keep])
+            self.k[il].index_copy_(0, idx, tail_k[src])
+            self.v[il].index_copy_(0, idx, tail_v[src])
             if p.exact_rows:
-                rows, src = self._exact[p.sink, p.recent].rows_of(first, n_keep)
+                rows, src = exact_rows[p.sink, p.recent]
                 self.exact_k[il].index_copy_(0, rows, tail_exact_k[src])
                 self.exact_v[il].index_copy_(0, rows, tail_exact_v[src])
-        for ring in self._exact.values():
-            ring.commit(first, n_keep)
+        for key, ring in self._exact.items():
+            ring.commit(first, n_keep, exact_rows[key])
         for capacity, positions in self._positions.items():
-            keep = min(n_keep, capacity)
-            new = torch.arange(first + n_keep - keep, first + n_keep, device=self.device)
-            positions[new % capacity] = new
+            idx, src = slot_rows[capacity]
+            positions[idx] = first + torch.arange(src.start, src.stop, device=self.device)
         self.n_tokens += n_keep
         self._tails = [None] * len(self.plan.layers)
         self._n_new = 0
@@ -486,6 +487,13 @@ class KVCache:
         self.n_tokens = n_tokens
 
 
+def _ring_rows(first: int, n_keep: int, capacity: int, device: torch.device) -> tuple[torch.Tensor, slice]:
+    """(slots, the step's tail rows) of committing positions first .. first+n_keep-1 to
+    `capacity` slots: a ring keeps the last `capacity` of a longer step."""
+    keep = min(n_keep, capacity)
+    return torch.arange(first + n_keep - keep, first + n_keep, device=device) % capacity, slice(n_keep - keep, n_keep)
+
+
 class _ExactRing:
     """Where the exact window keeps the f16 rows of which positions: rows 0 .. sink-1 hold
     positions 0 .. sink-1, rows sink .. sink+recent-1 a ring of the latest later positions (one
@@ -504,8 +512,9 @@ class _ExactRing:
         rows = torch.cat([new[to_sink], self.sink + later % max(1, self.recent)])
         return rows, torch.cat([new[to_sink], later]) - first
 
-    def commit(self, first: int, n_keep: int) -> None:
-        rows, src = self.rows_of(first, n_keep)
+    def commit(self, first: int, n_keep: int, rows_of: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Record the positions the rows `rows_of(first, n_keep)` now hold."""
+        rows, src = rows_of
         self.positions[rows] = first + src
         self.exact_from = max(self.exact_from, first + n_keep - self.recent)
 

@@ -310,6 +310,74 @@ static void turbo_rotated_avx2(const tl_kv_codec *c, const uint8_t *x, float *y,
     }
 }
 
+/* ---- the tiled order: 64 codes per step -------------------------------------------------------
+ * Attention decodes TurboQuant rows (rotation blocks of a multiple of 64 values, 2-4 bits) in a
+ * fixed permutation of each 64 values, the 8x8 transpose: lane k of step j holds value 8k + j,
+ * stored at 8j + k. One load per 64 codes puts the 8 codes of each group in its lane, and a
+ * step is then a shift, a mask and a table lookup (the natural order needs a broadcast of each
+ * 8-code word from a scalar load: turbo3 rows decoded 3x slower). Attention brings the queries
+ * to that order once and the sums of values back from it once (tile_order / untile_order), as it
+ * does with the rotation. */
+
+/* 64 codes at p (8 * bits bytes, no byte beyond them read): lane k holds codes 8k .. 8k+7 */
+static inline __m256i load_codes64(const uint8_t *p, int bits) {
+    switch (bits) {
+    case 2: return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    case 3: {  /* bytes 0..15 and 8..23; lane k gets bytes 3k .. 3k+2 */
+        const __m256i b = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + 8)), _mm_loadu_si128((const __m128i *)p));
+        return _mm256_shuffle_epi8(b, _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                                       4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1));
+    }
+    default: return _mm256_loadu_si256((const __m256i *)p);
+    }
+}
+
+/* step j of a tile: the codebook values of codes 8k + j, k = 0..7 */
+static inline __m256 turbo_step(const turbo_table *t, __m256i codes, int j) {
+    const __m256i idx = _mm256_and_si256(_mm256_srl_epi32(codes, _mm_cvtsi32_si128(j * t->bits)), t->mask);
+    const __m256 v = _mm256_permutevar8x32_ps(t->lo, idx);
+    if (t->bits < 4) return v;
+    return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t->hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static void turbo_tiled_avx2(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+    const turbo_table t = turbo_table_of(c);
+    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
+        tl_half h;
+        memcpy(&h, x, 2);
+        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
+        for (int i = 0; i < B; i += 64) {
+            const __m256i codes = load_codes64(x + 2 + i / 8 * bits, bits);
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + b + i + 8 * j, _mm256_mul_ps(turbo_step(&t, codes, j), norm));
+        }
+    }
+}
+
+/* turbo_dots_g of a row in the tiled order (q rows in the tiled order too) */
+__attribute__((always_inline)) static inline void turbo_dots_tiled_g(
+        const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, float *out, const int G) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+    const turbo_table t = turbo_table_of(c);
+    __m256 tot[16], acc[16];
+    for (int g = 0; g < G; g++) tot[g] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
+        tl_half h;
+        memcpy(&h, x, 2);
+        for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+        for (int i = 0; i < B; i += 64) {
+            const __m256i codes = load_codes64(x + 2 + i / 8 * bits, bits);
+            for (int j = 0; j < 8; j++) {
+                const __m256 v = turbo_step(&t, codes, j);
+                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(v, _mm256_loadu_ps(q + g * d + b + i + 8 * j), acc[g]);
+            }
+        }
+        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
+        for (int g = 0; g < G; g++) tot[g] = _mm256_fmadd_ps(acc[g], norm, tot[g]);
+    }
+    for (int g = 0; g < G; g++) out[g] = hsum_ps(tot[g]);
+}
+
 /* The scores of a TurboQuant key row against `G` query rows (q, G rows of d; rotated basis):
  * out[g] = sum_blocks norm * (q_g . codebook[codes]), without writing the row out (decoding into
  * a buffer and then dotting each query with it cost twice the work per key) */
@@ -373,7 +441,14 @@ static int turn_dots_avx2(float *z, const float *w, int64_t m, int step,
 
 /* 1, 2, 4 or 8 query rows per KV head (the GQA groups of the Gemma models), unrolled; 0: not here */
 static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q,
-                                                              int64_t d, int64_t G, float *out) {
+                                                              int64_t d, int64_t G, int tiled, float *out) {
+    if (tiled) switch (G) {
+    case 1: turbo_dots_tiled_g(c, x, q, d, out, 1); return 1;
+    case 2: turbo_dots_tiled_g(c, x, q, d, out, 2); return 1;
+    case 4: turbo_dots_tiled_g(c, x, q, d, out, 4); return 1;
+    case 8: turbo_dots_tiled_g(c, x, q, d, out, 8); return 1;
+    default: return 0;
+    }
     switch (G) {
     case 1: turbo_dots_g(c, x, q, d, out, 1); return 1;
     case 2: turbo_dots_g(c, x, q, d, out, 2); return 1;
@@ -384,9 +459,13 @@ static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *
 }
 #pragma GCC pop_options
 #else
-static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, int64_t G, float *out) {
-    (void)c; (void)x; (void)q; (void)d; (void)G; (void)out;
+static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, int64_t G, int tiled,
+                           float *out) {
+    (void)c; (void)x; (void)q; (void)d; (void)G; (void)tiled; (void)out;
     return 0;
+}
+static void turbo_tiled_avx2(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
+    (void)c; (void)x; (void)y; (void)d;
 }
 static int turn_dots_avx2(float *z, const float *w, int64_t m, int step, const float *ab, int64_t d, int64_t G,
                           float *out) {
@@ -397,8 +476,25 @@ static int turn_dots_avx2(float *z, const float *w, int64_t m, int step, const f
 
 static int simd_f16 = 0;
 
-/* returns the row as floats: `buf` filled, or the row itself for f32 */
-static const float *decode_row(const tl_kv_codec *c, const tl_kernels *kt, const void *x, float *buf, int64_t d) {
+/* Whether attention reads rows of this codec in the tiled order (only with the AVX2 decoders) */
+static int is_tiled(const tl_kv_codec *c) {
+    return simd_f16 && c->type == TL_KV_TURBO && c->block % 64 == 0 && c->bits >= 2 && c->bits <= 4;
+}
+
+/* x [d] -> its 64-value tiles transposed (an 8x8 transpose is its own inverse) */
+static void tile_order(float *x, int64_t d) {
+    float t[64];
+    for (int64_t c = 0; c < d; c += 64) {
+        for (int k = 0; k < 8; k++)
+            for (int j = 0; j < 8; j++) t[8 * j + k] = x[c + 8 * k + j];
+        memcpy(x + c, t, sizeof t);
+    }
+}
+
+/* returns the row as floats: `buf` filled, or the row itself for f32; TurboQuant rows in the
+ * rotated basis, and in the tiled order when `tiled` */
+static const float *decode_row(const tl_kv_codec *c, const tl_kernels *kt, const void *x, float *buf, int64_t d,
+                               int tiled) {
     switch (c->type) {
     case TL_F32: return x;
     case TL_F16:
@@ -414,6 +510,7 @@ static const float *decode_row(const tl_kv_codec *c, const tl_kernels *kt, const
         }
         return buf;
     case TL_KV_TURBO:
+        if (tiled) { turbo_tiled_avx2(c, x, buf, d); return buf; }
 #if defined(__x86_64__) && defined(__GNUC__)
         if (simd_f16 && c->bits <= 4) { turbo_rotated_avx2(c, x, buf, d); return buf; }
 #endif
@@ -430,7 +527,7 @@ int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d,
     const tl_kernels *kt = tl_kernels_for(c->type);
     for (int64_t r = 0; r < n_rows; r++) {
         float *yr = y + r * d;
-        const float *row = decode_row(c, kt, (const uint8_t *)x + r * rb, yr, d);
+        const float *row = decode_row(c, kt, (const uint8_t *)x + r * rb, yr, d, 0);
         if (row != yr) memcpy(yr, row, sizeof(float) * (size_t)d);
         if (c->type == TL_KV_TURBO && !rotated) unrotate(c, yr, d);
     }
@@ -481,6 +578,7 @@ typedef struct {
     int64_t n_tok, n_head, n_kv, d;
     const tl_kv_codec *kc, *vc;
     const tl_kernels *kkt, *vkt;
+    int k_tiled, v_tiled;  /* TurboQuant rows read in the tiled order (is_tiled) */
     int64_t k_rb, v_rb;
     const tl_kv_segment *segs;
     int n_segs;
@@ -566,8 +664,8 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
             const uint8_t *krow = (const uint8_t *)seg->k + (i * j->n_kv + hk) * j->k_rb;
             const int64_t row0 = t * j->n_head + hk * group;
             float dots[16];
-            if (!(fused_k && turbo_dots_avx2(j->kc, krow, j->q + row0 * d, d, group, dots))) {
-                const float *k = decode_row(j->kc, j->kkt, krow, kbuf, d);
+            if (!(fused_k && turbo_dots_avx2(j->kc, krow, j->q + row0 * d, d, group, j->k_tiled, dots))) {
+                const float *k = decode_row(j->kc, j->kkt, krow, kbuf, d, j->k_tiled);
                 for (int g = 0; g < group; g++) dots[g] = tl_dot_f32(j->q + (row0 + g) * d, k, d);
             }
             if (m && !(simd_turn && turn_dots_avx2(zf, j->stepf + hk * d, m, float_step, j->ab + row0 * d, d, group, turns)))
@@ -592,7 +690,8 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
             if (!any) continue;
             const tl_kv_segment *seg;
             const int64_t i = locate(j, s, &seg);
-            const float *v = decode_row(j->vc, j->vkt, (const uint8_t *)seg->v + (i * j->n_kv + hk) * j->v_rb, vbuf, d);
+            const float *v = decode_row(j->vc, j->vkt, (const uint8_t *)seg->v + (i * j->n_kv + hk) * j->v_rb, vbuf, d,
+                                        j->v_tiled);
             for (int g = 0; g < group; g++) {
                 if (sc[g] == -INFINITY) continue;
                 const float e = expf(sc[g] - max[g]);
@@ -603,9 +702,9 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
     }
 }
 
-/* Runs one pass of attention (job's q, codecs, segments and band filled in) into j->partial:
- * per (t, hk, chunk) and head of the group (max, sum, out[d]). */
-static int run_pass(kv_attention_job *j) {
+/* Sizes a pass of attention (job's q, codecs, segments and band filled in) and allocates its
+ * j->partial: per (t, hk, chunk) and head of the group (max, sum, out[d]). */
+static int prepare_pass(kv_attention_job *j) {
     int64_t n_keys = 0;
     for (int i = 0; i < j->n_segs; i++) n_keys += j->segs[i].n;
     const int64_t group = j->n_head / j->n_kv;
@@ -615,14 +714,22 @@ static int run_pass(kv_attention_job *j) {
     j->v_rb = tl_kv_row_bytes(j->vc, j->d);
     j->kkt = tl_kernels_for(j->kc->type);
     j->vkt = tl_kernels_for(j->vc->type);
+    j->k_tiled = is_tiled(j->kc);
+    j->v_tiled = is_tiled(j->vc);
     j->partial = malloc(sizeof(float) * (size_t)(j->n_tok * j->n_kv * j->n_chunks * group * (j->d + 2)));
     if (j->partial == NULL) return -3;
-    if (n_keys > 0) {
-        tl_parallel(kv_attention_task, j);
-    } else {
+    if (n_keys == 0)
         for (int64_t r = 0; r < j->n_tok * j->n_kv * group; r++) j->partial[r * (j->d + 2)] = -INFINITY;
-    }
     return 0;
+}
+
+/* Both passes in one parallel section (a section costs a wake-up and a wait per layer and token) */
+typedef struct { kv_attention_job *pass[2]; int n; } kv_passes;
+
+static void kv_passes_task(void *vctx, int ith, int nth) {
+    const kv_passes *ps = vctx;
+    for (int i = 0; i < ps->n; i++)
+        if (ps->pass[i]->n_keys > 0) kv_attention_task(ps->pass[i], ith, nth);
 }
 
 /* Folds a pass's chunks for query row (t, h) into the running softmax (m, sum, o[d]). */
@@ -710,13 +817,16 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
                 for (int64_t i = 0; i < d; i++) qq[i] *= kcond->scale[hk * d + i];
             }
             if (kc->type == TL_KV_TURBO) rotate(kc, qq, d);
+            if (is_tiled(kc)) tile_order(qq, d);
         }
         q = qr;
     }
     static const tl_kv_codec f16 = {TL_F16, 0, 0, NULL, NULL, 0};
-    kv_attention_job coded = {q, qb, ab, turn, n_turn, angle, step, step8, stepf, q_pos, n_tok, n_head, n_kv, d, kc, vc,
-                              NULL, NULL, 0, 0, segs, n_segs, 0, 0, scale, softcap, window,
-                              exact ? BAND_CODED : BAND_ALL, 0, 0, 0, NULL};
+    kv_attention_job coded = {.q = q, .qb = qb, .ab = ab, .turn = turn, .n_turn = n_turn, .angle = angle,
+                              .step = step, .step8 = step8, .stepf = stepf, .q_pos = q_pos, .n_tok = n_tok,
+                              .n_head = n_head, .n_kv = n_kv, .d = d, .kc = kc, .vc = vc, .segs = segs,
+                              .n_segs = n_segs, .scale = scale, .softcap = softcap, .window = window,
+                              .band = exact ? BAND_CODED : BAND_ALL};
     kv_attention_job plain = coded;  /* the f16 rows: plain queries, no offsets, no rotation */
     if (exact) {
         coded.sink = plain.sink = exact->sink;
@@ -730,16 +840,21 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
         plain.n_segs = exact->n_segs;
         plain.band = BAND_EXACT;
     }
-    int rc = run_pass(&coded);
-    if (rc == 0 && exact) rc = run_pass(&plain);
+    int rc = prepare_pass(&coded);
+    if (rc == 0 && exact) rc = prepare_pass(&plain);
     if (rc == 0) {
+        kv_passes passes = {{&coded, &plain}, exact ? 2 : 1};
+        if (coded.n_keys > 0 || (exact && plain.n_keys > 0)) tl_parallel(kv_passes_task, &passes);
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t h = 0; h < n_head; h++) {
                 float *o = out + (t * n_head + h) * d;
                 float m = -INFINITY, sum = 0.0f;
                 memset(o, 0, sizeof(float) * (size_t)d);
                 merge_pass(&coded, t, h, &m, &sum, o);
-                if (vc->type == TL_KV_TURBO && m != -INFINITY) unrotate(vc, o, d);  /* a linear map: sums too */
+                if (vc->type == TL_KV_TURBO && m != -INFINITY) {  /* linear maps: they take sums too */
+                    if (is_tiled(vc)) tile_order(o, d);
+                    unrotate(vc, o, d);
+                }
                 if (exact) merge_pass(&plain, t, h, &m, &sum, o);
                 if (m == -INFINITY) continue;  /* no visible key: zeros */
                 const float inv = 1.0f / sum;
@@ -747,7 +862,7 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
             }
     }
     free(coded.partial);
-    free(plain.partial);  /* NULL unless the f16 pass ran: copied from `coded` before its run */
+    free(plain.partial);  /* NULL without an exact window: copied from `coded` before it was prepared */
     free(qr);
     free(ab);
     free(turn);
