@@ -155,13 +155,17 @@ def test_centroid_masked_head_matches_transformers():
         token = int(rec["hf_draft_input_tokens"][step + 1])  # what transformers fed next
 
 
-@pytest.mark.parametrize("target_quant, head_quant", [("Q4_0", "Q4_0"), ("Q8_0", "Q4_K_M"), ("F32", "F32")])
-def test_mtp_speculation_gives_the_tokens_of_plain_greedy_decoding(target_quant, head_quant, capsys):
+@pytest.mark.parametrize("target_quant, head_quant, cache", [
+    ("Q4_0", "Q4_0", "f16"), ("Q8_0", "Q4_K_M", "f16"), ("F32", "F32", "f16"),
+    ("Q4_0", "Q4_0", "q4_0/turbo3~8")])  # a quantized cache: the head reads coded rows and the exact window's
+def test_mtp_speculation_gives_the_tokens_of_plain_greedy_decoding(target_quant, head_quant, cache, capsys):
+    from turbollm.quality import parse_cache_entry
     prompts = [p["tokens"] for p in json.loads((TARGET / "prompts.json").read_text()).values()]
     params = SamplingParams(temperature=0, max_tokens=40)
-    plain = Model.load(TARGET / f"gemma4-tiny-moe-{target_quant}.gguf", ctx_size=1024)
+    cache = parse_cache_entry(cache, turbo_block=32)  # the tiny models' heads of 64 values
+    plain = Model.load(TARGET / f"gemma4-tiny-moe-{target_quant}.gguf", ctx_size=1024, cache=cache)
     spec = Model.load(TARGET / f"gemma4-tiny-moe-{target_quant}.gguf", ctx_size=1024, spec=SpecConfig("mtp", draft_max=4),
-                      draft_model=ASSISTANT / f"gemma4-tiny-assistant-{head_quant}.gguf")
+                      draft_model=ASSISTANT / f"gemma4-tiny-assistant-{head_quant}.gguf", cache=cache)
     for prompt in prompts:
         stats = GenerationStats()
         tokens = []
