@@ -289,25 +289,16 @@ static inline turbo_table turbo_table_of(const tl_kv_codec *c) {
                          _mm256_set1_epi32((1 << c->bits) - 1), c->bits};
 }
 
-/* the codebook values of the 8 codes packed in `word` */
-static inline __m256 turbo_lookup8(const turbo_table *t, uint32_t word) {
-    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), t->shifts), t->mask);
+/* the codebook values of 8 codes, one per lane of idx */
+static inline __m256 turbo_values(const turbo_table *t, __m256i idx) {
     const __m256 v = _mm256_permutevar8x32_ps(t->lo, idx);
     if (t->bits < 4) return v;
     return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t->hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-static void turbo_rotated_avx2(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
-    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
-    const turbo_table t = turbo_table_of(c);
-    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
-        tl_half h;
-        memcpy(&h, x, 2);
-        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
-        const uint8_t *codes = x + 2;
-        for (int i = 0; i < B; i += 8)
-            _mm256_storeu_ps(y + b + i, _mm256_mul_ps(turbo_lookup8(&t, load_codes(codes + i / 8 * bits, bits)), norm));
-    }
+/* the codebook values of the 8 codes packed in `word` */
+static inline __m256 turbo_lookup8(const turbo_table *t, uint32_t word) {
+    return turbo_values(t, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), t->shifts), t->mask));
 }
 
 /* ---- the tiled order: 64 codes per step -------------------------------------------------------
@@ -316,8 +307,8 @@ static void turbo_rotated_avx2(const tl_kv_codec *c, const uint8_t *x, float *y,
  * stored at 8j + k. One load per 64 codes puts the 8 codes of each group in its lane, and a
  * step is then a shift, a mask and a table lookup (the natural order needs a broadcast of each
  * 8-code word from a scalar load: turbo3 rows decoded 3x slower). Attention brings the queries
- * to that order once and the sums of values back from it once (tile_order / untile_order), as it
- * does with the rotation. */
+ * to that order once and the sums of values back from it once (tile_order), as it does with
+ * the rotation. */
 
 /* 64 codes at p (8 * bits bytes, no byte beyond them read): lane k holds codes 8k .. 8k+7 */
 static inline __m256i load_codes64(const uint8_t *p, int bits) {
@@ -332,69 +323,63 @@ static inline __m256i load_codes64(const uint8_t *p, int bits) {
     }
 }
 
-/* step j of a tile: the codebook values of codes 8k + j, k = 0..7 */
-static inline __m256 turbo_step(const turbo_table *t, __m256i codes, int j) {
-    const __m256i idx = _mm256_and_si256(_mm256_srl_epi32(codes, _mm_cvtsi32_si128(j * t->bits)), t->mask);
-    const __m256 v = _mm256_permutevar8x32_ps(t->lo, idx);
-    if (t->bits < 4) return v;
-    return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t->hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+/* The values of n_vec * 8 codes at `codes` (n_vec = 8, or 4 for blocks of 32) as n_vec vectors
+ * in the order attention reads them: natural (vector j = values 8j .. 8j+7) or tiled (vector j
+ * = values j, 8 + j, .. 56 + j) */
+__attribute__((always_inline)) static inline void turbo_vectors(const turbo_table *t, const uint8_t *codes, int n_vec,
+                                                                 const int tiled, __m256 *v) {
+    if (tiled) {
+        const __m256i w = load_codes64(codes, t->bits);
+        for (int j = 0; j < 8; j++)
+            v[j] = turbo_values(t, _mm256_and_si256(_mm256_srl_epi32(w, _mm_cvtsi32_si128(j * t->bits)), t->mask));
+    } else {
+        for (int j = 0; j < n_vec; j++) v[j] = turbo_lookup8(t, load_codes(codes + j * t->bits, t->bits));
+    }
+}
+
+/* a row in the rotated basis, norm * codebook[code] per block, natural or tiled */
+__attribute__((always_inline)) static inline void turbo_decode_g(const tl_kv_codec *c, const uint8_t *x, float *y,
+                                                                  int64_t d, const int tiled) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8, step = B < 64 ? B : 64;
+    const turbo_table t = turbo_table_of(c);
+    __m256 v[8];
+    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
+        tl_half h;
+        memcpy(&h, x, 2);
+        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
+        for (int i = 0; i < B; i += step) {
+            turbo_vectors(&t, x + 2 + i / 8 * bits, step / 8, tiled, v);
+            for (int j = 0; j < step / 8; j++) _mm256_storeu_ps(y + b + i + 8 * j, _mm256_mul_ps(v[j], norm));
+        }
+    }
+}
+
+static void turbo_rotated_avx2(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
+    turbo_decode_g(c, x, y, d, 0);
 }
 
 static void turbo_tiled_avx2(const tl_kv_codec *c, const uint8_t *x, float *y, int64_t d) {
-    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
-    const turbo_table t = turbo_table_of(c);
-    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
-        tl_half h;
-        memcpy(&h, x, 2);
-        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
-        for (int i = 0; i < B; i += 64) {
-            const __m256i codes = load_codes64(x + 2 + i / 8 * bits, bits);
-            for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + b + i + 8 * j, _mm256_mul_ps(turbo_step(&t, codes, j), norm));
-        }
-    }
+    turbo_decode_g(c, x, y, d, 1);
 }
 
-/* turbo_dots_g of a row in the tiled order (q rows in the tiled order too) */
-__attribute__((always_inline)) static inline void turbo_dots_tiled_g(
-        const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, float *out, const int G) {
-    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
-    const turbo_table t = turbo_table_of(c);
-    __m256 tot[16], acc[16];
-    for (int g = 0; g < G; g++) tot[g] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < d; b += B, x += block_bytes) {
-        tl_half h;
-        memcpy(&h, x, 2);
-        for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-        for (int i = 0; i < B; i += 64) {
-            const __m256i codes = load_codes64(x + 2 + i / 8 * bits, bits);
-            for (int j = 0; j < 8; j++) {
-                const __m256 v = turbo_step(&t, codes, j);
-                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(v, _mm256_loadu_ps(q + g * d + b + i + 8 * j), acc[g]);
-            }
-        }
-        const __m256 norm = _mm256_set1_ps(tl_h2f(h));
-        for (int g = 0; g < G; g++) tot[g] = _mm256_fmadd_ps(acc[g], norm, tot[g]);
-    }
-    for (int g = 0; g < G; g++) out[g] = hsum_ps(tot[g]);
-}
-
-/* The scores of a TurboQuant key row against `G` query rows (q, G rows of d; rotated basis):
- * out[g] = sum_blocks norm * (q_g . codebook[codes]), without writing the row out (decoding into
- * a buffer and then dotting each query with it cost twice the work per key) */
+/* The scores of a TurboQuant key row against `G` query rows (q, G rows of d; rotated basis, in
+ * the row's order, natural or tiled): out[g] = sum_blocks norm * (q_g . codebook[codes]),
+ * without writing the row out (decoding into a buffer and then dotting each query with it cost
+ * twice the work per key) */
 __attribute__((always_inline)) static inline void turbo_dots_g(
-        const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, float *out, const int G) {
-    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8;
+        const tl_kv_codec *c, const uint8_t *x, const float *q, int64_t d, float *out, const int G, const int tiled) {
+    const int B = c->block, bits = c->bits, block_bytes = 2 + B * bits / 8, step = B < 64 ? B : 64;
     const turbo_table t = turbo_table_of(c);
-    __m256 tot[16], acc[16];
+    __m256 tot[16], acc[16], v[8];
     for (int g = 0; g < G; g++) tot[g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < d; b += B, x += block_bytes) {
         tl_half h;
         memcpy(&h, x, 2);
-        const uint8_t *codes = x + 2;
         for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-        for (int i = 0; i < B; i += 8) {
-            const __m256 v = turbo_lookup8(&t, load_codes(codes + i / 8 * bits, bits));
-            for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(v, _mm256_loadu_ps(q + g * d + b + i), acc[g]);
+        for (int i = 0; i < B; i += step) {
+            turbo_vectors(&t, x + 2 + i / 8 * bits, step / 8, tiled, v);
+            for (int j = 0; j < step / 8; j++)
+                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(q + g * d + b + i + 8 * j), acc[g]);
         }
         const __m256 norm = _mm256_set1_ps(tl_h2f(h));
         for (int g = 0; g < G; g++) tot[g] = _mm256_fmadd_ps(acc[g], norm, tot[g]);
@@ -442,20 +427,15 @@ static int turn_dots_avx2(float *z, const float *w, int64_t m, int step,
 /* 1, 2, 4 or 8 query rows per KV head (the GQA groups of the Gemma models), unrolled; 0: not here */
 static int turbo_dots_avx2(const tl_kv_codec *c, const uint8_t *x, const float *q,
                                                               int64_t d, int64_t G, int tiled, float *out) {
-    if (tiled) switch (G) {
-    case 1: turbo_dots_tiled_g(c, x, q, d, out, 1); return 1;
-    case 2: turbo_dots_tiled_g(c, x, q, d, out, 2); return 1;
-    case 4: turbo_dots_tiled_g(c, x, q, d, out, 4); return 1;
-    case 8: turbo_dots_tiled_g(c, x, q, d, out, 8); return 1;
-    default: return 0;
-    }
+#define TURBO_DOTS(n) (tiled ? turbo_dots_g(c, x, q, d, out, n, 1) : turbo_dots_g(c, x, q, d, out, n, 0))
     switch (G) {
-    case 1: turbo_dots_g(c, x, q, d, out, 1); return 1;
-    case 2: turbo_dots_g(c, x, q, d, out, 2); return 1;
-    case 4: turbo_dots_g(c, x, q, d, out, 4); return 1;
-    case 8: turbo_dots_g(c, x, q, d, out, 8); return 1;
+    case 1: TURBO_DOTS(1); return 1;
+    case 2: TURBO_DOTS(2); return 1;
+    case 4: TURBO_DOTS(4); return 1;
+    case 8: TURBO_DOTS(8); return 1;
     default: return 0;
     }
+#undef TURBO_DOTS
 }
 #pragma GCC pop_options
 #else
