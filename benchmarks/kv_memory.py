@@ -4,7 +4,7 @@
 
 Without -m the layout comes from the synthetic 26B-A4B preset (turbollm.synthetic: the real
 model's heads, window and layer pattern); with -m, from the GGUF's metadata. The figures are
-the planner's (turbollm.kv.cache.plan_slots), which the tests hold equal to what is allocated.
+the planner's (turbollm.kv.plan.plan_slots), which the tests hold equal to what is allocated.
 
 llama.cpp's figures (its log for this model with q8_0 K and V) and where ours differ:
 - global layers: both keep ctx positions of K and V: identical bytes;
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from turbollm.kv.cache import CacheConfig, LayerKVShape, plan_slots
+from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_slots
 
 MIB = 2**20
 # (context, slots) -> llama.cpp's logged KV figures in MiB at q8_0: (global, sliding, total)

@@ -66,7 +66,7 @@ def gemma3_oracle():
 @pytest.fixture(scope="session")
 def gemma3_model(default_model_path):
     from turbollm import Model
-    from turbollm.kv.cache import CacheConfig
+    from turbollm.kv.plan import CacheConfig
     return Model.load(default_model_path, backend="reference", cache=CacheConfig("f32", "f32"))  # exact maths
 
 

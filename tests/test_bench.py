@@ -96,7 +96,7 @@ def test_bench_rejects_malformed_pairs(capsys):
 
 
 def test_bench_at_depth_starts_every_run_from_the_same_prefilled_context(gemma3_model):
-    from turbollm.kv.cache import CacheConfig, plan_kv
+    from turbollm.kv.plan import CacheConfig, plan_kv
     settings = BenchSettings(n_prompt=(4,), n_gen=(3,), prompt_gen=(), threads=2, repetitions=2, depth=600,
                              cache=CacheConfig("q8_0", "turbo3"))
     report = run_bench(settings)

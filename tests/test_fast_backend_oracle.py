@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from turbollm import Model, SamplingParams
-from turbollm.kv.cache import CacheConfig
+from turbollm.kv.plan import CacheConfig
 
 F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 

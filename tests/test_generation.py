@@ -14,7 +14,8 @@ from turbollm.engine.text import split_at_stop
 from turbollm.cli import main as cli_main
 from turbollm.engine.generate import GenerationStats, generate_tokens
 from turbollm.engine.sampler import Sampler
-from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+from turbollm.kv.cache import KVCache
+from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_kv
 
 
 # ---- sampler -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from gguf import quants as gguf_quants
 
 from turbollm.kernels import native
 from turbollm.kernels.attention import attention as reference_attention
-from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+from turbollm.kv.cache import KVCache
+from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_kv
 from turbollm.kv.conditioning import condition_keys, rotate_by_position
 from turbollm.kv.codecs import CACHE_TYPES, Codec, pack_bits, parse_cache_type, unpack_bits
 from turbollm.kv.turboquant import expected_distortion

@@ -247,9 +247,10 @@ def ROPE_FREQ(d: int) -> torch.Tensor:
 def _cache_step(cache_type: str, n_before: int, n_new: int, n_kv: int, d: int, store: bool, window: int = 0):
     """A one-layer cache holding `n_before` committed tokens, in a step of `n_new` more: the
     layer's KVSlots. A reading (KV-shared) layer finds its tail filled, as its source leaves it.
-    Quantized caches keep the first and the latest 3 positions at f16 (kv/cache.py), so a query
+    Quantized caches keep the first and the latest 3 positions at f16 (kv/plan.py), so a query
     reads some keys from f16 rows and the rest from coded rows."""
-    from turbollm.kv.cache import CacheConfig, KVCache, LayerKVShape, plan_kv
+    from turbollm.kv.cache import KVCache
+    from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_kv
     cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], 32, CacheConfig(cache_type, cache_type, recent=3, sink=1)),
                     rope_freqs=[ROPE_FREQ(d)])
     g = torch.Generator().manual_seed(9)

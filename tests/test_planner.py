@@ -13,7 +13,7 @@ from turbollm import Model, planner
 from turbollm.cli import main as cli_main
 from turbollm.config import ModelConfig
 from turbollm.errors import TurbollmError
-from turbollm.kv.cache import CacheConfig
+from turbollm.kv.plan import CacheConfig
 from turbollm.planner import PlanRequest, parse_size
 
 from conftest import REFERENCE_DIR

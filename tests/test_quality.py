@@ -9,7 +9,7 @@ import pytest
 
 from turbollm import quality
 from turbollm.cli import main
-from turbollm.kv.cache import CacheConfig, plan_kv
+from turbollm.kv.plan import CacheConfig, plan_kv
 
 
 @pytest.fixture(scope="module")

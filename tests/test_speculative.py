@@ -94,7 +94,7 @@ def test_prompt_lookup_gives_the_tokens_of_plain_greedy_decoding(prompt, default
 def test_prompt_lookup_works_on_quantized_caches_and_rings(default_model_path):
     """Rejected drafts never reach the slots: a q8_0/turbo4 cache and 512-slot rings (the
     copy prompt is longer than the window) give the same tokens as plain decoding on them."""
-    from turbollm.kv.cache import CacheConfig
+    from turbollm.kv.plan import CacheConfig
     prompt, params = copy_task_prompt() * 2, SamplingParams(temperature=0, max_tokens=64)
     cache = CacheConfig("q8_0", "turbo4")
     plain = Model.load(default_model_path, ctx_size=2048, cache=cache).generate(prompt, params)

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from conftest import REFERENCE_DIR
 from turbollm import Model, SamplingParams
 from turbollm.synthetic import PRESETS, tensor_plan, write
-from turbollm.kv.cache import CacheConfig
+from turbollm.kv.plan import CacheConfig
 
 F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 

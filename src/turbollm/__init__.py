@@ -7,6 +7,6 @@ cache's codecs and layout).
 from turbollm.api import Completion, Model
 from turbollm.engine.sampler import SamplingParams
 from turbollm.errors import ContextLengthError, GGUFError, TurbollmError
-from turbollm.kv.cache import CacheConfig
+from turbollm.kv.plan import CacheConfig
 
 __all__ = ["CacheConfig", "Completion", "ContextLengthError", "GGUFError", "Model", "SamplingParams", "TurbollmError"]

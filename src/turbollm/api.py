@@ -25,7 +25,7 @@ from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.speculative import NgramDrafter, SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
-from turbollm.kv.cache import CacheConfig, plan_kv
+from turbollm.kv.plan import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
 from turbollm.planner import PlanRequest
 from turbollm.engine.text import OutputText
@@ -131,7 +131,7 @@ class Model:
         kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
         (exact float32 PyTorch, any device). `prefill` is the fast backend's prefill GEMM
         precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16"). `cache` sets
-        the KV cache codecs and layout (kv.cache.CacheConfig: f16 K and V by default, as llama.cpp).
+        the KV cache codecs and layout (kv.plan.CacheConfig: f16 K and V by default, as llama.cpp).
         `spec` turns on speculative decoding (engine/speculative.py: prompt lookup, or the MTP
         assistant head in the GGUF `draft_model`, checked against this model).
         Before any weight is read, the planner (turbollm.planner) places the weights and the KV

@@ -25,7 +25,7 @@ import torch
 
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
-from turbollm.kv.cache import CacheConfig
+from turbollm.kv.plan import CacheConfig
 from turbollm.planner import PlanRequest, resolve_residency
 from turbollm.memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 

@@ -17,7 +17,7 @@ from turbollm.api import LoadOptions
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.speculative import SpecConfig
 from turbollm.errors import TurbollmError
-from turbollm.kv.cache import CacheConfig
+from turbollm.kv.plan import CacheConfig
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,9 @@ class ModelConfig:
         return il < self.n_layer - self.n_kv_shared
 
     def kv_layout(self) -> list:
-        """Per layer: the K/V it stores (kv.cache.LayerKVShape), or None for a layer that reads
+        """Per layer: the K/V it stores (kv.plan.LayerKVShape), or None for a layer that reads
         another layer's: what the KV cache and the planner size."""
-        from turbollm.kv.cache import LayerKVShape
+        from turbollm.kv.plan import LayerKVShape
         return [LayerKVShape(self.n_head_kv[il], self.head_dim[il], self.sliding_window if self.is_swa(il) else 0)
                 if self.has_kv(il) else None for il in range(self.n_layer)]
 

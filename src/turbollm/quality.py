@@ -7,13 +7,13 @@ through the configuration's codecs. For each configuration against the f16 cache
     perplexity       exp(mean negative log-likelihood of each next token of the text)
     KL               mean over positions of KL(p_f16 || p_config) of the next-token distribution
     top-1            fraction of positions where both caches give the same most likely token
-    bytes/token      the cache's exact bytes (kv.cache.KVPlan) for the text's length, per token
+    bytes/token      the cache's exact bytes (kv.plan.KVPlan) for the text's length, per token
     compression      f16 cache bytes / this cache's bytes
 
 Logits are compared in slices of positions, so no [tokens, vocab] array of the whole text is
 ever held. A configuration is written `K[/V][@N][~R]`: K and V codecs (V defaults to K), N
 boundary layers (the first and last N storing layers) kept at f16, and R latest positions in
-the exact window of f16 rows (kv/cache.py; default: 64 below 8 bits per value; ~0 turns it off).
+the exact window of f16 rows (kv/plan.py; default: 64 below 8 bits per value; ~0 turns it off).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from importlib import resources
 
 import torch
 
-from turbollm.kv.cache import CacheConfig, plan_kv
+from turbollm.kv.plan import CacheConfig, plan_kv
 
 BASELINE = CacheConfig("f16", "f16")
 _LOGIT_ROWS = 64  # positions per slice of logits (times the configurations: rows of one LM-head product)

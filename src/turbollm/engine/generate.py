@@ -18,7 +18,8 @@ import torch
 from turbollm.engine.sampler import Sampler, SamplingParams
 from turbollm.engine.speculative import Drafter, SpecConfig, SpecStats, Speculator
 from turbollm.errors import ContextLengthError
-from turbollm.kv.cache import CacheConfig, KVCache
+from turbollm.kv.cache import KVCache
+from turbollm.kv.plan import CacheConfig
 
 
 class CausalLM(Protocol):

@@ -4,7 +4,7 @@ Causality and the sliding window come from token positions, not from array indic
 same function serves a full cache, a ring buffer whose slots hold positions out of order, and
 a speculative step that verifies several tokens at once.
 
-A quantized cache also keeps some positions at f16 (kv/cache.py's exact window): the first
+A quantized cache also keeps some positions at f16 (kv/plan.py's exact window): the first
 `sink` and each query's `recent` latest. Both copies of such a key reach attention, the coded
 row and the f16 row; `ExactSplit` says which one a query reads, so each key counts once.
 """

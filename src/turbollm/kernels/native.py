@@ -397,7 +397,7 @@ def attention_block(desc: _AttnDesc, x: torch.Tensor, cos: torch.Tensor, sin: to
                     positions: torch.Tensor) -> torch.Tensor:
     """One decode-sized step of an attention sub-layer over a coded KV cache (kv.cache.KVSlots):
     the new K/V are encoded into the slots' tail (when the layer stores), attention reads the
-    committed slots and the tail (and the f16 rows of an exact window, kv/cache.py)."""
+    committed slots and the tail (and the f16 rows of an exact window, kv/plan.py)."""
     out = torch.empty_like(x)
     plan = slots.plan
     exact = None

@@ -28,7 +28,8 @@ from turbollm import kernels
 from turbollm.config import ModelConfig
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
-from turbollm.kv.cache import CacheConfig, KVCache, KVPlan, LayerKVShape, plan_kv
+from turbollm.kv.cache import KVCache
+from turbollm.kv.plan import CacheConfig, KVPlan, LayerKVShape, plan_kv
 from turbollm.kernels.blocks import AttentionBlock, FfnBlock
 from turbollm.models.layers import Rope, gelu_tanh
 from turbollm.models.moe import load_moe_block

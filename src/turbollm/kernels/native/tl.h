@@ -144,7 +144,7 @@ typedef struct {
 } tl_key_cond;
 /* keys x [n, n_kv, d] at positions pos [n] -> their coded form (x - R_p rot_offset - offset) / scale, in place */
 void tl_condition_keys(const tl_key_cond *c, const int64_t *pos, int64_t n, int64_t n_kv, int64_t d, float *x);
-/* The exact window of a quantized cache (kv/cache.py): f16 K/V rows of some positions besides
+/* The exact window of a quantized cache (kv/plan.py): f16 K/V rows of some positions besides
  * their coded rows. A query at p reads position kp from its f16 row when kp < sink, or when
  * p - kp < recent and kp >= exact_from, else from its coded row (kernels/attention.py
  * ExactSplit). segs: the f16 rows [n, n_kv, 2 d bytes] (the committed ones, then a step's). */
