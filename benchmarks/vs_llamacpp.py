@@ -102,7 +102,9 @@ def main() -> None:
         ours = turbollm_pass(args, tests)
         runs["turbollm"].append(ours)
         runs["llama.cpp"].append(llama_pass(args, ours["model"], tests))
-        print(f"repetition {rep + 1}/{args.repetitions} done", file=sys.stderr, flush=True)
+        each = ", ".join(f"{name} {(p + g) / ours['seconds'][name]:.2f} / {(p + g) / runs['llama.cpp'][-1]['seconds'][name]:.2f}"
+                         for name, p, g in tests)
+        print(f"repetition {rep + 1}/{args.repetitions} (tok/s, turbollm / llama.cpp): {each}", file=sys.stderr, flush=True)
 
     first = runs["turbollm"][0]
     print(f"model: {first['model']} ({first['description']}), {args.threads} threads, "

@@ -76,6 +76,7 @@ static float dot_q5_1(int n, const void *vw, const void *vx) {
 
 /* the dots of Q4_0, Q5_0, Q8_0 and IQ4_NL: the eight-block kernels of eight_blocks.h */
 #define E8_DOT_U8S8(q, y) _mm256_madd_epi16(_mm256_maddubs_epi16((q), (y)), _mm256_set1_epi16(1))
+#define E8_DOT2_U8S8(a, x, b, y) _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((a), (x)), _mm256_maddubs_epi16((b), (y))), _mm256_set1_epi16(1))
 #define E8_PREFIX avx2
 #include "eight_blocks.h"
 

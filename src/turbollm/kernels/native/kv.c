@@ -248,8 +248,8 @@ static inline uint32_t load_codes(const uint8_t *p, int bits) {
     switch (bits) {
     case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
     case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
-    case 4: { uint32_t w; memcpy(&w, p, 4); return w; }
-    default: { uint32_t w = 0; memcpy(&w, p, (size_t)bits); return w; }
+    case 1: return p[0];
+    default: { uint32_t w; memcpy(&w, p, 4); return w; }  /* 4 bits: TurboQuant codes have 1 to 4 */
     }
 }
 
@@ -610,7 +610,7 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
         int since = 0;  /* float steps since the double anchor */
         float turns[16];
         for (int64_t s = s0; s < s1; s++) {
-            const tl_kv_segment *seg;
+            const tl_kv_segment *seg = NULL;
             const int64_t i = locate(j, s, &seg);
             const int64_t kp = seg->pos[i];
             float *sc = scores + (s - s0) * group;
@@ -668,7 +668,7 @@ static void kv_attention_task(void *vctx, int ith, int nth) {
             int any = 0;
             for (int g = 0; g < group; g++) any |= sc[g] != -INFINITY;
             if (!any) continue;
-            const tl_kv_segment *seg;
+            const tl_kv_segment *seg = NULL;
             const int64_t i = locate(j, s, &seg);
             const float *v = decode_row(j->vc, j->vkt, (const uint8_t *)seg->v + (i * j->n_kv + hk) * j->v_rb, vbuf, d,
                                         j->v_tiled);

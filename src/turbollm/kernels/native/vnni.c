@@ -20,6 +20,7 @@ static inline __m256i fifth_bits(const uint8_t *qh) {
 
 /* the eight-block kernels (eight_blocks.h) on vpdpbusd */
 #define E8_DOT_U8S8(q, y) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (q), (y))
+#define E8_DOT2_U8S8(a, x, b, y) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), (a), (x)), (b), (y))
 #define E8_PREFIX vnni
 #include "eight_blocks.h"
 
