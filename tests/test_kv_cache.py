@@ -125,6 +125,25 @@ def test_native_codecs_write_and_read_the_reference_bytes(name):
             assert torch.equal(native.kv_decode(codec, ref, 512, rotated=True), codec.decode_rotated(ref, 512))
 
 
+@needs_native
+@pytest.mark.parametrize("name", ["f16", "turbo2", "turbo3", "turbo4"])
+def test_native_encoding_writes_the_same_bytes_on_every_simd_path(name):
+    """The AVX2 rows (F16C conversion; the Walsh-Hadamard butterflies on vectors of 8) do the
+    portable code's arithmetic: the same bytes, not merely close ones."""
+    x = _rows(64, 512, seed=5) * 3.0
+    best = native.simd_level()
+    for block in ((32, 128) if name.startswith("turbo") else (128,)):
+        codec = Codec(name, block, keep_length=name.startswith("turbo"))
+        try:
+            native.set_simd(0)
+            portable = native.kv_encode(codec, x)
+        finally:
+            native.set_simd(best)
+        assert torch.equal(native.kv_encode(codec, x), portable)
+        if name.startswith("turbo"):  # and the decoders' inverse rotation
+            assert torch.equal(native.kv_decode(codec, portable, 512), codec.decode(portable, 512))
+
+
 # ---- layout and memory ---------------------------------------------------------------------
 
 GEMMA4_26B_LIKE = [LayerKVShape(2, 512) if il % 6 == 5 else LayerKVShape(8, 256, 1024) for il in range(30)]
