@@ -153,33 +153,40 @@ static void encode_q5_1(const float *x, block_q5_1 *y) {
     memcpy(y->qh, &qh, 4);
 }
 
-/* index of the nearest of n ascending values; a value exactly between two goes to the lower */
-static int nearest(float x, const float *values, int n) {
+/* the n - 1 midpoints between n ascending values: the nearest value's decision boundaries */
+static void decision_bounds(const float *values, int n, float *bounds) {
+    for (int k = 0; k < n - 1; k++) bounds[k] = (values[k] + values[k + 1]) / 2;
+}
+
+/* index of the nearest value: the boundaries below x, counted without branches (a value
+ * exactly between two goes to the lower) */
+static inline int nearest(float x, const float *bounds, int n_bounds) {
     int i = 0;
-    while (i < n - 1 && (values[i] + values[i + 1]) / 2 < x) i++;
+    for (int k = 0; k < n_bounds; k++) i += bounds[k] < x;
     return i;
 }
 
 static void encode_iq4_nl(const float *x, block_iq4_nl *y) {
-    float values[16];
+    float values[16], bounds[15];
     for (int i = 0; i < 16; i++) values[i] = (float)tl_iq4nl_values[i];
+    decision_bounds(values, 16, bounds);
     const float d0 = signed_max(x, TL_QK) / values[0], id0 = d0 ? 1.0f / d0 : 0.0f;
     float num = 0.0f, den = 0.0f;
     for (int i = 0; i < TL_QK; i++) {
-        const float v = values[nearest(x[i] * id0, values, 16)];
+        const float v = values[nearest(x[i] * id0, bounds, 15)];
         num += x[i] * v;
         den += v * v;
     }
     const float d = den > 0 ? num / den : d0, id = d ? 1.0f / d : 0.0f;
     y->d = tl_f2h(d);
     for (int i = 0; i < TL_QK / 2; i++)
-        y->qs[i] = (uint8_t)(nearest(x[i] * id, values, 16) | (nearest(x[i + 16] * id, values, 16) << 4));
+        y->qs[i] = (uint8_t)(nearest(x[i] * id, bounds, 15) | (nearest(x[i + 16] * id, bounds, 15) << 4));
 }
 
 static void encode_turbo(const tl_kv_codec *c, const float *x, uint8_t *y, int64_t d) {
     const int B = c->block, levels = 1 << c->bits, block_bytes = 2 + B * c->bits / 8;
-    float u[KV_MAX_DIM], mid[15];  /* the codebook's decision boundaries, as nearest() computes them */
-    for (int k = 0; k < levels - 1; k++) mid[k] = (c->codebook[k] + c->codebook[k + 1]) / 2;
+    float u[KV_MAX_DIM], bounds[15];
+    decision_bounds(c->codebook, levels, bounds);
     for (int64_t b = 0; b < d; b += B, y += block_bytes) {
         float ss = 0.0f;
         for (int i = 0; i < B; i++) ss += x[b + i] * x[b + i];
@@ -190,8 +197,7 @@ static void encode_turbo(const tl_kv_codec *c, const float *x, uint8_t *y, int64
         memset(codes, 0, (size_t)(B * c->bits / 8));
         float length2 = 0.0f;
         for (int i = 0; i < B; i++) {
-            uint32_t q = 0;  /* nearest(): the count of midpoints below, without its branches */
-            for (int k = 0; k < levels - 1; k++) q += mid[k] < u[i];
+            const uint32_t q = (uint32_t)nearest(u[i], bounds, levels - 1);
             length2 += c->codebook[q] * c->codebook[q];
             const int bit = i * c->bits;
             codes[bit / 8] |= (uint8_t)(q << (bit % 8));
@@ -556,7 +562,6 @@ int tl_kv_decode(const tl_kv_codec *c, const void *x, int64_t n_rows, int64_t d,
     const int64_t rb = tl_kv_row_bytes(c, d);
     if (rb <= 0 || d > KV_MAX_DIM) return -1;
     simd_f16 = tl_simd_level() >= 1;
-    simd_f16 = tl_simd_level() >= 1;
     const tl_kernels *kt = tl_kernels_for(c->type);
     for (int64_t r = 0; r < n_rows; r++) {
         float *yr = y + r * d;
@@ -881,9 +886,8 @@ int tl_attention_kv(const float *q, const int64_t *q_pos, int64_t n_tok, int64_t
     int rc = prepare_pass(&coded);
     if (rc == 0 && exact) rc = prepare_pass(&plain);
     if (rc == 0) {
-        const kv_attention_job none = {.n_keys = 0};
-        kv_passes passes = {exact ? &plain : &none, &coded};
-        tl_parallel_for(kv_passes_item, &passes, n_units(passes.first) + n_units(&coded));
+        kv_passes passes = {&plain, &coded};  /* without an exact window plain has no keys, so no units */
+        tl_parallel_for(kv_passes_item, &passes, n_units(&plain) + n_units(&coded));
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t h = 0; h < n_head; h++) {
                 float *o = out + (t * n_head + h) * d;
