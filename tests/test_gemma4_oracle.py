@@ -145,8 +145,8 @@ def test_moe_routing_matches_transformers(gemma4):
     chosen = []
     original = blocks.route
 
-    def spy(ops, h, b):
-        ids, weights = original(ops, h, b)
+    def spy(ops, h, b, *tap):
+        ids, weights = original(ops, h, b, *tap)
         chosen.append((ids.clone(), weights.clone()))
         return ids, weights
 

@@ -18,10 +18,9 @@ removes most of the Python between kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from turbollm.kernels.attention import ExactSplit
 from turbollm.kernels.qtensor import QTensor
@@ -71,6 +70,16 @@ class MoEBlock:
     eps: float
 
 
+# A named tap (llama.cpp's `cb(cur, name, il)`): called with a tensor's name, the layer and the
+# tensor after each step of a block, so a debugging run can show the first one that leaves an
+# oracle. Tap names are llama.cpp's graph names (src/models/gemma4.cpp), so the two line up.
+Tap = Callable[[str, torch.Tensor], None]
+
+
+def _no_tap(name: str, t: torch.Tensor) -> None:
+    pass
+
+
 class KVSlots(Protocol):
     """Where one layer's keys and values live for one step (turbollm.kv.cache.KVSlots): coded
     slots plus a tail for the step's new tokens."""
@@ -95,36 +104,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.Tensor, torch.Tensor],
-                    slots: KVSlots, positions: torch.Tensor) -> torch.Tensor:
+                    slots: KVSlots, positions: torch.Tensor, tap: Tap = _no_tap) -> torch.Tensor:
     n_tok, hd = x.shape[0], b.head_dim
     n = ops.rms_norm(x, b.norm, b.eps)
+    tap("attn_norm", n)
     if slots.store:
         q, k, *v = ops.linear_many(n, [b.wq, b.wk] + ([b.wv] if b.wv is not None else []))
+        tap("Qcur", q), tap("Kcur", k)
         k = k.view(n_tok, b.n_kv, hd)
         v = v[0].view(n_tok, b.n_kv, hd) if v else k
-        k = apply_rope(ops.rms_norm(k, b.k_norm, b.eps), *rope)
+        tap("Vcur", v)
+        k = ops.rms_norm(k, b.k_norm, b.eps)
+        tap("Kcur_normed", k)
         if b.v_norm:
             v = ops.rms_norm(v, None, b.eps)
+            tap("Vcur_normed", v)
+        k = apply_rope(k, *rope)
+        tap("Kcur_pos", k)
     else:
         q = ops.linear(n, b.wq)
-    q = apply_rope(ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps), *rope)
+        tap("Qcur", q)
+    q = ops.rms_norm(q.view(n_tok, b.n_head, hd), b.q_norm, b.eps)
+    tap("Qcur_normed", q)
+    q = apply_rope(q, *rope)
+    tap("Qcur_pos", q)
     if slots.store:
         slots.write(k, v, ops.kv_encode, q)  # the queries weigh the key conditioning (kv/cache.py)
     keys, values, key_positions, split = slots.read(ops.kv_decode)
     out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap, split)
-    return x + ops.rms_norm(ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo), b.post_norm, b.eps)
+    tap("kqv_out", out)
+    out = ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo)
+    tap("attn_output", out)
+    out = ops.rms_norm(out, b.post_norm, b.eps)
+    tap("attn_post_norm", out)
+    return x + out
 
 
-def ffn_block(ops, h: torch.Tensor, b: FfnBlock, residual: torch.Tensor | None = None) -> torch.Tensor:
-    gate, up = ops.linear_many(ops.rms_norm(h, b.norm, b.eps), [b.gate, b.up])
-    out = ops.rms_norm(ops.linear(F.gelu(gate, approximate="tanh") * up, b.down), b.post_norm, b.eps)
+def ffn_block(ops, h: torch.Tensor, b: FfnBlock, residual: torch.Tensor | None = None,
+              tap: Tap = _no_tap) -> torch.Tensor:
+    n = ops.rms_norm(h, b.norm, b.eps)
+    tap("ffn_norm", n)
+    gate, up = ops.linear_many(n, [b.gate, b.up])
+    tap("ffn_gate", gate), tap("ffn_up", up)
+    out = ops.gelu_mul(gate, up)
+    tap("ffn_gelu", out)
+    out = ops.linear(out, b.down)
+    tap("ffn_down", out)
+    out = ops.rms_norm(out, b.post_norm, b.eps)
+    tap("ffn_post", out)
     return out if residual is None else residual + out
 
 
-def route(ops, h: torch.Tensor, b: MoEBlock) -> tuple[torch.Tensor, torch.Tensor]:
+def route(ops, h: torch.Tensor, b: MoEBlock, tap: Tap = _no_tap) -> tuple[torch.Tensor, torch.Tensor]:
     """h [T, n_embd] -> (expert ids [T, k] int64, weights [T, k] float32)."""
     r = ops.rms_norm(h, None, b.eps) * b.router_scale * h.shape[-1] ** -0.5
-    probs = torch.softmax(ops.linear(r, b.router), dim=-1)
+    logits = ops.linear(r, b.router)
+    tap("ffn_moe_logits", logits)
+    probs = torch.softmax(logits, dim=-1)
     weights, ids = torch.topk(probs, b.n_used, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     if b.expert_scale is not None:
@@ -132,7 +168,11 @@ def route(ops, h: torch.Tensor, b: MoEBlock) -> tuple[torch.Tensor, torch.Tensor
     return ids, weights
 
 
-def moe_block(ops, h: torch.Tensor, b: MoEBlock) -> torch.Tensor:
-    ids, weights = route(ops, h, b)
+def moe_block(ops, h: torch.Tensor, b: MoEBlock, tap: Tap = _no_tap) -> torch.Tensor:
+    ids, weights = route(ops, h, b, tap)
+    tap("ffn_moe_weights", weights)
     x = ops.rms_norm(h, b.pre_norm, b.eps)
-    return ops.rms_norm(ops.moe_ffn(x, ids, weights, b.gate, b.up, b.down), b.post_norm, b.eps)
+    tap("ffn_norm_2", x)
+    out = ops.moe_ffn(x, ids, weights, b.gate, b.up, b.down)
+    tap("ffn_moe_out", out)
+    return ops.rms_norm(out, b.post_norm, b.eps)

@@ -99,6 +99,20 @@ def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
     return [y.view(*lead, y.shape[-1]) for y in native.matmul_many(x2, ws)]
 
 
+def gelu_mul(g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(g) * u as llama.cpp's CPU backend computes it (ggml's fp16 table: native/ops.c),
+    so that the decode path, which also quantizes activations as ggml does, gives llama.cpp's
+    logits rather than drifting off by the table's rounding."""
+    if g.device.type != "cpu" or g.dtype != torch.float32:
+        return reference.gelu(g) if u is None else reference.gelu_mul(g, u)
+    g = g.contiguous()
+    return native.gelu_mul(g, None if u is None else u.to(torch.float32).expand_as(g).contiguous())
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return gelu_mul(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return reference.rms_norm(x, weight, eps)
@@ -128,7 +142,7 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     if not (_native_ok(x, gate) and native.supports(down.qtype) and (up is None or native.supports(up.qtype))):
         return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down)
     if x.shape[0] > DECODE_MAX_TOKENS:
-        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=linear)
+        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=linear, gelu_mul_fn=gelu_mul)
     n_tok, n_slot = expert_ids.shape
     n_ff = down.shape[-1]
     ids = expert_ids.to(torch.int32).contiguous()
@@ -138,7 +152,7 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
         g, u = h[..., :n_ff], h[..., n_ff:]
     else:
         g, u = native.matmul_id(x2, gate, ids, False), native.matmul_id(x2, up, ids, False)
-    h = (F.gelu(g, approximate="tanh") * u).reshape(n_tok * n_slot, n_ff).contiguous()
+    h = gelu_mul(g, u).reshape(n_tok * n_slot, n_ff).contiguous()
     out = native.matmul_id(h, down, ids, x_per_slot=True)  # [T, k, n_embd]
     return torch.einsum("tkd,tk->td", out, expert_weights.to(torch.float32))
 
@@ -211,6 +225,8 @@ class Ops:
     rms_norm = staticmethod(rms_norm)
     embedding = staticmethod(embedding)
     moe_ffn = staticmethod(moe_ffn)
+    gelu = staticmethod(gelu)
+    gelu_mul = staticmethod(gelu_mul)
     attention = staticmethod(attention)
     attention_block = staticmethod(attention_block)
     kv_encode = staticmethod(kv_encode)

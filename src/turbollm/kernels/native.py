@@ -315,11 +315,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y
 
 
-def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(g) * u as the fused FFN and MoE blocks compute it; float32 contiguous, same shape."""
+def gelu_mul(g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(g) * u (gelu(g) without u) as the fused FFN and MoE blocks compute it: ggml's
+    fp16-table GELU (ops.c); float32 contiguous, same shape."""
     out = torch.empty_like(g)
-    _lib.tl_gelu_mul(_ptr(g), _ptr(u), _ptr(out), g.numel())
+    _lib.tl_gelu_mul(_ptr(g), None if u is None else _ptr(u), _ptr(out), g.numel())
     return out
+
+
+def gelu_table() -> np.ndarray:
+    """The GELU table as fp16 bits [65536] uint16 (entry i: gelu of the fp16 value with bits i)."""
+    table = np.ctypeslib.as_array((ctypes.c_float * 65536).in_dll(_lib, "tl_gelu_table"))
+    return table.astype(np.float16).view(np.uint16)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,

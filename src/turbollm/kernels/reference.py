@@ -22,6 +22,16 @@ from turbollm.kernels.qtensor import QTensor
 _CHUNK_ELEMENTS = 1024 * 1024
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh form (Gemma's gelu_pytorch_tanh), exact in float32."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gelu(g) * u: the gated half of Gemma's MLP."""
+    return F.gelu(g, approximate="tanh") * u
+
+
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x [..., n_in] @ w.T -> [..., n_out], w of shape (n_out, n_in)."""
     n_out, n_in = w.shape
@@ -62,6 +72,7 @@ def moe_ffn(
     up: QTensor | None,  # (n_expert, n_ff, n_embd), None when `gate` is fused
     down: QTensor,  # (n_expert, n_embd, n_ff)
     linear_fn=None,  # the product x @ W.T to use (default: this module's linear)
+    gelu_mul_fn=None,  # gelu(g) * u to use (default: this module's, exact)
 ) -> torch.Tensor:  # [T, n_embd]
     """Sum over k of weight * down(gelu_tanh(gate x) * up x), for the chosen experts only.
 
@@ -71,6 +82,7 @@ def moe_ffn(
     as transformers does.
     """
     linear_ = linear if linear_fn is None else linear_fn
+    gelu_mul_ = gelu_mul if gelu_mul_fn is None else gelu_mul_fn
     out = torch.zeros_like(x)
     n_ff = down.shape[-1]
     for expert in torch.unique(expert_ids).tolist():
@@ -81,7 +93,7 @@ def moe_ffn(
             g, u = h[:, :n_ff], h[:, n_ff:]
         else:
             g, u = linear_(xe, gate.select(expert)), linear_(xe, up.select(expert))
-        h = linear_(F.gelu(g, approximate="tanh") * u, down.select(expert)) * expert_weights[token_idx, slot, None]
+        h = linear_(gelu_mul_(g, u), down.select(expert)) * expert_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, h)
     return out
 
@@ -104,6 +116,8 @@ class Ops:
     rms_norm = staticmethod(rms_norm)
     embedding = staticmethod(embedding)
     moe_ffn = staticmethod(moe_ffn)
+    gelu = staticmethod(gelu)
+    gelu_mul = staticmethod(gelu_mul)
     attention = staticmethod(attention)
     kv_encode = staticmethod(kv_encode)
     kv_decode = staticmethod(kv_decode)

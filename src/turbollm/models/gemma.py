@@ -20,7 +20,9 @@ Weights stay quantized (`QTensor`); every matmul goes through `turbollm.kernels`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -30,8 +32,9 @@ from turbollm.gguf.reader import GGUFFile
 from turbollm.kernels import QTensor
 from turbollm.kv.cache import KVCache
 from turbollm.kv.plan import CacheConfig, KVPlan, LayerKVShape, plan_kv
+from turbollm.kernels import blocks
 from turbollm.kernels.blocks import AttentionBlock, FfnBlock
-from turbollm.models.layers import Rope, gelu_tanh
+from turbollm.models.layers import Rope
 from turbollm.models.moe import load_moe_block
 from turbollm.models.weights import TensorLoader
 
@@ -111,6 +114,10 @@ class Gemma:
         self.cfg, self.token_embd, self.output, self.output_norm = cfg, token_embd, output, output_norm
         self.layers, self.ple, self.device = layers, ple, torch.device(device)
         self.ops = ops  # the kernel backend (turbollm.kernels.backend)
+        # named taps (llama.cpp's cb(cur, name, il)): tap(name, il, tensor) after every step of
+        # every layer; while set, the blocks run composed from the backend's single ops (the same
+        # products as its fused blocks) so that their insides are visible. il -1: outside layers.
+        self.tap: Callable[[str, int, torch.Tensor], None] | None = None
         self.ropes = {
             True: Rope(_swa_dim(cfg), cfg.rope_base_swa, 1.0, None, device),
             False: Rope(_global_dim(cfg), cfg.rope_base, cfg.rope_freq_scale, rope_freq_factors, device),
@@ -174,26 +181,44 @@ class Gemma:
         x = self.ops.embedding(all_ids.to(self.token_embd.device), self.token_embd).to(self.device) * cfg.embed_scale
         per_layer_input = self._per_layer_inputs(all_ids, x) if self.ple is not None else None
         angles = [{swa: rope.angles(p) for swa, rope in self.ropes.items()} for p in positions]
-        ops, eps = self.ops, cfg.rms_eps
+        ops, eps, tap = self.ops, cfg.rms_eps, self.tap
+        if tap is not None:
+            tap("inp_scaled", -1, x)
         for il, w in enumerate(self.layers):
+            attention_block, ffn_block, moe_block, tap_l = ops.attention_block, ops.ffn_block, ops.moe_block, None
+            if tap is not None:
+                tap_l = partial(_layer_tap, tap, il)
+                attention_block = partial(blocks.attention_block, ops, tap=tap_l)
+                ffn_block = partial(blocks.ffn_block, ops, tap=tap_l)
+                moe_block = partial(blocks.moe_block, ops, tap=tap_l)
             src, store = (il, True) if cfg.has_kv(il) else (cfg.kv_source(il), False)
-            parts = [ops.attention_block(x[at:at + n], w.attn, a[cfg.is_swa(il)], c.slots(src, store=store), p)
+            parts = [attention_block(x[at:at + n], w.attn, a[cfg.is_swa(il)], c.slots(src, store=store), p)
                      for (at, n), a, c, p in zip(rows, angles, caches, positions)]
             h = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if tap_l:
+                tap_l("attn_out", h)
             if w.moe is None:
-                x = ops.ffn_block(h, w.ffn, residual=h)
+                x = ffn_block(h, w.ffn, residual=h)
             else:
-                moe = ops.moe_block(h.to(w.moe.gate.device), w.moe).to(h.device)  # host experts: a hop
-                x = h + ops.rms_norm(ops.ffn_block(h, w.ffn) + moe, w.post_ffn_norm, eps)
+                moe = moe_block(h.to(w.moe.gate.device), w.moe).to(h.device)  # host experts: a hop
+                mlp = ffn_block(h, w.ffn)
+                if tap_l:
+                    tap_l("ffn_mlp", mlp), tap_l("ffn_moe", moe)
+                x = h + ops.rms_norm(mlp + moe, w.post_ffn_norm, eps)
             if w.ple is not None:
-                gated = gelu_tanh(ops.linear(x, w.ple.gate)) * per_layer_input[:, il]
+                gated = ops.gelu_mul(ops.linear(x, w.ple.gate), per_layer_input[:, il])
                 x = x + ops.rms_norm(ops.linear(gated, w.ple.proj), w.ple.post_norm, eps)
             if w.out_scale is not None:
                 x = x * w.out_scale
+            if tap_l:
+                tap_l("l_out", x)
         if commit:
             for cache in caches:
                 cache.advance()
-        return ops.rms_norm(x, self.output_norm, eps)
+        x = ops.rms_norm(x, self.output_norm, eps)
+        if tap is not None:
+            tap("result_norm", -1, x)
+        return x
 
     def _per_layer_inputs(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """[T, n_layer, n_embd_per_layer]: (rms_norm(proj(x0) / sqrt(n_embd)) + table[ids] * sqrt(ple)) / sqrt(2)."""
@@ -210,6 +235,10 @@ class Gemma:
         logits = self.ops.linear(hidden, self.output)
         cap = self.cfg.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+
+def _layer_tap(tap: Callable[[str, int, torch.Tensor], None], il: int, name: str, t: torch.Tensor) -> None:
+    tap(name, il, t)
 
 
 def _swa_dim(cfg: ModelConfig) -> int:

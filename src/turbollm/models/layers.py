@@ -1,4 +1,4 @@
-"""Building blocks shared by the Gemma models: rotary embeddings and GELU, in float32.
+"""Building blocks shared by the Gemma models: rotary embeddings, in float32.
 
 (RMSNorm is a kernel, `ops.rms_norm`. Norm weights are used as stored in the GGUF: for Gemma 3
 llama.cpp's converter has already folded the `1 + w` convention into them; Gemma 4 uses `x * w`.)
@@ -7,11 +7,6 @@ llama.cpp's converter has already folded the `1 + w` convention into them; Gemma
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 class Rope:

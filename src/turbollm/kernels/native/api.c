@@ -78,6 +78,8 @@ int tl_cpu_features(void) {
 
 int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int max_level) {
     for (int i = 0; i < 65536; i++) tl_f16_table[i] = half_to_float((uint16_t)i);
+    tl_init_gelu_table();
+    tl_gelu_mul_impl = tl_gelu_mul_portable;
     memcpy(tl_iq4nl_values, iq4nl_values, 16);
     for (int i = 0; i < 512; i++) {
         const uint8_t *b = iq3s_grid_bytes + 4 * i;
@@ -90,6 +92,7 @@ int tl_init(const uint8_t *iq3s_grid_bytes, const int8_t *iq4nl_values, int max_
     const int need = 1 | 2 | 4;  /* avx2, fma, f16c */
     if (max_level >= 1 && (tl_cpu_features() & need) == need) {
         tl_register_avx2(kernels);
+        tl_gelu_mul_impl = tl_gelu_mul_avx2;
         simd_level = 1;
         const int vnni = 8 | 16 | 32 | 64;  /* avx512f, avx512bw, avx512vnni, avx512vl */
         if (max_level >= 2 && (tl_cpu_features() & vnni) == vnni) {

@@ -279,6 +279,23 @@ static void deq_q6_K(const void *vw, float *y, int64_t n) {
     }
 }
 
+/* ops.c's table GELU, eight at a time: F16C rounds to fp16 as ggml's GGML_CPU_FP32_TO_FP16
+ * does (nearest even), a gather reads the table */
+void tl_gelu_mul_avx2(const float *g, const float *u, float *out, int64_t n) {
+    const __m256 lo = _mm256_set1_ps(-10.0f), hi = _mm256_set1_ps(10.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256i idx = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        __m256 y = _mm256_i32gather_ps(tl_gelu_table, idx, 4);
+        y = _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, hi, _CMP_GE_OQ));
+        y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LE_OQ), y);
+        if (u) y = _mm256_mul_ps(y, _mm256_loadu_ps(u + i));
+        _mm256_storeu_ps(out + i, y);
+    }
+    if (i < n) tl_gelu_mul_portable(g + i, u ? u + i : NULL, out + i, n - i);
+}
+
 void tl_register_avx2(tl_kernels *t) {
     avx2_register(t);  /* Q4_0, Q5_0, Q8_0, IQ4_NL: eight_blocks.h */
     t[TL_Q4_0].dequant = deq_q4_0; t[TL_Q5_0].dequant = deq_q5_0; t[TL_IQ4_NL].dequant = deq_iq4_nl;
@@ -294,4 +311,5 @@ void tl_register_avx2(tl_kernels *t) {
 #else
 #include "tl.h"
 void tl_register_avx2(tl_kernels *t) { (void)t; }
+void tl_gelu_mul_avx2(const float *g, const float *u, float *out, int64_t n) { tl_gelu_mul_portable(g, u, out, n); }
 #endif

@@ -36,36 +36,36 @@ TL_CLONES static void axpy_f32(float a, const float *x, float *y, int64_t n) {
 
 void tl_axpy_f32(float a, const float *x, float *y, int64_t n) { axpy_f32(a, x, y, n); }
 
-/* e^x for x in [-87, 88] (clamped), within ~2 ulp: Cephes' expf, as straight float code the
- * compiler vectorizes (libm's expf is a call per element) */
-static inline float exp_clamped(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;  /* not fminf/fmaxf: calls, for their NaN rules */
-    const float n = rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  /* x - n ln 2, ln 2 in two parts */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n, n in -126..127 */
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
-}
+/* GELU as llama.cpp's CPU backend computes it (ggml-cpu.c ggml_table_gelu_f16, vec.h
+ * ggml_vec_geglu_f32 / ggml_vec_gelu_f32 under GGML_GELU_FP16): the input rounded to fp16
+ * and looked up in a table holding gelu_tanh of every fp16 value, rounded to fp16; zero at or
+ * below -10 and the identity at or above 10. The exact function differs from it by the two
+ * roundings (about 1e-3 relative), and that difference alone moved the tiny random Gemma 4
+ * MoE's logits up to 4 units away from llama.cpp's, which the decode path otherwise matches to
+ * 1e-7 (it quantizes activations exactly as ggml does). The table is built as ggml builds it
+ * on an FMA machine (the fused 1 + a x^2 of its -march=native build): tests check every entry
+ * against a checksum of ggml's own table. */
+float tl_gelu_table[65536];
 
-/* out = gelu_tanh(g) * u. 0.5 x (1 + tanh(z)) = x / (1 + e^(-2z)): one exponential, and no
- * cancellation where tanh(z) is near -1. Scalar tanhf took ~8% of a 26B-A4B MoE layer's time
- * on the calling thread while the other thread waited (perf). */
-TL_CLONES static void gelu_mul(const float *g, const float *u, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        const float x = g[i], z = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-        out[i] = x / (1.0f + exp_clamped(-2.0f * z)) * u[i];
+void tl_init_gelu_table(void) {
+    for (int i = 0; i < 65536; i++) {
+        const float x = tl_h2f((tl_half)i);
+        const float inner = fmaf(0.044715f * x, x, 1.0f);
+        const float g = 0.5f * x * (1.0f + tanhf(0.79788456080286535587989211986876f * x * inner));
+        tl_gelu_table[i] = tl_h2f(tl_f2h(g));
     }
 }
 
-void tl_gelu_mul(const float *g, const float *u, float *out, int64_t n) { gelu_mul(g, u, out, n); }
+float tl_gelu_one(float x) { return x <= -10.0f ? 0.0f : x >= 10.0f ? x : tl_gelu_table[tl_f2h(x)]; }
+
+/* portable: out = gelu(g) * u, or gelu(g) when u is NULL (out may be g) */
+void tl_gelu_mul_portable(const float *g, const float *u, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = u ? tl_gelu_one(g[i]) * u[i] : tl_gelu_one(g[i]);
+}
+
+tl_gelu_mul_fn tl_gelu_mul_impl = tl_gelu_mul_portable;
+
+void tl_gelu_mul(const float *g, const float *u, float *out, int64_t n) { tl_gelu_mul_impl(g, u, out, n); }
 
 TL_CLONES static void turn(double *z, const double *w, int64_t n, float *zf) {
     for (int64_t i = 0; i < n; i++) {
