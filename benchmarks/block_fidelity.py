@@ -1,6 +1,6 @@
 """How far each fused native block and each multi-row path of the fast backend is from its definition.
 
-    python benchmarks/block_fidelity.py [--reference ../shared/reference] [--models moe,dense,ple] [--variants Q4_K_M,IQ3_M]
+    python benchmarks/block_fidelity.py [--reference tests/data] [--models moe,dense,ple] [--variants Q4_K_M,IQ3_M]
 
 On the tiny Gemma 4 fixtures, with the prompt "The lighthouse keeper wrote in the log that
 the fog", a tapped forward (models.gemma `tap`) records every block's input; then for every
@@ -117,7 +117,7 @@ def path_distances(model: Model, ids: torch.Tensor) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"))
+    parser.add_argument("--reference", default=str(Path(__file__).resolve().parents[1] / "tests" / "data"))
     parser.add_argument("--models", default="moe,dense,ple")
     parser.add_argument("--variants", default="Q8_0,Q6_K,Q4_K_M,Q4_0,IQ4_NL,IQ3_M")
     parser.add_argument("--threads", type=int, default=2)

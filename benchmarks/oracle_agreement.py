@@ -1,6 +1,6 @@
 """Print how far turbollm's logits are from the two oracles of the default model.
 
-    python benchmarks/oracle_agreement.py [--reference ../shared/reference] [--backend reference|fast]
+    python benchmarks/oracle_agreement.py [--reference tests/data] [--backend reference|fast]
 
 For each prompt of gemma3-270m-q4_k_m: max |ours - transformers| over the top-32 entries of
 every prompt position and over the full last row, top-1 agreement with both oracles, and the
@@ -25,7 +25,7 @@ F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"))
+    parser.add_argument("--reference", default=str(Path(__file__).resolve().parents[1] / "tests" / "data"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", choices=("reference", "fast"), default="reference",
                         help="kernels (fast: prompt rows use the prefill path, dequantized tiles + float GEMM)")

@@ -1,4 +1,10 @@
-"""Shared fixtures: the oracle folders in ../shared/reference and the default model, loaded once."""
+"""Shared fixtures: the oracle folders (tests/data) and the default model, loaded once.
+
+tests/data holds part of the fixture matrix (tools/trim_fixtures.py: which GGUF files, and the
+arrays that go with them). Point TURBOLLM_REFERENCE at the full fixture folder (~150 MB: every
+tiny Gemma 4 model in 7 GGUF types) and the tests that need the other files run too; without
+it they skip, saying which file they need.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,31 @@ import numpy as np
 import pytest
 import torch
 
-REFERENCE_DIR = Path(os.environ.get("TURBOLLM_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+DATA_DIR = Path(__file__).resolve().parent / "data"
+REFERENCE_DIR = Path(os.environ.get("TURBOLLM_REFERENCE") or DATA_DIR)
 GEMMA3_DIR = REFERENCE_DIR / "gemma3-270m-q4_k_m"
 
 
 def _require_reference() -> None:
     if not GEMMA3_DIR.is_dir():
-        raise RuntimeError(f"oracle folder {GEMMA3_DIR} not found: set TURBOLLM_REFERENCE to the shared/reference folder")
+        raise RuntimeError(f"oracle folder {GEMMA3_DIR} not found (TURBOLLM_REFERENCE names a folder without it)")
+
+
+# one GGUF of each tiny model that tests/data ships, for tests that need a model, not a type
+TINY_SHIPPED = {"moe": "Q4_0", "dense": "Q4_0", "ple": "Q4_K_M", "assistant": "Q4_0"}
+
+
+def tiny_variants(name: str, variants: list[str]) -> list[str]:
+    """Those of `variants` whose gemma4-tiny-NAME file is here."""
+    return [v for v in variants if (REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{v}.gguf").is_file()]
+
+
+def tiny_gguf(name: str, variant: str) -> Path:
+    """gemma4-tiny-NAME-VARIANT.gguf; skips the test where only the full fixture folder has it."""
+    path = REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is in the full fixture folder only (set TURBOLLM_REFERENCE to it)")
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -169,7 +169,7 @@ def test_cli_bad_sampling_value(capsys, default_model_path):
 
 # ---- Gemma 4 -------------------------------------------------------------------------------
 
-TINY_MOE = REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q8_0.gguf"
+TINY_MOE = REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf"
 
 
 def _set_uint32_key(header: bytearray, key: str, value: int) -> None:

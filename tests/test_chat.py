@@ -18,7 +18,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def gemma4_model() -> Model:
-    return Model.load(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q8_0.gguf")
+    return Model.load(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf")
 
 
 @pytest.mark.parametrize("thinking", [False, True])

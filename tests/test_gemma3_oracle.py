@@ -1,4 +1,4 @@
-"""Gemma 3 270M Q4_K_M against its two oracles (../shared/reference/gemma3-270m-q4_k_m/README.md).
+"""Gemma 3 270M Q4_K_M against its two oracles (tests/data/gemma3-270m-q4_k_m/README.md).
 
 The pure-PyTorch path is exact float32 math on the dequantized weights, so it must sit within
 float32 summation noise of transformers (`hf_*`), and agree with llama.cpp (which quantizes

@@ -1,6 +1,7 @@
 """Gemma 4 tiny models (MoE, dense, PLE + KV sharing) against transformers and llama.cpp.
 
-Every GGUF variant of each folder in ../shared/reference/gemma4-tiny-*/ (read its README):
+Every GGUF variant of each folder gemma4-tiny-*/ (read its README) that tests/data holds, or
+all seven with TURBOLLM_REFERENCE set to the full fixture folder (conftest.py):
 the pure-PyTorch path is exact float32 math on the dequantized weights, so it must match
 transformers on the same dequantized weights (`hfdeq_<v>`, or `hf` for F32) to float32 noise,
 including the free-running greedy continuation. Against llama.cpp (activation quantization,
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE_DIR
+from conftest import REFERENCE_DIR, TINY_SHIPPED, tiny_gguf
 from turbollm import Model, SamplingParams
 from turbollm.kv.plan import CacheConfig
 
@@ -42,7 +43,7 @@ def gemma4():
     def model(name: str, variant: str) -> Model:
         key = (name, variant)
         if key not in models:
-            models[key] = Model.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf",
+            models[key] = Model.load(tiny_gguf(name, variant),
                                      backend="reference", cache=F32_CACHE)
         return models[key]
 
@@ -122,14 +123,14 @@ def test_f32_greedy_equals_llamacpp(gemma4, name):
 
 def test_prompts_run_past_the_sliding_window(gemma4):
     load, record = gemma4
-    window = load("moe", "F32").config.sliding_window
+    window = load("moe", TINY_SHIPPED["moe"]).config.sliding_window
     assert len(record("moe", "long")["tokens"]) > 10 * window
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_prompt_tokens_equal_llamacpp(gemma4, name):
     load, _ = gemma4
-    model = load(name, "Q8_0")
+    model = load(name, TINY_SHIPPED[name])
     prompts = json.loads((REFERENCE_DIR / f"gemma4-tiny-{name}" / "prompts.json").read_text())
     for prompt in prompts.values():
         assert model.encode(prompt["text"]) == prompt["tokens"]

@@ -161,8 +161,13 @@ def test_cli_run_streams_the_greedy_answer(capsys, default_model_path, gemma3_mo
     status = cli_main(["run", "-m", str(default_model_path), "-p", "The capital of France is", "-n", "8", "--temp", "0", "-v"])
     captured = capsys.readouterr()
     assert status == 0
-    expected = gemma3_model.tokenizer.decode(gemma3_oracle("short_en")["hf_greedy"][:8])
-    assert captured.out == expected + "\n"
+    ref = gemma3_oracle("short_en")
+    # the greedy answer up to the first step where an oracle is unsure: at step 4 llama.cpp's
+    # margin is 0.03 (" of" or "."), below the ~0.5 that 8-bit activations move a logit
+    sure = int(np.argmax((ref["greedy_margin"] < 0.1) | (ref["hf_greedy_margin"] < 0.1)))
+    assert sure >= 4
+    expected = gemma3_model.tokenizer.decode(ref["hf_greedy"][:sure])
+    assert captured.out.startswith(expected) and captured.out.endswith("\n")
     for line in ("load time =", "prompt: 6 tokens", "decode: 7 tokens", "finish: length"):
         assert line in captured.err
 

@@ -43,7 +43,7 @@ def plan_26b(gemma4_26b, ctx, parallel, n_cpu_moe=0, cache=Q8, overrides=()):
 @pytest.mark.parametrize("path, parallel, ctx", [
     (None, 1, 4096), (None, 3, 3 * 1024),
     (REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_K_M.gguf", 2, 1024),
-    (REFERENCE_DIR / "gemma4-tiny-ple" / "gemma4-tiny-ple-Q8_0.gguf", 1, 2048),
+    (REFERENCE_DIR / "gemma4-tiny-ple" / "gemma4-tiny-ple-Q4_K_M.gguf", 1, 2048),
     (REFERENCE_DIR / "gemma4-tiny-dense" / "gemma4-tiny-dense-Q4_0.gguf", 4, 4 * 256),
 ])
 def test_predicted_bytes_equal_what_is_allocated(path, parallel, ctx, default_model_path):

@@ -17,7 +17,7 @@ from turbollm.engine.sampler import Sampler
 from turbollm.engine.speculative import NgramDrafter, SpecConfig, accept
 from turbollm.errors import TurbollmError
 
-from conftest import REFERENCE_DIR
+from conftest import REFERENCE_DIR, tiny_gguf
 
 ASSISTANT = REFERENCE_DIR / "gemma4-tiny-assistant"
 TARGET = REFERENCE_DIR / "gemma4-tiny-moe"
@@ -113,8 +113,8 @@ def test_assistant_steps_match_transformers(variant, reference, tol, record):
     transformers with llama.cpp's window (`hf_w`) or on the same dequantized weights
     (`hfdeq_*`); the target's own hidden state differs from transformers' by ~0.015, and each
     step feeds back h, so the bound grows a little per step."""
-    model = Model.load(TARGET / "gemma4-tiny-moe-F32.gguf", ctx_size=1024, backend="reference",
-                       spec=SpecConfig("mtp"), draft_model=ASSISTANT / f"gemma4-tiny-assistant-{variant}.gguf")
+    model = Model.load(tiny_gguf("moe", "F32"), ctx_size=1024, backend="reference",
+                       spec=SpecConfig("mtp"), draft_model=tiny_gguf("assistant", variant))
     with np.load(ASSISTANT / f"{record}.npz") as f:
         rec = {k: f[k] for k in f.files}
     ids = rec["tokens"].tolist()
@@ -134,8 +134,8 @@ def test_assistant_steps_match_transformers(variant, reference, tol, record):
 
 def test_centroid_masked_head_matches_transformers():
     """E2B/E4B heads score clusters and compute only the top clusters' logits."""
-    model = Model.load(TARGET / "gemma4-tiny-moe-F32.gguf", ctx_size=1024, backend="reference",
-                       spec=SpecConfig("mtp"), draft_model=ASSISTANT / "gemma4-tiny-assistant-F32.gguf")
+    model = Model.load(tiny_gguf("moe", "F32"), ctx_size=1024, backend="reference",
+                       spec=SpecConfig("mtp"), draft_model=tiny_gguf("assistant", "F32"))
     head = model.assistant
     with np.load(ASSISTANT / "ordered_embedding_head.npz") as f:
         head.centroids = torch.from_numpy(f["centroids"]).float()
@@ -163,9 +163,9 @@ def test_mtp_speculation_gives_the_tokens_of_plain_greedy_decoding(target_quant,
     prompts = [p["tokens"] for p in json.loads((TARGET / "prompts.json").read_text()).values()]
     params = SamplingParams(temperature=0, max_tokens=40)
     cache = parse_cache_entry(cache, turbo_block=32)  # the tiny models' heads of 64 values
-    plain = Model.load(TARGET / f"gemma4-tiny-moe-{target_quant}.gguf", ctx_size=1024, cache=cache)
-    spec = Model.load(TARGET / f"gemma4-tiny-moe-{target_quant}.gguf", ctx_size=1024, spec=SpecConfig("mtp", draft_max=4),
-                      draft_model=ASSISTANT / f"gemma4-tiny-assistant-{head_quant}.gguf", cache=cache)
+    plain = Model.load(tiny_gguf("moe", target_quant), ctx_size=1024, cache=cache)
+    spec = Model.load(tiny_gguf("moe", target_quant), ctx_size=1024, spec=SpecConfig("mtp", draft_max=4),
+                      draft_model=tiny_gguf("assistant", head_quant), cache=cache)
     for prompt in prompts:
         stats = GenerationStats()
         tokens = []

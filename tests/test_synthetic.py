@@ -36,7 +36,7 @@ def test_small_variant_writes_loads_and_generates(tmp_path):
     shape = replace(PRESETS["26b-a4b"], n_layer=6, n_expert=8, n_expert_used=2, n_vocab=4608,
                     n_embd=512, n_ff=256, n_ff_expert=64, n_head=4, n_head_kv_swa=2, n_head_kv_global=1)
     path = tmp_path / "synthetic.gguf"
-    write(path, shape, REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q8_0.gguf", seed=1)
+    write(path, shape, REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf", seed=1)
     model = Model.load(path)
     cfg = model.config
     assert (cfg.n_layer, cfg.n_expert, cfg.n_expert_used, cfg.n_vocab) == (6, 8, 2, 4608)
@@ -56,6 +56,6 @@ def test_kv_heads_that_do_not_divide_query_heads_are_refused(tmp_path):
     shape = replace(PRESETS["26b-a4b"], n_layer=1, n_expert=2, n_expert_used=1, n_vocab=4608,
                     n_embd=256, n_ff=64, n_ff_expert=32, n_head=4, n_head_kv_swa=8)
     path = tmp_path / "bad.gguf"
-    write(path, shape, REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q8_0.gguf")
+    write(path, shape, REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf")
     with pytest.raises(GGUFError, match="layer 0: 4 query heads cannot be grouped over 8 KV heads"):
         Model.load(path)

@@ -1,7 +1,7 @@
 """Tokenizer: llama.cpp's token ids for Gemma 3 (SPM), decoding, streaming, load-time rules.
 
 The Gemma 3 vocabulary is read once per module with turbollm's GGUF reader; the oracles are
-llama.cpp's ids in shared/reference/gemma3-270m-q4_k_m. Small hand-made vocabularies pin down the SPM rules
+llama.cpp's ids in tests/data/gemma3-270m-q4_k_m. Small hand-made vocabularies pin down the SPM rules
 (merge priority, tie order, byte fallback, space prefix) and llama.cpp's load-time fix-ups.
 """
 
@@ -325,11 +325,11 @@ GEMMA4_MODELS = ["moe", "dense", "ple", "assistant"]
 def _gemma4_tokenizer(name: str) -> tuple[Tokenizer, dict]:
     import json
 
-    from conftest import REFERENCE_DIR
+    from conftest import REFERENCE_DIR, TINY_SHIPPED
     from turbollm.gguf.reader import GGUFFile
 
     folder = REFERENCE_DIR / f"gemma4-tiny-{name}"
-    md = GGUFFile(folder / f"gemma4-tiny-{name}-Q8_0.gguf").metadata
+    md = GGUFFile(folder / f"gemma4-tiny-{name}-{TINY_SHIPPED[name]}.gguf").metadata
     return Tokenizer.from_metadata(md), json.loads((folder / "prompts.json").read_text())
 
 

@@ -11,7 +11,7 @@ parameters, about 14.4 GB. It exists to measure loading, memory and speed at rea
 machine with no model downloads; its outputs are meaningless.
 
 The vocabulary comes from a real Gemma 4 GGUF (`--vocab-from`, e.g. one of the tiny fixtures in
-../shared/reference) and is padded with inert tokens to the preset's size. Tensors are written
+tests/data) and is padded with inert tokens to the preset's size. Tensors are written
 one at a time, so memory use stays at the largest tensor.
 """
 

@@ -100,10 +100,13 @@ def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
 
 
 def gelu_mul(g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-    """gelu(g) * u as llama.cpp's CPU backend computes it (ggml's fp16 table: native/ops.c),
-    so that the decode path, which also quantizes activations as ggml does, gives llama.cpp's
-    logits rather than drifting off by the table's rounding."""
-    if g.device.type != "cpu" or g.dtype != torch.float32:
+    """gelu(g) * u [T, n]. At decode size as llama.cpp's CPU backend computes it (ggml's fp16
+    table: native/ops.c), so that the decode path, which also quantizes activations as ggml
+    does, gives llama.cpp's logits rather than drifting off by the table's rounding. Prefill
+    rows (more than DECODE_MAX_TOKENS) take the exact function, as the prefill GEMMs are exact
+    maths (fp32 tiles: within 1e-3 of transformers)."""
+    rows = g.reshape(-1, g.shape[-1]).shape[0] if g.dim() else 1
+    if g.device.type != "cpu" or g.dtype != torch.float32 or rows > DECODE_MAX_TOKENS:
         return reference.gelu(g) if u is None else reference.gelu_mul(g, u)
     g = g.contiguous()
     return native.gelu_mul(g, None if u is None else u.to(torch.float32).expand_as(g).contiguous())
@@ -142,7 +145,7 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     if not (_native_ok(x, gate) and native.supports(down.qtype) and (up is None or native.supports(up.qtype))):
         return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down)
     if x.shape[0] > DECODE_MAX_TOKENS:
-        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=linear, gelu_mul_fn=gelu_mul)
+        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=linear)  # exact GELU
     n_tok, n_slot = expert_ids.shape
     n_ff = down.shape[-1]
     ids = expert_ids.to(torch.int32).contiguous()
@@ -152,7 +155,7 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
         g, u = h[..., :n_ff], h[..., n_ff:]
     else:
         g, u = native.matmul_id(x2, gate, ids, False), native.matmul_id(x2, up, ids, False)
-    h = gelu_mul(g, u).reshape(n_tok * n_slot, n_ff).contiguous()
+    h = native.gelu_mul(g.contiguous(), u.contiguous()).reshape(n_tok * n_slot, n_ff)  # decode size: the table
     out = native.matmul_id(h, down, ids, x_per_slot=True)  # [T, k, n_embd]
     return torch.einsum("tkd,tk->td", out, expert_weights.to(torch.float32))
 

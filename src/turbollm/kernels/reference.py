@@ -2,7 +2,7 @@
 
 These define what every fast kernel must compute, and they run on any torch device. They are
 exact float math on the dequantized weights, which is what transformers computes on a GGUF's
-dequantized tensors (the `hf*` oracles in ../shared/reference).
+dequantized tensors (the `hf*` oracles in tests/data).
 
 Big weights are dequantized in row chunks so that no full-precision copy of a large tensor
 (a 262,144-row embedding is 670 MB in float32) is ever held at once.
@@ -72,7 +72,6 @@ def moe_ffn(
     up: QTensor | None,  # (n_expert, n_ff, n_embd), None when `gate` is fused
     down: QTensor,  # (n_expert, n_embd, n_ff)
     linear_fn=None,  # the product x @ W.T to use (default: this module's linear)
-    gelu_mul_fn=None,  # gelu(g) * u to use (default: this module's, exact)
 ) -> torch.Tensor:  # [T, n_embd]
     """Sum over k of weight * down(gelu_tanh(gate x) * up x), for the chosen experts only.
 
@@ -82,7 +81,6 @@ def moe_ffn(
     as transformers does.
     """
     linear_ = linear if linear_fn is None else linear_fn
-    gelu_mul_ = gelu_mul if gelu_mul_fn is None else gelu_mul_fn
     out = torch.zeros_like(x)
     n_ff = down.shape[-1]
     for expert in torch.unique(expert_ids).tolist():
@@ -93,7 +91,7 @@ def moe_ffn(
             g, u = h[:, :n_ff], h[:, n_ff:]
         else:
             g, u = linear_(xe, gate.select(expert)), linear_(xe, up.select(expert))
-        h = linear_(gelu_mul_(g, u), down.select(expert)) * expert_weights[token_idx, slot, None]
+        h = linear_(gelu_mul(g, u), down.select(expert)) * expert_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, h)
     return out
 

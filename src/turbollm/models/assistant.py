@@ -1,6 +1,6 @@
 """Gemma 4's MTP assistant head: a small drafter that reads the target's K/V instead of keeping
 its own (transformers `Gemma4AssistantForCausalLM`, llama.cpp `src/models/gemma4-assistant.cpp`;
-the fixture README in shared/reference/gemma4-tiny-assistant has the details and numbers).
+the fixture README in tests/data/gemma4-tiny-assistant has the details and numbers).
 
 One draft step, for token `tok` at position P (the target's cache holds 0 .. P-1):
 
