@@ -95,6 +95,7 @@ def test_bench_rejects_malformed_pairs(capsys):
     assert "PROMPT,GEN pairs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_at_depth_starts_every_run_from_the_same_prefilled_context(gemma3_model):
     from turbollm.kv.plan import CacheConfig, plan_kv
     settings = BenchSettings(n_prompt=(4,), n_gen=(3,), prompt_gen=(), threads=2, repetitions=2, depth=600,
@@ -106,6 +107,7 @@ def test_bench_at_depth_starts_every_run_from_the_same_prefilled_context(gemma3_
     assert report.max_kv_bytes == plan_kv(gemma3_model.network.kv_layout(), 604, settings.cache).nbytes
 
 
+@pytest.mark.slow
 def test_bench_spec_type_compares_plain_and_speculative_decoding(capsys):
     assert main(["bench", "--spec-type", "ngram", "-n", "48", "-r", "1", "-t", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

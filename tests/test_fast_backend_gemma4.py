@@ -31,6 +31,8 @@ from turbollm import Model
 from turbollm.kernels import fast
 from turbollm.kv.plan import CacheConfig
 
+pytestmark = [pytest.mark.oracle]
+
 MODELS = ["moe", "dense", "ple"]
 VARIANTS = ["Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "IQ4_NL", "IQ3_M"]
 PROMPTS = ["short", "chat", "long"]

@@ -16,6 +16,8 @@ import torch
 from turbollm import Model, SamplingParams
 from turbollm.kv.plan import CacheConfig
 
+pytestmark = [pytest.mark.oracle, pytest.mark.slow]
+
 F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 PROMPTS = ["short_en", "code_py", "unicode_mix", "chat_turn", "long_swa"]

@@ -21,6 +21,8 @@ from conftest import REFERENCE_DIR, TINY_SHIPPED, tiny_gguf
 from turbollm import Model, SamplingParams
 from turbollm.kv.plan import CacheConfig
 
+pytestmark = [pytest.mark.oracle]
+
 F32_CACHE = CacheConfig("f32", "f32")  # the exact path the oracles are held to
 
 MODELS = ["moe", "dense", "ple"]

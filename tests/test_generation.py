@@ -143,6 +143,7 @@ def test_generate_greedy_matches_the_oracle_text(gemma3_model, gemma3_oracle):
     assert out.finish_reason == "length" and out.stats.n_generated == 12
 
 
+@pytest.mark.slow
 def test_stream_pieces_join_to_the_generated_text(gemma3_model):
     params = SamplingParams(temperature=0.9, seed=5, max_tokens=24)
     whole = gemma3_model.generate("Once upon a time", params)
@@ -150,6 +151,7 @@ def test_stream_pieces_join_to_the_generated_text(gemma3_model):
     assert "".join(p.text for p in pieces) == whole.text and len(pieces) > 1
 
 
+@pytest.mark.slow
 def test_stop_string_ends_generation(gemma3_model):
     full = gemma3_model.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12)).text
     assert "France." in full

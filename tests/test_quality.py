@@ -27,6 +27,7 @@ def test_bundled_text_is_a_few_thousand_tokens_and_says_its_license(gemma3_model
     assert 2500 < len(gemma3_model.tokenizer.encode(text)) < 6000
 
 
+@pytest.mark.slow
 def test_baseline_row_compares_f16_with_itself(report):
     r, _, _ = report
     base = r.rows[0]
@@ -51,6 +52,7 @@ def test_rows_order_the_codecs_by_their_error_and_bytes(report):
     assert rows["turbo2"].compression_vs_f16 > 6.0  # 16 bits -> 2.125
 
 
+@pytest.mark.slow
 def test_cli_prints_json_and_draws_a_plot(tmp_path, capsys):
     png = tmp_path / "quality.png"
     assert main(["quality", "-t", "2", "--max-tokens", "40", "--cache-types", "q4_0,q8_0/turbo3@1", "--json",

@@ -86,6 +86,7 @@ def test_wrong_byte_count_is_a_clear_error():
         quants.row_bytes(Q.Q4_K, 100)
 
 
+@pytest.mark.slow
 def test_every_tensor_of_the_default_model_bit_exact(default_model_path):
     gf = GGUFFile(default_model_path)
     seen = set()

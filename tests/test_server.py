@@ -12,6 +12,8 @@ import pytest
 
 from conftest import start_server, stop_server
 
+pytestmark = [pytest.mark.server]
+
 CTX, PARALLEL = 8192, 4  # 2,048 tokens per slot
 CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 

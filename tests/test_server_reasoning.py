@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 
 from conftest import REFERENCE_DIR
 
+pytestmark = [pytest.mark.server]
+
 SCRIPT = "<|channel>thought\nThe user greets me.<channel|>Hello there!"
 
 

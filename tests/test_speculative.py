@@ -44,6 +44,7 @@ def test_greedy_accepts_while_drafts_equal_the_argmax():
     assert accept(sampler, logits, [7], [2, 0]) == ([1], 0)
 
 
+@pytest.mark.slow
 def test_sampled_tokens_keep_the_target_distribution():
     """With drafts from elsewhere, each output position must still be distributed as the
     target's p. 40,000 rounds on a 6-token vocabulary: the empirical frequencies of the first
@@ -77,6 +78,7 @@ def _in_vocab_order(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 # ---- the default model with prompt lookup -------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["copy", "The capital of France is", "def fibonacci(n):\n"])
 def test_prompt_lookup_gives_the_tokens_of_plain_greedy_decoding(prompt, default_model_path):
     prompt = copy_task_prompt() if prompt == "copy" else prompt
@@ -91,6 +93,7 @@ def test_prompt_lookup_gives_the_tokens_of_plain_greedy_decoding(prompt, default
         assert stats.spec.acceptance > 0.5 and stats.n_decode_steps < len(tokens) / 2
 
 
+@pytest.mark.slow
 def test_prompt_lookup_works_on_quantized_caches_and_rings(default_model_path):
     """Rejected drafts never reach the slots: a q8_0/turbo4 cache and 512-slot rings (the
     copy prompt is longer than the window) give the same tokens as plain decoding on them."""
@@ -187,6 +190,7 @@ def test_a_head_for_another_model_is_refused_with_the_reasons(default_model_path
 
 # ---- per slot in the serving engine ------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ngram", "mtp"])
 def test_speculation_in_the_serving_engine_gives_the_tokens_of_plain_decoding(kind, default_model_path):
     from test_engine import run_all

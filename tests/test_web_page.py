@@ -24,6 +24,8 @@ if not os.environ.get("TURBOLLM_REQUIRE_BROWSER") and (CHROMIUM is None or impor
                 allow_module_level=True)
 from playwright.sync_api import sync_playwright  # noqa: E402
 
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
 
 @pytest.fixture(scope="module")
 def browser():
