@@ -61,8 +61,7 @@ def attention_distances(net, ids: torch.Tensor) -> list[tuple[float, float]]:
     results = []
     for variant in ("fused", "composed", "reference"):
         ops = {"fused": fast.Ops, "composed": _composed(fast.Ops), "reference": reference.Ops}[variant]
-        saved, net.ops = net.ops, ops
-        outs = []
+        saved, outs = net.ops, []
         original = ops.attention_block
 
         def spy(x, b, rope, slots, positions, _original=original):

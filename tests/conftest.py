@@ -32,14 +32,18 @@ def _require_reference() -> None:
 TINY_SHIPPED = {"moe": "Q4_0", "dense": "Q4_0", "ple": "Q4_K_M", "assistant": "Q4_0"}
 
 
+def _tiny_path(name: str, variant: str) -> Path:
+    return REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf"
+
+
 def tiny_variants(name: str, variants: list[str]) -> list[str]:
     """Those of `variants` whose gemma4-tiny-NAME file is here."""
-    return [v for v in variants if (REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{v}.gguf").is_file()]
+    return [v for v in variants if _tiny_path(name, v).is_file()]
 
 
 def tiny_gguf(name: str, variant: str) -> Path:
     """gemma4-tiny-NAME-VARIANT.gguf; skips the test where only the full fixture folder has it."""
-    path = REFERENCE_DIR / f"gemma4-tiny-{name}" / f"gemma4-tiny-{name}-{variant}.gguf"
+    path = _tiny_path(name, variant)
     if not path.is_file():
         pytest.skip(f"{path.name} is in the full fixture folder only (set TURBOLLM_REFERENCE to it)")
     return path
@@ -83,6 +87,20 @@ def gemma3_oracle():
             with np.load(GEMMA3_DIR / f"{name}.npz") as f:
                 cache[name] = {k: f[k] for k in f.files}
         return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_record():
+    """(model, prompt) -> that tiny Gemma 4 model's npz record (see its folder's README), loaded once."""
+    cache: dict[tuple[str, str], dict] = {}
+
+    def load(name: str, prompt: str) -> dict:
+        if (name, prompt) not in cache:
+            with np.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"{prompt}.npz") as f:
+                cache[name, prompt] = {k: f[k] for k in f.files}
+        return cache[name, prompt]
 
     return load
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE_DIR, TINY_SHIPPED, tiny_gguf, tiny_variants
+from conftest import TINY_SHIPPED, tiny_gguf, tiny_variants
 from turbollm import Model
 from turbollm.kernels import fast
 from turbollm.kv.plan import CacheConfig
@@ -43,14 +43,8 @@ SURE = 1.0  # llama.cpp's top-1/top-2 margin above which its choice is not a nea
 
 
 @pytest.fixture(scope="module")
-def fixtures():
-    records, models = {}, {}
-
-    def record(name: str, prompt: str) -> dict:
-        if (name, prompt) not in records:
-            with np.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"{prompt}.npz") as f:
-                records[name, prompt] = {k: f[k] for k in f.files}
-        return records[name, prompt]
+def fixtures(tiny_record):
+    models = {}
 
     def model(name: str, variant: str, backend: str = "fast", cache: CacheConfig = F32_CACHE) -> Model:
         key = (name, variant, backend, cache)
@@ -58,7 +52,7 @@ def fixtures():
             models[key] = Model.load(tiny_gguf(name, variant), backend=backend, threads=2, cache=cache)
         return models[key]
 
-    return record, model
+    return tiny_record, model
 
 
 def _decode(model: Model, tokens: np.ndarray, cache: CacheConfig) -> torch.Tensor:
@@ -126,8 +120,6 @@ def test_decode_path_gives_llamacpps_logits_until_a_rounding_flip(fixtures, name
 def test_f32_weights_decode_equals_llamacpp(fixtures):
     """F32 weights: no 8-bit activations, nothing to flip; llama.cpp's F32 logits to float noise."""
     record, load = fixtures
-    if not tiny_variants("moe", ["F32"]):
-        tiny_gguf("moe", "F32")  # skips, naming the file
     for name in MODELS:
         model = load(name, "F32")
         for prompt in ["short", "chat"]:

@@ -38,9 +38,9 @@ def _oracle_key(variant: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def gemma4():
+def gemma4(tiny_record):
     """(model, variant) -> loaded Model; (model, prompt) -> npz record. Cached for the module."""
-    models, records = {}, {}
+    models = {}
 
     def model(name: str, variant: str) -> Model:
         key = (name, variant)
@@ -49,14 +49,7 @@ def gemma4():
                                      backend="reference", cache=F32_CACHE)
         return models[key]
 
-    def record(name: str, prompt: str) -> dict:
-        key = (name, prompt)
-        if key not in records:
-            with np.load(REFERENCE_DIR / f"gemma4-tiny-{name}" / f"{prompt}.npz") as f:
-                records[key] = {k: f[k] for k in f.files}
-        return records[key]
-
-    return model, record
+    return model, tiny_record
 
 
 def _prompt_logits(model: Model, tokens: np.ndarray) -> torch.Tensor:

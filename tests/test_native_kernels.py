@@ -203,7 +203,7 @@ def test_gelu_table_is_ggmls_bit_for_bit():
 
 def test_gelu_mul_is_the_fp16_table_lookup(simd):
     """gelu(g) * u looks up fp16(g) (nearest even) in the table, zero at or below -10 and the
-    identity at or above 10, on every code path and any length (the vector loop's tail);
+    identity at or above 10, times u, on every code path and any length (the vector loop's tail);
     the table is within fp16 rounding of the exact tanh-form GELU."""
     g = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([0.0, -0.0, 1e-30, -10.0, 10.0, 200.0, -200.0])])
     u = torch.randn(g.shape, generator=torch.Generator().manual_seed(2))
@@ -212,7 +212,6 @@ def test_gelu_mul_is_the_fp16_table_lookup(simd):
     want = torch.where(g <= -10, 0.0, torch.where(g >= 10, g, table[idx]))
     for n in (len(g), len(g) - 3, 7):
         assert torch.equal(native.gelu_mul(g[:n].contiguous(), u[:n].contiguous()), want[:n] * u[:n])
-        assert torch.equal(native.gelu_mul(g[:n].contiguous()), want[:n])
     # each entry is the tanh-form GELU of its fp16 input, rounded to fp16 (half an ulp: 2^-11
     # relative, 2^-25 absolute among fp16 subnormals), plus what ggml's float32 formula loses
     # where 1 + tanh(z) cancels in the negative tail (half an ulp of 1, times |x| / 2)

@@ -99,7 +99,7 @@ def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
     return [y.view(*lead, y.shape[-1]) for y in native.matmul_many(x2, ws)]
 
 
-def gelu_mul(g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """gelu(g) * u [T, n]. At decode size as llama.cpp's CPU backend computes it (ggml's fp16
     table: native/ops.c), so that the decode path, which also quantizes activations as ggml
     does, gives llama.cpp's logits rather than drifting off by the table's rounding. Prefill
@@ -107,13 +107,9 @@ def gelu_mul(g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     maths (fp32 tiles: within 1e-3 of transformers)."""
     rows = g.reshape(-1, g.shape[-1]).shape[0] if g.dim() else 1
     if g.device.type != "cpu" or g.dtype != torch.float32 or rows > DECODE_MAX_TOKENS:
-        return reference.gelu(g) if u is None else reference.gelu_mul(g, u)
+        return reference.gelu_mul(g, u)
     g = g.contiguous()
-    return native.gelu_mul(g, None if u is None else u.to(torch.float32).expand_as(g).contiguous())
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return gelu_mul(x)
+    return native.gelu_mul(g, u.to(torch.float32).expand_as(g).contiguous())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -228,7 +224,6 @@ class Ops:
     rms_norm = staticmethod(rms_norm)
     embedding = staticmethod(embedding)
     moe_ffn = staticmethod(moe_ffn)
-    gelu = staticmethod(gelu)
     gelu_mul = staticmethod(gelu_mul)
     attention = staticmethod(attention)
     attention_block = staticmethod(attention_block)

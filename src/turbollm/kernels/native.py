@@ -315,11 +315,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y
 
 
-def gelu_mul(g: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-    """gelu(g) * u (gelu(g) without u) as the fused FFN and MoE blocks compute it: ggml's
-    fp16-table GELU (ops.c); float32 contiguous, same shape."""
+def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gelu(g) * u as the fused FFN and MoE blocks compute it: ggml's fp16-table GELU (ops.c);
+    float32 contiguous, same shape."""
     out = torch.empty_like(g)
-    _lib.tl_gelu_mul(_ptr(g), None if u is None else _ptr(u), _ptr(out), g.numel())
+    _lib.tl_gelu_mul(_ptr(g), _ptr(u), _ptr(out), g.numel())
     return out
 
 

@@ -22,13 +22,9 @@ from turbollm.kernels.qtensor import QTensor
 _CHUNK_ELEMENTS = 1024 * 1024
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh form (Gemma's gelu_pytorch_tanh), exact in float32."""
-    return F.gelu(x, approximate="tanh")
-
-
 def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """gelu(g) * u: the gated half of Gemma's MLP."""
+    """gelu(g) * u, GELU in its tanh form (Gemma's gelu_pytorch_tanh), exact in float32: the
+    gated half of Gemma's MLP (and of PLE's gate)."""
     return F.gelu(g, approximate="tanh") * u
 
 
@@ -114,7 +110,6 @@ class Ops:
     rms_norm = staticmethod(rms_norm)
     embedding = staticmethod(embedding)
     moe_ffn = staticmethod(moe_ffn)
-    gelu = staticmethod(gelu)
     gelu_mul = staticmethod(gelu_mul)
     attention = staticmethod(attention)
     kv_encode = staticmethod(kv_encode)

@@ -290,10 +290,9 @@ void tl_gelu_mul_avx2(const float *g, const float *u, float *out, int64_t n) {
         __m256 y = _mm256_i32gather_ps(tl_gelu_table, idx, 4);
         y = _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, hi, _CMP_GE_OQ));
         y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LE_OQ), y);
-        if (u) y = _mm256_mul_ps(y, _mm256_loadu_ps(u + i));
-        _mm256_storeu_ps(out + i, y);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(y, _mm256_loadu_ps(u + i)));
     }
-    if (i < n) tl_gelu_mul_portable(g + i, u ? u + i : NULL, out + i, n - i);
+    if (i < n) tl_gelu_mul_portable(g + i, u + i, out + i, n - i);
 }
 
 void tl_register_avx2(tl_kernels *t) {

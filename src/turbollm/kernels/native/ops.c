@@ -56,11 +56,11 @@ void tl_init_gelu_table(void) {
     }
 }
 
-float tl_gelu_one(float x) { return x <= -10.0f ? 0.0f : x >= 10.0f ? x : tl_gelu_table[tl_f2h(x)]; }
+static inline float gelu_one(float x) { return x <= -10.0f ? 0.0f : x >= 10.0f ? x : tl_gelu_table[tl_f2h(x)]; }
 
-/* portable: out = gelu(g) * u, or gelu(g) when u is NULL (out may be g) */
+/* portable: out = gelu(g) * u (out may be g) */
 void tl_gelu_mul_portable(const float *g, const float *u, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = u ? tl_gelu_one(g[i]) * u[i] : tl_gelu_one(g[i]);
+    for (int64_t i = 0; i < n; i++) out[i] = gelu_one(g[i]) * u[i];
 }
 
 tl_gelu_mul_fn tl_gelu_mul_impl = tl_gelu_mul_portable;

@@ -181,13 +181,12 @@ typedef struct {
 int tl_moe_block(const tl_moe_desc *b, const float *h, int64_t n_tok, float *out);
 float tl_dot_f32(const float *a, const float *b, int64_t n);
 void tl_axpy_f32(float a, const float *x, float *y, int64_t n);  /* y += a x */
-/* out = gelu(g) * u, gelu(g) when u is NULL (out may be g): ggml's fp16-table GELU (ops.c) */
+/* out = gelu(g) * u (out may be g): ggml's fp16-table GELU (ops.c) */
 void tl_gelu_mul(const float *g, const float *u, float *out, int64_t n);
 typedef void (*tl_gelu_mul_fn)(const float *g, const float *u, float *out, int64_t n);
 extern tl_gelu_mul_fn tl_gelu_mul_impl;  /* the portable loop, or avx2.c's when the CPU has it */
 extern float tl_gelu_table[65536];        /* fp16 bits -> gelu, set by tl_init */
 void tl_init_gelu_table(void);
-float tl_gelu_one(float x);
 void tl_gelu_mul_portable(const float *g, const float *u, float *out, int64_t n);
 void tl_gelu_mul_avx2(const float *g, const float *u, float *out, int64_t n);
 /* z = (cos[n], sin[n]) of n angles, turned by the angles of w (z <- z * w as complex numbers);
