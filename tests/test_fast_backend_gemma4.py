@@ -192,7 +192,7 @@ def test_named_taps_show_every_step_without_changing_it(fixtures, backend):
     computed, and gives the logits of an untapped one (the fused blocks run composed from the
     same ops while tapped: the same arithmetic)."""
     record, load = fixtures
-    model = load("moe", "Q8_0", backend)
+    model = load("moe", TINY_SHIPPED["moe"], backend)
     net, tokens = model.network, record("moe", "short")["tokens"]
     plain = _prefill(model, tokens, F32_CACHE)
     seen = []
