@@ -7,14 +7,21 @@ chosen at run time from what the CPU reports.
 
 from setuptools import Extension, setup
 
-NATIVE = "src/turbollm/kernels/native/"
+# The binding is the package turbollm.kernels.native; its C is in csrc/ (portable code) and
+# csrc/arch/x86/ (AVX2 and AVX-512 VNNI code), ggml-cpu's split. Only the compiled library
+# goes into a wheel; the sources and headers go into an sdist (setuptools adds an Extension's
+# sources and depends).
+CSRC = "src/turbollm/kernels/native/csrc/"
+SOURCES = ["api.c", "threads.c", "scalar.c", "arch/x86/avx2.c", "arch/x86/vnni.c", "ops.c", "gemma_blocks.c", "kv.c",
+           "abi.c"]
+HEADERS = ["tl.h", "tl_internal.h", "arch/x86/x86_simd.h", "arch/x86/eight_blocks.h"]
 
 setup(
     ext_modules=[
         Extension(
-            "turbollm.kernels._tlnative",
-            sources=[NATIVE + name for name in ("api.c", "threads.c", "scalar.c", "avx2.c", "vnni.c", "ops.c", "blocks.c", "kv.c")],
-            depends=[NATIVE + name for name in ("tl.h", "x86_simd.h", "eight_blocks.h")],
+            "turbollm.kernels.native._tlnative",
+            sources=[CSRC + name for name in SOURCES],
+            depends=[CSRC + name for name in HEADERS],
             # -ffp-contract=off: no silent fused multiply-adds, so dequantization stays bit-exact;
             # -fno-trapping-math: nothing here reads floating-point exception flags, and without it
             # GCC will not vectorize a loop with a float select (ops.c's gelu_mul); values unchanged

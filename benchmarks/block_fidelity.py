@@ -4,7 +4,7 @@
 
 On the tiny Gemma 4 fixtures, with the prompt "The lighthouse keeper wrote in the log that
 the fog", a tapped forward (models.gemma `tap`) records every block's input; then for every
-layer each fused block (kernels/native/blocks.c: attention, FFN, MoE) runs on that input and
+layer each fused block (kernels/native/csrc/gemma_blocks.c: attention, FFN, MoE) runs on that input and
 is compared, as the relative L2 distance of its output, with
   - the same block composed from the fast backend's single ops (same arithmetic: only the
     order of float additions may differ, ~1e-7), and

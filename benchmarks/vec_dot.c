@@ -1,9 +1,9 @@
 /* One weight row type's dot kernel in a loop, without Python, threads or activation quantizing:
  * nanoseconds per 32-value block and GB/s of weights, best of 300 passes over `rows` rows.
  *
- *   cd src/turbollm/kernels/native && gcc -O3 -std=gnu11 -ffp-contract=off -fno-math-errno \
- *       -fno-trapping-math -pthread -I. ../../../../benchmarks/vec_dot.c api.c threads.c scalar.c \
- *       avx2.c vnni.c ops.c blocks.c kv.c -lm -o /tmp/vec_dot
+ *   cd src/turbollm/kernels/native/csrc && gcc -O3 -std=gnu11 -ffp-contract=off -fno-math-errno \
+ *       -fno-trapping-math -pthread -I. ../../../../../benchmarks/vec_dot.c api.c threads.c scalar.c \
+ *       arch/x86/avx2.c arch/x86/vnni.c ops.c gemma_blocks.c kv.c abi.c -lm -o /tmp/vec_dot
  *   /tmp/vec_dot TYPE ROWS COLS [SIMD]   e.g. /tmp/vec_dot 2 64 2816: Q4_0 (GGML type 2), in cache
  *
  * SIMD caps the code path (0 portable, 1 AVX2, 2 AVX-512 VNNI; default: the best the CPU has).
@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "tl.h"
+#include "tl_internal.h"
 
 static double now(void) {
     struct timespec t;

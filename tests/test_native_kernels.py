@@ -11,6 +11,8 @@ twins to compare with.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -369,3 +371,57 @@ def test_each_row_of_a_batch_equals_that_row_alone(qtype, n_tok):
     batch = native.matmul(x, w)
     for t in range(n_tok):
         assert torch.equal(batch[t], native.matmul(x[t:t + 1].contiguous(), w)[0])
+
+
+def test_every_structure_the_binding_passes_has_the_c_layout():
+    """Each ctypes Structure of the binding is checked at load against its C struct (abi.c):
+    size, and every field's name, offset and size in order."""
+    structures = {v for v in vars(native).values() if isinstance(v, type) and issubclass(v, ctypes.Structure)}
+    assert structures == set(native._STRUCTS.values())  # a new Structure must be registered to be checked
+    for c_name, cls in native._STRUCTS.items():
+        size, fields = native._c_layout(native._lib, c_name)
+        assert size == ctypes.sizeof(cls) and [f[0] for f in fields] == [f[0] for f in cls._fields_], c_name
+        assert native._struct_mismatch(c_name, cls) is None
+    assert native._check_structs(native._lib) is None
+    assert native._lib.tl_struct_size(b"no_such_struct") == -1
+    assert native._lib.tl_struct_field(b"no_such_struct", 0, None, None) is None
+
+
+def test_a_structure_unlike_its_c_struct_is_reported():
+    class MissingLast(ctypes.Structure):  # tl_kv_codec without keep_length: 32 bytes, not 40
+        _fields_ = native._KVCodec._fields_[:-1]
+
+    class Swapped(ctypes.Structure):  # same size, two fields in the other order
+        _fields_ = [native._KVCodec._fields_[i] for i in (0, 2, 1, 3, 4, 5)]
+
+    class Renamed(ctypes.Structure):
+        _fields_ = [("key", ctypes.c_void_p), *native._KVSegment._fields_[1:]]
+
+    class Shorter(ctypes.Structure):  # the same size as tl_kv_segment, one field too few
+        _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("pos", ctypes.c_void_p * 2)]
+
+    assert native._struct_mismatch("tl_kv_codec", MissingLast) == (
+        "struct tl_kv_codec is 40 bytes in C but 32 in the binding's MissingLast")
+    assert native._struct_mismatch("tl_kv_codec", Swapped) == (
+        "struct tl_kv_codec field 1: C has bits at offset 4 (4 bytes), the binding's Swapped has block at offset 4 (4 bytes)")
+    assert "field 0: C has k at offset 0 (8 bytes)" in native._struct_mismatch("tl_kv_segment", Renamed)
+    assert native._struct_mismatch("tl_kv_segment", Shorter) == (
+        "struct tl_kv_segment field 2: C has pos at offset 16 (8 bytes), the binding's Shorter has pos at offset 16 "
+        "(16 bytes)")
+    assert "no struct tl_nothing" in native._struct_mismatch("tl_nothing", MissingLast)
+    assert "MissingLast" in native._check_structs(native._lib, {"tl_kv_exact": native._KVExact,
+                                                                "tl_kv_codec": MissingLast})
+
+
+def test_a_layout_mismatch_at_load_leaves_the_library_unloaded(monkeypatch):
+    """Not a crash at the first call: available() is false and load_error() names the struct."""
+    class MissingLast(ctypes.Structure):
+        _fields_ = native._KVCodec._fields_[:-1]
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setattr(native, "_STRUCTS", {**native._STRUCTS, "tl_kv_codec": MissingLast})
+    native._load()
+    assert not native.available()
+    error = native.load_error()
+    assert "struct tl_kv_codec is 40 bytes in C but 32" in error and "\n" not in error

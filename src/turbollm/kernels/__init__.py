@@ -6,7 +6,7 @@ tensors and weights as `QTensor`s:
 
 - `reference` (reference.py, attention.py): dequantize, then float32 maths in plain PyTorch,
   on any device. Exact: what the transformers oracles compute on the same weights.
-- `fast` (fast.py): native CPU kernels (native/*.c via native.py) where they apply, the
+- `fast` (fast.py): native CPU kernels (native/csrc/*.c via native/__init__.py) where they apply, the
   reference elsewhere. Decode quantizes activations to 8 bits, as llama.cpp does.
 
 `backend("auto")` is `fast` when the native library loaded, else `reference`. Kernels know

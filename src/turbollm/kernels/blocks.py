@@ -3,7 +3,7 @@ Experts, as single calls.
 
 A block bundles its weights and shape; `attention_block` / `ffn_block` here compose it from a
 backend's single ops (the definition, and what the reference backend runs). The fast backend
-runs decode-sized calls of the same blocks in one native call each (native/blocks.c), which
+runs decode-sized calls of the same blocks in one native call each (native/csrc/gemma_blocks.c), which
 removes most of the Python between kernels.
 
     attention: out = x + post_norm(Wo . attn(rope(q_norm(Wq n)), rope(k_norm(Wk n)), v_norm(Wv n))),

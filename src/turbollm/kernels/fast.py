@@ -101,7 +101,7 @@ def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
 
 def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """gelu(g) * u [T, n]. At decode size as llama.cpp's CPU backend computes it (ggml's fp16
-    table: native/ops.c), so that the decode path, which also quantizes activations as ggml
+    table: native/csrc/ops.c), so that the decode path, which also quantizes activations as ggml
     does, gives llama.cpp's logits rather than drifting off by the table's rounding. Prefill
     rows (more than DECODE_MAX_TOKENS) take the exact function, as the prefill GEMMs are exact
     maths (fp32 tiles: within 1e-3 of transformers)."""

@@ -14,7 +14,7 @@ Names are llama.cpp's `--cache-type-k/-v` values and its TurboQuant forks':
                                    keys store norm / |codeword| (`keep_length`), values the norm
 
 Every codec here is the pure-PyTorch reference: `encode` [..., d] float -> [..., row_bytes]
-uint8 and `decode` back. The native kernels (kernels/native/kv.c) write and read the same bytes.
+uint8 and `decode` back. The native kernels (kernels/native/csrc/kv.c) write and read the same bytes.
 A TurboQuant row can also be decoded *in the rotated basis* (`decode_rotated`): attention
 rotates the query once and scores it against rotated keys, since a rotation keeps dot products.
 """

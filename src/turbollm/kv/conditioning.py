@@ -18,7 +18,7 @@ norm (TurboQuant). So a quantized key k at position p is coded as
 
 Reading multiplies and adds them back; native attention computes the scores as
 (q * s) . code + q . c + q . R_p mu, the last term with the rotation's angles stepped from key
-to key (kernels/native/kv.c), so nothing is decoded in the original basis.
+to key (kernels/native/csrc/kv.c), so nothing is decoded in the original basis.
 
 R_p is a NeoX rotation (pairs i and i + d/2) by angles p * freq_i, computed here in float64
 from the model's RoPE frequencies (`rope_freq`, d/2 values; none: R_p = identity). It need not

@@ -15,7 +15,7 @@ quantiles, then alternate "boundaries = midpoints of neighbouring values" and "v
 conditional means of their cells" on a fine grid until nothing moves (`lloyd_max_codebook`).
 
 This module computes the codebooks and is the quantizer's definition (one byte per code);
-kv/codecs.py packs the codes into cache rows, and the native attention (kernels/native/kv.c)
+kv/codecs.py packs the codes into cache rows, and the native attention (kernels/native/csrc/kv.c)
 reads them directly: the query is rotated once instead of unrotating every key.
 """
 

@@ -1,5 +1,6 @@
-"""The native CPU kernels (kernels/native/*.c), loaded with ctypes and called on the data
-pointers of torch CPU tensors.
+"""The native CPU kernels, loaded with ctypes and called on the data pointers of torch CPU
+tensors. The C is in csrc/: portable code (public API tl.h), with the AVX2 and AVX-512 VNNI
+versions in csrc/arch/x86/; setup.py builds it into _tlnative beside this file.
 
 `available()` says whether the library loaded; `simd_level()` which code path the CPU got
 (SIMD_NAMES: 0 portable C, 1 AVX2+FMA+F16C, 2 that plus AVX-512 VNNI). The functions here take the same arguments as the
@@ -7,6 +8,10 @@ reference kernels and compute the same products, except that decode-sized produc
 quantize the activations to 8-bit blocks first, as ggml does.
 
 Set TURBOLLM_SIMD=N to cap the level (0: the portable path, for testing it on a SIMD machine).
+
+At load every ctypes Structure passed to C is checked against its C struct (size, and each
+field's name, offset and size, as csrc/abi.c reports them): on a mismatch, or a library that
+lacks a function, nothing is loaded, `available()` is false and `load_error()` says why.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sysconfig
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +60,8 @@ _SIGNATURES = {
     "tl_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                                     ctypes.c_float, _I64, ctypes.c_float, _P]),
     "tl_quantize_activations": (ctypes.c_int, [ctypes.c_int, _P, _I64, _I64, _P]),
+    "tl_struct_size": (_I64, [ctypes.c_char_p]),
+    "tl_struct_field": (ctypes.c_char_p, [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(_I64), ctypes.POINTER(_I64)]),
 }
 
 class _Weight(ctypes.Structure):
@@ -131,6 +139,52 @@ def _kv_exact(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], s
 
 
 _exact_views: dict[int, _KVExact] = {}  # one per layer's exact rows, by their address
+
+# every Structure passed to C, by the name of its C struct (csrc/tl.h): checked at load
+_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "tl_weight": _Weight, "tl_attn_desc": _AttnDesc, "tl_ffn_desc": _FfnDesc, "tl_moe_desc": _MoeDesc,
+    "tl_kv_codec": _KVCodec, "tl_key_cond": _KeyCond, "tl_kv_segment": _KVSegment, "tl_kv_exact": _KVExact,
+}
+
+
+def _c_layout(lib: ctypes.CDLL, c_name: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """sizeof(c_name) as compiled (-1: the library has no such struct) and its fields in order:
+    (name, offset, size)."""
+    name = c_name.encode()
+    fields: list[tuple[str, int, int]] = []
+    offset, size = _I64(), _I64()
+    while (field := lib.tl_struct_field(name, len(fields), ctypes.byref(offset), ctypes.byref(size))) is not None:
+        fields.append((field.decode(), offset.value, size.value))
+    return lib.tl_struct_size(name), fields
+
+
+def _struct_mismatch(c_name: str, cls: type[ctypes.Structure], lib: ctypes.CDLL | None = None) -> str | None:
+    """None when ctypes Structure `cls` has the layout of C struct `c_name` in the library (its
+    size, and every field's name, offset and size, in order); else one line saying where not."""
+    c_size, c_fields = _c_layout(_lib if lib is None else lib, c_name)
+    if c_size < 0:
+        return f"the library has no struct {c_name} (the binding's {cls.__name__})"
+    py_size = ctypes.sizeof(cls)
+    if c_size != py_size:
+        return f"struct {c_name} is {c_size} bytes in C but {py_size} in the binding's {cls.__name__}"
+    py_fields = [(f[0], getattr(cls, f[0]).offset, getattr(cls, f[0]).size) for f in cls._fields_]
+
+    def describe(f: tuple[str, int, int] | None) -> str:
+        return "nothing" if f is None else f"{f[0]} at offset {f[1]} ({f[2]} bytes)"
+
+    for i, (c, p) in enumerate(zip_longest(c_fields, py_fields)):
+        if c != p:
+            return (f"struct {c_name} field {i}: C has {describe(c)}, the binding's {cls.__name__} "
+                    f"has {describe(p)}")
+    return None
+
+
+def _check_structs(lib: ctypes.CDLL, structs: dict[str, type[ctypes.Structure]] | None = None) -> str | None:
+    """The first mismatch between the binding's Structures (_STRUCTS) and the library's structs."""
+    for c_name, cls in (_STRUCTS if structs is None else structs).items():
+        if (mismatch := _struct_mismatch(c_name, cls, lib)) is not None:
+            return mismatch
+    return None
 
 
 # KV cache codec names (turbollm.kv.codecs) -> the library's type ids; TurboQuant is 100
@@ -217,8 +271,17 @@ def _load() -> None:
         _load_error = f"native kernels not loaded ({path.name}: {e}); using the PyTorch reference kernels"
         return
     for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            _load_error = (f"native kernels not loaded ({path.name} has no {name}: built from other sources, "
+                           "rebuild with `pip install -e .`); using the PyTorch reference kernels")
+            return
         fn.restype, fn.argtypes = restype, argtypes
+    if (mismatch := _check_structs(lib)) is not None:
+        _load_error = (f"native kernels not loaded ({path.name}: {mismatch}; the binding and csrc/tl.h disagree); "
+                       "using the PyTorch reference kernels")
+        return
     _lib = lib
     set_simd(int(os.environ.get("TURBOLLM_SIMD", len(SIMD_NAMES) - 1)))
     lib.tl_set_num_threads(torch.get_num_threads())
@@ -316,7 +379,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """gelu(g) * u as the fused FFN and MoE blocks compute it: ggml's fp16-table GELU (ops.c);
+    """gelu(g) * u as the fused FFN and MoE blocks compute it: ggml's fp16-table GELU (csrc/ops.c);
     float32 contiguous, same shape."""
     out = torch.empty_like(g)
     _lib.tl_gelu_mul(_ptr(g), _ptr(u), _ptr(out), g.numel())

@@ -6,7 +6,8 @@
  * the workers keep spinning for a time window (TL_HOT_NS) and only then sleep on a condition
  * variable. tl_rest() ends the window at once: the caller uses it before handing the cores to
  * another thread pool (torch's GEMM in prefill), which spinning workers would slow down.
- * One caller at a time (a mutex serializes concurrent callers).
+ * One caller at a time (a mutex serializes concurrent callers). Nothing here knows what the
+ * tasks compute.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -14,7 +15,7 @@
 #include <stdint.h>
 #include <time.h>
 
-#include "tl.h"
+#include "tl_internal.h"
 
 #define TL_MAX_THREADS 256
 #define SECTION_GEN(s) ((s) >> 32)

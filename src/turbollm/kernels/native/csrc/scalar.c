@@ -5,11 +5,12 @@
  * Dot products follow ggml's reference formulas (ggml-quants.c): integer sums within a block,
  * float scales outside. Dequantizers perform their float operations in the same order as the
  * gguf package's numpy reference, so they are bit-exact with turbollm.gguf.quants.
+ * The SIMD versions are in arch/x86/ (avx2.c, vnni.c); nothing here needs a target pragma.
  */
 #include <math.h>
 #include <string.h>
 
-#include "tl.h"
+#include "tl_internal.h"
 
 /* ---- activation quantizers ----------------------------------------------------------------- */
 

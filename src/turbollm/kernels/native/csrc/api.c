@@ -1,11 +1,15 @@
 /* The entry points Python calls: initialisation and CPU dispatch, matrix products over
- * threads, dequantization. See tl.h for the contract of each. */
+ * threads, dequantization. See tl.h for the contract of each.
+ *
+ * Portable C: the per-type kernels it dispatches to are scalar.c's, overridden by
+ * arch/x86/avx2.c's and vnni.c's where the CPU has them; the float ops, the KV cache and the
+ * fused Gemma blocks are ops.c, kv.c and gemma_blocks.c, the struct layouts for ctypes abi.c. */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "tl.h"
+#include "tl_internal.h"
 
 float tl_f16_table[65536];
 int8_t tl_iq4nl_values[16];

@@ -1,4 +1,6 @@
-/* Float kernels around the matrix products: RMSNorm and attention over a KV cache.
+/* Float kernels around the matrix products: RMSNorm, the table GELU, the dot, axpy and
+ * rotation helpers the KV cache and the fused blocks share, and attention over float32 K/V
+ * (kv.c's coded-cache kernel on f32 rows). The GELU's AVX2 loop is arch/x86/avx2.c's.
  *
  * Plain C loops, compiled twice by GCC's target_clones (AVX2+FMA and the baseline) and chosen
  * at load time by the CPU: the compiler vectorizes them. They exist because each torch op
@@ -10,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tl.h"
+#include "tl_internal.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define TL_CLONES __attribute__((target_clones("avx2,fma", "default")))

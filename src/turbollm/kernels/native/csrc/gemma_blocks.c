@@ -1,4 +1,6 @@
-/* Fused decode blocks: a whole attention sub-layer and a whole dense FFN sub-layer per call.
+/* The model-specific code of the library: the fused decode blocks of the Gemma 3 / Gemma 4
+ * layers, a whole attention sub-layer, a whole dense FFN sub-layer or a whole MoE sub-layer
+ * per call.
  *
  * A decode step of a small model spends as long in Python between kernels as in the kernels
  * (about 200 us per layer for ~25 torch ops and wrappers); these blocks run the same sequence
@@ -11,12 +13,17 @@
  *   moe:       out = post_norm(sum_k w_k expert_k(pre_norm(h))), the k experts and weights w_k from
  *              softmax(W_router (rms(h) * router_scale / sqrt(n_embd))): top k, renormalised,
  *              times the expert's scale
+ *
+ * Portable C and no SIMD of its own: the products, float ops, KV codecs and threads it calls
+ * are api.c's, ops.c's, kv.c's and threads.c's (which bring the SIMD versions); what is here is
+ * the order of those calls and the small loops between them (q/k norm with RoPE, residuals,
+ * the router's softmax and top k).
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "tl.h"
+#include "tl_internal.h"
 
 static int weight_ok(const tl_weight *w) { return w->data != NULL; }
 

@@ -26,6 +26,6 @@ static inline __m256i fifth_bits(const uint8_t *qh) {
 
 void tl_register_vnni(tl_kernels *t) { vnni_register(t); }
 #else
-#include "tl.h"
+#include "../../tl_internal.h"
 void tl_register_vnni(tl_kernels *t) { (void)t; }
 #endif

@@ -308,7 +308,7 @@ void tl_register_avx2(tl_kernels *t) {
     t[TL_IQ3_S].vec_dot = dot_iq3_s;
 }
 #else
-#include "tl.h"
+#include "../../tl_internal.h"
 void tl_register_avx2(tl_kernels *t) { (void)t; }
 void tl_gelu_mul_avx2(const float *g, const float *u, float *out, int64_t n) { tl_gelu_mul_portable(g, u, out, n); }
 #endif

@@ -1,10 +1,11 @@
-/* Small AVX2 helpers shared by avx2.c and vnni.c. Each includes this after its own target
- * pragma, so the helpers are compiled for that file's target; all are static inline. */
+/* Small AVX2 helpers shared by avx2.c and vnni.c (and kv.c's AVX2 decoders, ../../kv.c). Each
+ * includes this after its own target pragma, so the helpers are compiled for that file's
+ * target; all are static inline. x86 only: nothing portable includes it. */
 #ifndef TL_X86_SIMD_H
 #define TL_X86_SIMD_H
 #include <immintrin.h>
 
-#include "tl.h"
+#include "../../tl_internal.h"
 
 static inline float h2f(tl_half h) { return _cvtsh_ss(h); }
 

@@ -14,6 +14,11 @@
  * weighted values) merged at the end, so one token over a long context still uses every core.
  * With an exact window (tl_kv_exact) the f16 rows are a second pass of the same kind, with the
  * plain queries, whose chunks merge with the coded pass's (its values rotated back first).
+ *
+ * Portable C, except for its AVX2 + F16C decoders (f16 rows, TurboQuant codebook lookups, the
+ * Walsh-Hadamard transform), which stay here behind __x86_64__ and a target pragma because
+ * they are static to this file's loops; arch/x86/x86_simd.h gives them its helpers. Other
+ * CPUs get the portable loops beside them.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -23,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#include "tl.h"
+#include "tl_internal.h"
 
 #define KV_CHUNK 128     /* keys per work item */
 #define KV_MAX_DIM 1024  /* longest head the stack buffers hold */
@@ -302,7 +307,7 @@ static void decode_turbo_rotated(const tl_kv_codec *c, const uint8_t *x, float *
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-#include "x86_simd.h"
+#include "arch/x86/x86_simd.h"
 
 /* A TurboQuant codebook of up to 16 entries as a register table: 8 codes at a time from one
  * broadcast word, per-lane shifts and vpermps (two tables chosen by the code's high bit) */
