@@ -9,7 +9,7 @@ import torch
 from turbollm import SamplingParams
 from turbollm.engine.scheduler import Scheduler
 from turbollm.engine.sequence import Event, Sequence, SeqState
-from turbollm.engine.serving import Engine
+from turbollm.engine.engine import Engine
 from turbollm.engine.text import OutputText
 from turbollm.errors import ContextLengthError
 
@@ -88,7 +88,7 @@ def test_batched_decode_gives_the_tokens_of_decoding_alone(fast_model):
     for a, seq, out in zip(alone, seqs, outs):
         assert seq.generated == a.token_ids
         assert out.text == a.text and out.finish == a.finish_reason
-    assert engine.counters.n_decode_steps < engine.counters.n_decode_rows / 2  # rows really were batched
+    assert engine.totals.n_decode_steps < engine.totals.n_decode_tokens / 2  # rows really were batched
 
 
 @pytest.mark.parametrize("folder, quant", [("gemma4-tiny-moe", "Q4_0"), ("gemma4-tiny-ple", "Q4_K_M")])

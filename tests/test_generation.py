@@ -12,7 +12,9 @@ import torch
 from turbollm import SamplingParams
 from turbollm.engine.text import split_at_stop
 from turbollm.cli import main as cli_main
-from turbollm.engine.generate import GenerationStats, generate_tokens
+from turbollm.engine.engine import Engine
+from turbollm.engine.sequence import GenerationStats
+from turbollm.engine.speculative import SpecConfig
 from turbollm.engine.sampler import Sampler
 from turbollm.kv.cache import KVCache
 from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_kv
@@ -71,42 +73,87 @@ def test_invalid_sampling_params_say_what_to_change(kwargs, message):
 
 # ---- generation loop on a scripted model ---------------------------------------------------
 
-class ScriptedModel:
-    """Emits a fixed sequence of argmax tokens, one per forward position."""
+class ScriptedTokenizer:
+    eog_ids = frozenset({1})
 
-    def __init__(self, script: list[int], vocab: int = 16):
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        return f"<{token_id}>".encode()
+
+    def token_id(self, text: str) -> int | None:
+        return None
+
+
+class ScriptedModel:
+    """A loaded model whose network emits a fixed sequence of argmax tokens, one per forward."""
+
+    def __init__(self, script: list[int], ctx_size: int = 100, vocab: int = 16):
         self.script, self.vocab, self.calls = script, vocab, 0
+        self.network, self.tokenizer, self.ctx_size = self, ScriptedTokenizer(), ctx_size
+        self.cache, self.spec = CacheConfig(), SpecConfig()
+
+    def new_drafter(self, cache):
+        return None
 
     def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache:
         return KVCache(plan_kv([LayerKVShape(1, 2)], capacity, config))
 
-    def forward(self, ids, cache):
-        cache.begin(len(ids))
-        cache.advance()
-        return torch.zeros(len(ids), 1)
+    def forward_batch(self, ids, caches, commit=True):
+        for seq_ids, cache in zip(ids, caches):
+            cache.begin(len(seq_ids))
+            cache.advance()
+        return torch.zeros(sum(len(t) for t in ids), 1)
+
+    def forward(self, ids, cache, commit=True):
+        return self.forward_batch([ids], [cache], commit)
 
     def logits(self, hidden):
-        row = torch.zeros(1, self.vocab)
-        row[0, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
-        self.calls += 1
-        return row
+        rows = torch.zeros(hidden.shape[0], self.vocab)
+        for row in rows:
+            row[self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+            self.calls += 1
+        return rows
+
+
+def _run(model: ScriptedModel, prompt: list[int], max_tokens: int, stats: GenerationStats | None = None) -> list[int]:
+    tokens: list[int] = []
+    list(Engine(model, stop_at_context_end=True).run(prompt, SamplingParams(temperature=0, max_tokens=max_tokens), stats, tokens))
+    return tokens
 
 
 def test_generation_stops_at_end_of_generation_token_without_yielding_it():
     stats = GenerationStats()
-    out = list(generate_tokens(ScriptedModel([5, 6, 1, 7]), [2, 3], SamplingParams(temperature=0, max_tokens=10),
-                               eog_ids=frozenset({1}), ctx_size=100, stats=stats))
+    out = _run(ScriptedModel([5, 6, 1, 7]), [2, 3], 10, stats)
     assert out == [5, 6] and stats.finish_reason == "stop" and stats.n_generated == 2
+    assert stats.n_prompt == 2 and stats.n_decode_steps == 2 and stats.n_decode_tokens == 2
 
 
 def test_generation_stops_at_max_tokens_and_at_the_context_end():
     stats = GenerationStats()
-    out = list(generate_tokens(ScriptedModel([5, 6, 7, 8]), [2, 3], SamplingParams(temperature=0, max_tokens=3),
-                               eog_ids=frozenset({1}), ctx_size=100, stats=stats))
+    out = _run(ScriptedModel([5, 6, 7, 8]), [2, 3], 3, stats)
     assert out == [5, 6, 7] and stats.finish_reason == "length"
-    out = list(generate_tokens(ScriptedModel([5, 6, 7, 8]), [2, 3], SamplingParams(temperature=0, max_tokens=30),
-                               eog_ids=frozenset(), ctx_size=5))
-    assert out == [5, 6, 7]  # 2 prompt + 3 generated fill the 5-token context
+    stats = GenerationStats()
+    out = _run(ScriptedModel([5, 6, 7, 8], ctx_size=5), [2, 3], 30, stats)
+    assert out == [5, 6, 7] and stats.finish_reason == "length"  # 2 prompt + 3 generated fill the 5-token context
+
+
+def test_the_server_engine_refuses_what_the_caller_thread_engine_cuts_at_the_context_end():
+    from turbollm.errors import ContextLengthError
+    with pytest.raises(ContextLengthError, match="max_tokens 30 is more than the 3 tokens left in the context size of 5"):
+        Engine(ScriptedModel([5], ctx_size=5)).submit([2, 3], SamplingParams(max_tokens=30), lambda ev: None)
+    with pytest.raises(ContextLengthError, match="the prompt has 5 tokens but the context size is 5"):
+        _run(ScriptedModel([5], ctx_size=5), [2, 3, 4, 5, 6], 1)
+
+
+def test_closing_the_stream_early_cancels_the_request_and_a_failed_step_raises():
+    model = ScriptedModel([5, 6, 7, 8])
+    engine = Engine(model, stop_at_context_end=True)
+    events = engine.run([2, 3], SamplingParams(temperature=0, max_tokens=10))
+    assert next(events).text == "<5>"
+    events.close()
+    assert engine.n_running == 0 and engine.n_finished == {"cancelled": 1}
+    model.logits = lambda hidden: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        list(engine.run([2, 3], SamplingParams(temperature=0, max_tokens=10)))
 
 
 def test_kv_cache_refuses_overflow_and_truncates():

@@ -28,7 +28,7 @@ class ScriptedNetwork:
         return SimpleNamespace(nbytes=capacity)
 
     def new_cache(self, capacity, config):
-        return SimpleNamespace(nbytes=capacity, steps=0)
+        return SimpleNamespace(nbytes=capacity, steps=0, describe=lambda: "scripted")
 
     def forward(self, ids, cache):
         return self.forward_batch([ids], [cache])
@@ -50,7 +50,7 @@ class ScriptedNetwork:
 @pytest.fixture(scope="module")
 def client():
     from turbollm import Model
-    from turbollm.engine.serving import Engine
+    from turbollm.engine.engine import Engine
     from turbollm.server.app import ServerSettings, create_app
     model = Model.load(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf", ctx_size=512)
     tok = model.tokenizer

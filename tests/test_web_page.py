@@ -96,7 +96,7 @@ def test_thoughts_appear_in_a_collapsed_section(browser):
     import uvicorn
     from test_server_reasoning import SCRIPT, ScriptedNetwork
     from turbollm import Model
-    from turbollm.engine.serving import Engine
+    from turbollm.engine.engine import Engine
     from turbollm.server.app import ServerSettings, create_app
     model = Model.load(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf", ctx_size=512)
     tok = model.tokenizer

@@ -20,15 +20,15 @@ import torch
 
 from turbollm import chat, kernels, planner
 from turbollm.config import ModelConfig
-from turbollm.engine.generate import GenerationStats, generate_tokens
+from turbollm.engine.engine import Engine
 from turbollm.engine.sampler import SamplingParams
+from turbollm.engine.sequence import GenerationStats
 from turbollm.engine.speculative import NgramDrafter, SpecConfig
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.plan import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
 from turbollm.planner import PlanRequest
-from turbollm.engine.text import OutputText
 from turbollm.tokenizer import Tokenizer
 
 
@@ -203,24 +203,16 @@ class Model:
 
     def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
                stats: GenerationStats | None = None, generated: list[int] | None = None) -> Iterator[StreamPiece]:
-        """Yield text pieces as tokens are generated; stop strings end the stream (not included)."""
+        """Yield text pieces as tokens are generated; stop strings end the stream (not included).
+        The request runs in a one-slot engine (engine/engine.py) stepped in this thread; it
+        ends at `max_tokens`, an end-of-generation token, a stop string, or the end of the
+        context (finish reason "length"). `stats` is filled as it runs; `generated` receives
+        the token ids."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        stats = stats if stats is not None else GenerationStats()
-        text = OutputText(self.tokenizer, params.stop)
-        tokens = generate_tokens(self.network, prompt_ids, params, eog_ids=self.tokenizer.eog_ids,
-                                 ctx_size=self.ctx_size, stats=stats, cache_config=self.cache, spec=self.spec,
-                                 make_drafter=self.new_drafter if self.spec.enabled else None)
-        for token in tokens:
-            if generated is not None:
-                generated.append(token)
-            for channel, piece in text.push(token):
-                yield StreamPiece(piece, token, channel)
-            if text.stopped:
-                stats.finish_reason = "stop"
-                tokens.close()
-                return
-        for channel, piece in text.flush():
-            yield StreamPiece(piece, None, channel)
+        engine = Engine(self, n_slots=1, stop_at_context_end=True)
+        for ev in engine.run(prompt_ids, params, stats, generated):
+            if ev.text:
+                yield StreamPiece(ev.text, ev.token_id, ev.channel)
 
     def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Completion:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -373,7 +373,7 @@ def _read_prompt(a: RunArgs) -> str:
 
 
 def run(a: RunArgs) -> int:
-    from turbollm.engine.generate import GenerationStats
+    from turbollm.engine.sequence import GenerationStats
     from turbollm.memory import mib, peak_rss_bytes, rss_breakdown
 
     prompt = _read_prompt(a)

@@ -16,4 +16,9 @@ class GGUFError(TurbollmError):
 
 
 class ContextLengthError(TurbollmError):
-    """A prompt (plus the tokens asked for) does not fit the context window."""
+    """A prompt (plus the tokens asked for) does not fit the context window. `what` names the
+    part that does not fit: "prompt" or "max_tokens" (the server reports it as the param)."""
+
+    def __init__(self, message: str, what: str = "prompt"):
+        super().__init__(message)
+        self.what = what

@@ -1,11 +1,16 @@
-"""The serving engine: many requests over `n_slots` parallel slots, in one background thread.
+"""The generation loop: requests over `n_slots` parallel slots, one `step()` at a time.
+
+Every caller steps this one loop: the server from a background thread (`start()`), and
+`Model.generate` / `Model.stream` in the caller's own thread (`run()`), so context limits,
+stop strings, speculative decoding and statistics are handled in one place.
 
 Each iteration (`step`): drop finished and cancelled sequences (their KV caches go at once),
 let the scheduler admit waiting ones, decode one token of every running sequence in one
 batched forward (a sequence whose drafter proposes tokens verifies them in a forward of its
 own instead: speculative decoding per slot), feed one prompt chunk, sample, and hand each new
-piece of text to its request's callback. Each slot has `slot_ctx` tokens of context (llama-server: --ctx-size /
---parallel); a request that cannot fit is refused by `submit`, never truncated.
+piece of text to its request's callback. Each slot has `slot_ctx` tokens of context
+(llama-server: --ctx-size / --parallel); a prompt that does not fit is refused by `submit`,
+never truncated.
 """
 
 from __future__ import annotations
@@ -13,44 +18,59 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 
 from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
-from turbollm.engine.sequence import Event, Sequence, SeqState
-from turbollm.engine.speculative import SpecStats, Speculator
+from turbollm.engine.sequence import Event, GenerationStats, Sequence, SeqState
+from turbollm.engine.speculative import Drafter, SpecConfig, SpecStats, Speculator
 from turbollm.engine.text import OutputText
 from turbollm.errors import ContextLengthError
+from turbollm.kv.cache import KVCache
+from turbollm.kv.plan import CacheConfig
 
 
-@dataclass
-class EngineCounters:
-    """Totals since start, read by the server's /metrics."""
+class Network(Protocol):
+    """What the engine needs of a model's network (models/gemma.py Gemma)."""
 
-    n_prompt_tokens: int = 0
-    n_generated_tokens: int = 0
-    prompt_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    n_decode_steps: int = 0  # batched decode forwards
-    n_decode_rows: int = 0  # sequence-tokens decoded in them (a step of 4 sequences counts 4)
-    n_requests: int = 0
-    n_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
-    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding over all requests
+    def new_cache(self, capacity: int, config: CacheConfig = CacheConfig()) -> KVCache: ...
+    def forward(self, ids: torch.Tensor, cache: KVCache, commit: bool = True) -> torch.Tensor: ...
+    def forward_batch(self, ids: list[torch.Tensor], caches: list[KVCache], commit: bool = True) -> torch.Tensor: ...
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+
+class LoadedModel(Protocol):
+    """What the engine needs of a loaded model (turbollm.api.Model)."""
+
+    network: Network
+    tokenizer: object  # turbollm.tokenizer.Tokenizer: eog_ids, token_bytes, token_id, decode
+    ctx_size: int
+    cache: CacheConfig
+    spec: SpecConfig
+
+    def new_drafter(self, cache: KVCache) -> Drafter | None: ...
 
 
 class Engine:
-    def __init__(self, model, n_slots: int = 1, slot_ctx: int | None = None, n_batch: int = 512):
-        """`model` is a turbollm.api.Model (network, tokenizer, cache config)."""
+    def __init__(self, model: LoadedModel, n_slots: int = 1, slot_ctx: int | None = None, n_batch: int = 512,
+                 stop_at_context_end: bool = False):
+        """`slot_ctx`: tokens of context per slot (default: the model's). `stop_at_context_end`:
+        what `max_tokens` beyond the room left in a slot means. False (the OpenAI API): the
+        request is refused. True (llama-cli, `Model.generate`): generation ends where the
+        context does, with finish reason "length"."""
         self.model, self.network, self.tokenizer = model, model.network, model.tokenizer
         self.slot_ctx = slot_ctx if slot_ctx is not None else model.ctx_size
         if not 0 < self.slot_ctx <= model.ctx_size:
             raise ValueError(f"slot context {self.slot_ctx} is outside 1..{model.ctx_size}")
+        self.stop_at_context_end = stop_at_context_end
         self.scheduler = Scheduler(n_slots, n_batch)
-        self.counters = EngineCounters()
+        self.totals = GenerationStats()  # over all requests since start (the server's /metrics)
+        self.n_requests = 0
+        self.n_finished: dict[str, int] = {}  # by finish reason
+        self._spec_finished = SpecStats()  # speculative decoding of the requests that have finished
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
         self._texts: dict[int, OutputText] = {}
@@ -60,23 +80,31 @@ class Engine:
 
     # --- any thread ---------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Sequence:
-        """Queue a request; `params.max_tokens` new tokens at most. Raises ContextLengthError
-        (nothing queued) when the prompt and max_tokens do not fit a slot's context."""
-        n_prompt = len(prompt_ids)
+    def room(self, n_prompt: int) -> int:
+        """Tokens a request with an `n_prompt`-token prompt may generate in a slot; raises
+        ContextLengthError when the prompt leaves no room (the one place that checks)."""
         if n_prompt == 0:
             raise ValueError("the prompt is empty: there is nothing to continue")
         if n_prompt >= self.slot_ctx:
-            raise ContextLengthError(f"the prompt has {n_prompt} tokens but a slot's context is {self.slot_ctx} tokens: "
-                                     f"shorten the prompt, or raise --ctx-size (or lower --parallel)")
-        if n_prompt + params.max_tokens > self.slot_ctx:
-            raise ContextLengthError(f"the prompt ({n_prompt} tokens) and max_tokens ({params.max_tokens}) exceed "
-                                     f"a slot's context of {self.slot_ctx} tokens: ask for at most "
-                                     f"{self.slot_ctx - n_prompt} tokens, or raise --ctx-size")
-        seq = Sequence(prompt_ids, params, params.max_tokens, on_event)
+            raise ContextLengthError(f"the prompt has {n_prompt} tokens but {self._context_name} is {self.slot_ctx} tokens: "
+                                     f"shorten the prompt, or raise --ctx-size{self._parallel_hint}", what="prompt")
+        return self.slot_ctx - n_prompt
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
+               stats: GenerationStats | None = None) -> Sequence:
+        """Queue a request; `params.max_tokens` new tokens at most (see `stop_at_context_end`).
+        Raises ContextLengthError, with nothing queued, when it does not fit a slot. `stats`
+        (filled as it runs) is the record to keep; by default the sequence makes its own."""
+        room = self.room(len(prompt_ids))
+        if params.max_tokens > room and not self.stop_at_context_end:
+            raise ContextLengthError(f"max_tokens {params.max_tokens} is more than the {room} tokens left in "
+                                     f"{self._context_name} of {self.slot_ctx} after the {len(prompt_ids)}-token prompt: "
+                                     f"ask for at most {room} tokens, or raise --ctx-size{self._parallel_hint}",
+                                     what="max_tokens")
+        seq = Sequence(prompt_ids, params, min(params.max_tokens, room), on_event, stats)
         with self._wake:
             self._inbox.append(seq)
-            self.counters.n_requests += 1
+            self.n_requests += 1
             self._wake.notify()
         return seq
 
@@ -88,6 +116,7 @@ class Engine:
                 self._wake.notify()
 
     def start(self) -> "Engine":
+        """Step in a background thread until `stop()` (the server)."""
         self._thread = threading.Thread(target=self._run, name="turbollm-engine", daemon=True)
         self._thread.start()
         return self
@@ -99,6 +128,32 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    def run(self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
+            generated: list[int] | None = None) -> Iterator[Event]:
+        """Submit one request and step the engine in the calling thread, yielding its events as
+        they come (the last has `finish_reason`); `generated` receives the token ids as they
+        are sampled. A failed step raises its exception here; closing the iterator early
+        cancels the request."""
+        if self._thread is not None:
+            raise RuntimeError("this engine is stepped by its own thread: submit() to it instead")
+        events: list[Event] = []
+        seq = self.submit(prompt_ids, params, events.append, stats)
+        n_before = len(generated) if generated is not None else 0
+        try:
+            while events or not seq.is_finished:
+                if not events:
+                    self.step()
+                if generated is not None:
+                    generated.extend(seq.generated[len(generated) - n_before:])
+                while events:
+                    yield events.pop(0)
+            if seq.error is not None:
+                raise seq.error
+        finally:
+            if not seq.is_finished:
+                self.cancel(seq)
+                self.step()
+
     @property
     def n_running(self) -> int:
         return self.scheduler.n_running
@@ -107,7 +162,24 @@ class Engine:
     def n_waiting(self) -> int:
         return self.scheduler.n_waiting + len(self._inbox)
 
-    # --- the engine thread --------------------------------------------------------------------
+    def spec_totals(self) -> SpecStats:
+        """Speculative decoding over all requests, finished and running."""
+        total = SpecStats()
+        total.add(self._spec_finished)
+        for seq in list(self.scheduler.running):
+            if not seq.is_finished:  # a finished one is in _spec_finished already
+                total.add(seq.stats.spec)
+        return total
+
+    @property
+    def _context_name(self) -> str:
+        return "the context size" if self.scheduler.n_slots == 1 else "a slot's context"
+
+    @property
+    def _parallel_hint(self) -> str:
+        return "" if self.scheduler.n_slots == 1 else " (or lower --parallel)"
+
+    # --- the stepping thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -121,7 +193,7 @@ class Engine:
             self._finish(seq, "cancelled")
 
     def step(self) -> None:
-        """One iteration (the engine thread's; tests may call it directly without start())."""
+        """One iteration: admit, decode, prefill one chunk, emit."""
         with self._wake:
             for seq in self._inbox:
                 self.scheduler.add(seq)
@@ -134,10 +206,12 @@ class Engine:
             for seq in plan.admitted:
                 self._admit(seq)
             self._forward(plan)
-        except Exception as e:  # the server outlives a failed step; its requests end with the error
-            traceback.print_exc()
+        except Exception as e:  # the engine outlives a failed step; its requests end with the error
+            if self._thread is not None:  # a server: the log is where it can be read
+                traceback.print_exc()
             for seq in plan.decode + ([plan.prefill] if plan.prefill else []) + plan.admitted:
                 if not seq.is_finished:
+                    seq.error = e
                     self._finish(seq, "error", f"{type(e).__name__}: {e}")
         self.kv_bytes_in_use = sum(s.cache.nbytes for s in self.scheduler.running if s.cache is not None)
 
@@ -146,6 +220,7 @@ class Engine:
             self._finish(seq, "length")
             return
         seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
+        seq.stats.kv_summary = seq.cache.describe()
         drafter = self.model.new_drafter(seq.cache)
         seq.speculator = Speculator(drafter, self.model.spec) if drafter is not None else None
         self._texts[seq.seq_id] = OutputText(self.tokenizer, seq.params.stop)
@@ -164,9 +239,7 @@ class Engine:
             ids = [torch.tensor([s.next_token], dtype=torch.int64) for s in plain]
             hidden = self.network.forward_batch(ids, [s.cache for s in plain])
             logits = self.network.logits(hidden)
-            self.counters.decode_seconds += time.perf_counter() - start
-            self.counters.n_decode_steps += 1
-            self.counters.n_decode_rows += len(plain)
+            self._count_decode(plain, time.perf_counter() - start, [1] * len(plain))
             for seq, row, h in zip(plain, logits, hidden):
                 self._observe(seq, h)
                 self._emit(seq, seq.sampler(row, seq.history))
@@ -176,28 +249,38 @@ class Engine:
             start = time.perf_counter()
             hidden = self.network.forward(torch.tensor(seq.prompt_ids[a:b], dtype=torch.int64), seq.cache)
             seq.n_prefilled = b
-            self.counters.n_prompt_tokens += b - a
+            self.totals.n_prompt += b - a
+            logits = None
             if b == seq.n_prompt:
                 seq.state = SeqState.DECODE
                 logits = self.network.logits(hidden[-1:])[0]
-                self.counters.prompt_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            seq.stats.prompt_seconds += seconds
+            self.totals.prompt_seconds += seconds
+            if logits is not None:
                 self._observe(seq, hidden[-1])
                 self._emit(seq, seq.sampler(logits, seq.history))
-            else:
-                self.counters.prompt_seconds += time.perf_counter() - start
+
+    def _count_decode(self, seqs: list[Sequence], seconds: float, n_tokens: list[int]) -> None:
+        """One decode forward: each sequence in it waited `seconds` for its `n_tokens`."""
+        for seq, n in zip(seqs, n_tokens):
+            seq.stats.decode_seconds += seconds
+            seq.stats.n_decode_steps += 1
+            seq.stats.n_decode_tokens += n
+        self.totals.decode_seconds += seconds
+        self.totals.n_decode_steps += 1
+        self.totals.n_decode_tokens += sum(n_tokens)
 
     def _drafts(self, seq: Sequence) -> list[int]:
         if seq.speculator is None:
             return []
-        return seq.speculator.drafts(seq.history, seq.max_new - len(seq.generated), self.counters.spec)
+        return seq.speculator.drafts(seq.history, seq.max_new - len(seq.generated), seq.stats.spec)
 
     def _verify(self, seq: Sequence, drafts: list[int]) -> None:
         """One speculative round (engine/speculative.py), each output token emitted in turn."""
         start = time.perf_counter()
-        tokens = seq.speculator.verify(self.network, seq.cache, seq.sampler, seq.history, drafts, self.counters.spec)
-        self.counters.decode_seconds += time.perf_counter() - start
-        self.counters.n_decode_steps += 1
-        self.counters.n_decode_rows += len(tokens)
+        tokens = seq.speculator.verify(self.network, seq.cache, seq.sampler, seq.history, drafts, seq.stats.spec)
+        self._count_decode([seq], time.perf_counter() - start, [len(tokens)])
         for token in tokens:
             self._emit(seq, token)
             if seq.is_finished:
@@ -216,7 +299,8 @@ class Engine:
         if seq.t_first_token is None:
             seq.t_first_token = time.perf_counter()
         seq.generated.append(token)
-        self.counters.n_generated_tokens += 1
+        seq.stats.n_generated += 1
+        self.totals.n_generated += 1
         text = self._texts[seq.seq_id]
         for channel, piece in text.push(token):
             seq.on_event(Event(piece, channel, token))
@@ -233,8 +317,10 @@ class Engine:
             for channel, piece in text.flush():
                 seq.on_event(Event(piece, channel))
         seq.state, seq.finish_reason, seq.cache, seq.speculator = SeqState.FINISHED, reason, None, None
+        seq.stats.finish_reason = reason
+        self._spec_finished.add(seq.stats.spec)
         seq.t_finished = time.perf_counter()
-        self.counters.n_finished[reason] = self.counters.n_finished.get(reason, 0) + 1
+        self.n_finished[reason] = self.n_finished.get(reason, 0) + 1
         try:
             seq.on_event(Event(finish_reason=reason, error=error))
         except Exception:  # a callback that fails must not take the engine down

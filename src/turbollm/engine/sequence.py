@@ -1,8 +1,8 @@
-"""One request inside the serving engine: its tokens, sampler, KV cache and state.
+"""One request inside the engine: its tokens, sampler, KV cache, state and statistics.
 
 A sequence moves WAITING -> PREFILL (its prompt goes through the model in fixed chunks) ->
 DECODE (one token per step) -> FINISHED. The text it produces goes out as `Event`s through
-the callback it was created with; the engine calls that from its own thread.
+the callback it was created with, called from the thread that steps the engine.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import enum
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from turbollm.engine.sampler import Sampler, SamplingParams
+from turbollm.engine.speculative import SpecStats
 
 _ids = itertools.count()
 
@@ -38,9 +39,33 @@ class Event:
     error: str | None = None
 
 
+@dataclass
+class GenerationStats:
+    """What one request cost; the engine keeps the same record summed over all requests
+    (there `n_decode_steps` counts batched forwards and `n_decode_tokens` the rows in them)."""
+
+    n_prompt: int = 0
+    n_generated: int = 0
+    prompt_seconds: float = 0.0  # prefill, up to the logits of the first new token
+    n_decode_steps: int = 0  # forward passes after the prompt (one token each, or a speculative round)
+    n_decode_tokens: int = 0  # tokens those passes produced (more than the passes when drafts are accepted)
+    decode_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (end-of-generation token or stop string), "length", "cancelled", "error"
+    kv_summary: str = ""  # what the request's KV cache is and costs (KVCache.describe)
+    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding, when on
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.n_prompt / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.n_decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new: int,
-                 on_event: Callable[[Event], None]):
+                 on_event: Callable[[Event], None], stats: GenerationStats | None = None):
         self.seq_id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -54,6 +79,9 @@ class Sequence:
         self.generated: list[int] = []
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.finish_reason: str | None = None
+        self.error: Exception | None = None  # what ended it, when a step failed
+        self.stats = stats if stats is not None else GenerationStats()
+        self.stats.n_prompt = len(self.prompt_ids)
         self.cancelled = False  # set from any thread; the engine frees the slot at its next step
         self.t_arrival = time.perf_counter()
         self.t_first_token: float | None = None

@@ -73,6 +73,13 @@ class SpecStats:
     def acceptance(self) -> float:
         return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
 
+    def add(self, other: "SpecStats") -> None:
+        self.n_rounds += other.n_rounds
+        self.n_drafted += other.n_drafted
+        self.n_accepted += other.n_accepted
+        self.draft_seconds += other.draft_seconds
+        self.n_draft_calls += other.n_draft_calls
+
     def summary(self) -> str:
         """The line the llama.cpp forks print."""
         per_call = 1e3 * self.draft_seconds / self.n_draft_calls if self.n_draft_calls else 0.0
@@ -177,8 +184,8 @@ def accept(sampler: Sampler, logits: torch.Tensor, history: list[int], drafts: l
 
 class Speculator:
     """One sequence's speculative decoding: its drafter and draft length, a round's drafts and
-    their verification (steps 1-4 of the module docstring). The one-sequence loop
-    (engine/generate.py) and the serving engine (engine/serving.py) both drive it."""
+    their verification (steps 1-4 of the module docstring), driven by the engine
+    (engine/engine.py) per sequence."""
 
     def __init__(self, drafter: Drafter, spec: SpecConfig):
         self.drafter, self.spec, self.length = drafter, spec, DraftLength(spec)

@@ -1,7 +1,6 @@
 """From generated token ids to the text a client sees: UTF-8 pieces that are never half a
 character, cut at the first stop string (which is not returned), with the text that might be
-the start of a stop string held back until it is decided. One per sequence; `Model.stream`
-and the serving engine both use it."""
+the start of a stop string held back until it is decided. One per sequence, in the engine."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from turbollm.engine.sequence import Event
-from turbollm.engine.serving import Engine
+from turbollm.engine.engine import Engine
 from turbollm.errors import ContextLengthError, TurbollmError
 from turbollm.server import metrics
 from turbollm.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -121,16 +121,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return settings.model_id
 
     def tokens_for(prompt_ids: list[int], asked: int | None) -> int:
-        room = engine.slot_ctx - len(prompt_ids)
-        if room <= 0:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens but a slot's context is {engine.slot_ctx} tokens: "
-                                "shorten it, or start the server with a larger --ctx-size (or a smaller --parallel)",
-                           code="context_length_exceeded", param="messages")
-        if asked is not None and asked > room:
-            raise ApiError(400, f"max_tokens {asked} is more than the {room} tokens left in a slot's context of "
-                                f"{engine.slot_ctx} after the {len(prompt_ids)}-token prompt",
-                           code="context_length_exceeded", param="max_tokens")
-        return room if asked is None else asked
+        """max_tokens: what the client asked for, or all the room left in a slot (the
+        engine refuses a request that does not fit when it is submitted)."""
+        if asked is not None:
+            return asked
+        try:
+            return engine.room(len(prompt_ids))
+        except ContextLengthError as e:
+            raise _context_error(e) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -174,6 +172,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     return app
 
 
+def _context_error(e: ContextLengthError) -> ApiError:
+    return ApiError(400, str(e), code="context_length_exceeded", param="messages" if e.what == "prompt" else "max_tokens")
+
+
 def _sse(chunks: AsyncIterator[dict], run: "_Run", request: Request) -> StreamingResponse:
     async def body():
         try:
@@ -205,9 +207,12 @@ class _Run:
             for i, p in enumerate(params):
                 push = lambda ev, i=i: loop.call_soon_threadsafe(run.queue.put_nowait, (i, ev))
                 run.seqs.append(engine.submit(prompt_ids, p, push))
-        except (ContextLengthError, ValueError) as e:
+        except ContextLengthError as e:
             run.cancel()
-            raise ApiError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextLengthError) else None) from None
+            raise _context_error(e) from None
+        except ValueError as e:
+            run.cancel()
+            raise ApiError(400, str(e)) from None
         return run
 
     def cancel(self) -> None:

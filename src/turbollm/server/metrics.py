@@ -15,21 +15,21 @@ class _EngineCollector:
         self.slot_bytes = engine.network.new_cache_plan(engine.slot_ctx, engine.model.cache).nbytes
 
     def collect(self):
-        e, c = self.engine, self.engine.counters
-        yield CounterMetricFamily("turbollm_prompt_tokens", "prompt tokens processed", value=c.n_prompt_tokens)
-        yield CounterMetricFamily("turbollm_generation_tokens", "tokens generated", value=c.n_generated_tokens)
+        e, c = self.engine, self.engine.totals
+        yield CounterMetricFamily("turbollm_prompt_tokens", "prompt tokens processed", value=c.n_prompt)
+        yield CounterMetricFamily("turbollm_generation_tokens", "tokens generated", value=c.n_generated)
         yield CounterMetricFamily("turbollm_prompt_seconds", "seconds spent in prefill", value=c.prompt_seconds)
         yield CounterMetricFamily("turbollm_decode_seconds", "seconds spent in decode steps", value=c.decode_seconds)
-        yield CounterMetricFamily("turbollm_requests", "requests accepted", value=c.n_requests)
+        yield CounterMetricFamily("turbollm_requests", "requests accepted", value=e.n_requests)
         finished = CounterMetricFamily("turbollm_requests_finished", "requests finished, by reason", labels=["reason"])
-        for reason, n in sorted(c.n_finished.items()):
+        for reason, n in sorted(e.n_finished.items()):
             finished.add_metric([reason], n)
         yield finished
         yield GaugeMetricFamily("turbollm_prompt_tokens_per_second", "average prefill throughput",
-                                value=c.n_prompt_tokens / c.prompt_seconds if c.prompt_seconds else 0.0)
+                                value=c.n_prompt / c.prompt_seconds if c.prompt_seconds else 0.0)
         yield GaugeMetricFamily("turbollm_generation_tokens_per_second", "average decode throughput (all slots)",
-                                value=c.n_decode_rows / c.decode_seconds if c.decode_seconds else 0.0)
-        spec = c.spec
+                                value=c.n_decode_tokens / c.decode_seconds if c.decode_seconds else 0.0)
+        spec = e.spec_totals()
         yield CounterMetricFamily("turbollm_draft_tokens", "speculative tokens drafted", value=spec.n_drafted)
         yield CounterMetricFamily("turbollm_draft_accepted_tokens", "speculative tokens accepted", value=spec.n_accepted)
         yield CounterMetricFamily("turbollm_draft_rounds", "speculative verify forwards", value=spec.n_rounds)

@@ -26,7 +26,7 @@ class ServeArgs:
 def build(a: ServeArgs):
     """The model, engine and app of these settings (the engine not yet started)."""
     from turbollm.api import read_config
-    from turbollm.engine.serving import Engine
+    from turbollm.engine.engine import Engine
     from turbollm.server.app import ServerSettings, create_app
 
     if a.parallel <= 0:
