@@ -8,7 +8,7 @@ conditioning (kv/conditioning.py, queries weighed in) and blocks of 128; values 
     mse2  the 2-bit quantizer alone
     qjl   2-bit quantizer + 1-bit QJL of the residual r: x^ + |r| sqrt(pi/2)/d S^T sign(S r),
           S a fixed Gaussian matrix (unbiased inner products, at the price of variance)
-The round-tripped keys are stored exactly (an f32 cache), and `turbollm.quality` compares the
+The round-tripped keys are stored exactly (an f32 cache), and `turbollm.cli.quality` compares the
 result with the f16 cache on the bundled text. A measurement script, not a codec: it patches
 KVSlots.write for the f32 cache only.
 """
@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from turbollm import Model, quality
+from turbollm import Model
+from turbollm.cli import quality
 from turbollm.kv import cache as kc
 from turbollm.kv.conditioning import condition_keys, rotate_by_position
 from turbollm.kv.turboquant import TurboQuantMSE

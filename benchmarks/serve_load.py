@@ -28,7 +28,7 @@ PROMPTS = ["Once upon a time", "The history of the printing press", "def quickso
 
 
 def start(args, slots: int):
-    from turbollm.server.run import launch
+    from turbollm.cli.serve import launch
     flags = ["-np", str(slots), "-c", str(slots * 2048), "-t", str(args.threads)] + (["-m", args.model] if args.model else [])
     return launch(flags, timeout=120)
 

@@ -123,7 +123,7 @@ def fast_model(default_model_path):
 
 def start_server(*flags: str):
     """Start `turbollm serve FLAGS` on a free port; (process, base URL) once /health answers."""
-    from turbollm.server.run import launch
+    from turbollm.cli.serve import launch
     return launch(list(flags), log=tempfile.TemporaryFile("w+"))
 
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from turbollm.bench import BenchSettings, decode_weight_bytes, format_table, run_bench
+from turbollm.config import RunConfig
+from turbollm.cli.bench import BenchSettings, decode_weight_bytes, format_table, run_bench
 from turbollm.cli import main
 from turbollm.gguf.reader import GGUFFile
-from turbollm.memory import resident_file_bytes
+from turbollm.planner.process_memory import resident_file_bytes
 
 from conftest import REFERENCE_DIR
 
@@ -25,7 +26,7 @@ def test_decode_bytes_count_active_experts_and_the_tied_head():
 
 
 def test_bench_runs_every_test_and_reports_memory(default_model_path):
-    settings = BenchSettings(n_prompt=(8,), n_gen=(4,), prompt_gen=((6, 3),), threads=2, repetitions=2)
+    settings = BenchSettings(RunConfig(threads=2), n_prompt=(8,), n_gen=(4,), prompt_gen=((6, 3),), repetitions=2)
     report = run_bench(settings)
     assert [(r.name, r.n_prompt, r.n_gen, len(r.seconds)) for r in report.results] == [
         ("pp8", 8, 0, 2), ("tg4", 0, 4, 2), ("pp6+tg3", 6, 3, 2)]
@@ -47,9 +48,8 @@ def test_bench_runs_every_test_and_reports_memory(default_model_path):
 
 
 def test_bench_with_mmap_computes_from_the_files_own_pages(default_model_path):
-    from turbollm.planner import PlanRequest
-    report = run_bench(BenchSettings(n_prompt=(8,), n_gen=(4,), prompt_gen=(), threads=2, repetitions=1,
-                                     placement=PlanRequest(residency="mmap")))
+    report = run_bench(BenchSettings(RunConfig(threads=2, residency="mmap"), n_prompt=(8,), n_gen=(4,), prompt_gen=(),
+                                     repetitions=1))
     # the weights are the file's own pages, never a copy: all of them were read, none twice
     assert report.residency == "mmap"
     assert 0.9 * report.file_bytes < report.max_model_file_resident <= report.file_bytes + 4096  # last page whole
@@ -98,13 +98,13 @@ def test_bench_rejects_malformed_pairs(capsys):
 @pytest.mark.slow
 def test_bench_at_depth_starts_every_run_from_the_same_prefilled_context(gemma3_model):
     from turbollm.kv.plan import CacheConfig, plan_kv
-    settings = BenchSettings(n_prompt=(4,), n_gen=(3,), prompt_gen=(), threads=2, repetitions=2, depth=600,
-                             cache=CacheConfig("q8_0", "turbo3"))
+    settings = BenchSettings(RunConfig(threads=2, cache=CacheConfig("q8_0", "turbo3")), n_prompt=(4,), n_gen=(3,),
+                             prompt_gen=(), repetitions=2, depth=600)
     report = run_bench(settings)
     assert [r.name for r in report.results] == ["pp4 @ d600", "tg3 @ d600"]
     assert "KV cache q8_0/turbo3" in report.backend
     # the largest cache held the depth and the pp4 test: 604 positions
-    assert report.max_kv_bytes == plan_kv(gemma3_model.network.kv_layout(), 604, settings.cache).nbytes
+    assert report.max_kv_bytes == plan_kv(gemma3_model.network.kv_layout(), 604, settings.run.cache).nbytes
 
 
 @pytest.mark.slow

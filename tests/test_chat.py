@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REFERENCE_DIR
 from turbollm import Model, TurbollmError
-from turbollm.chat import gemma4_turns, gemma_turns, render_template, strip_thinking
+from turbollm.text.chat_template import gemma4_turns, gemma_turns, render_template, strip_thinking
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],

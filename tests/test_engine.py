@@ -10,7 +10,7 @@ from turbollm import SamplingParams
 from turbollm.engine.scheduler import Scheduler
 from turbollm.engine.sequence import Event, Sequence, SeqState
 from turbollm.engine.engine import Engine
-from turbollm.engine.text import OutputText
+from turbollm.text.output import OutputText
 from turbollm.errors import ContextLengthError
 
 from conftest import REFERENCE_DIR
@@ -189,7 +189,7 @@ def test_the_engine_thread_serves_submissions_until_stopped(fast_model):
 @pytest.fixture(scope="module")
 def gemma4_tokenizer():
     from turbollm.gguf.reader import GGUFFile
-    from turbollm.tokenizer import Tokenizer
+    from turbollm.text.tokenizer import Tokenizer
     return Tokenizer.from_metadata(GGUFFile(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf").metadata)
 
 

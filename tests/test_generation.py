@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from turbollm import SamplingParams
-from turbollm.engine.text import split_at_stop
+from turbollm.text.output import split_at_stop
 from turbollm.cli import main as cli_main
 from turbollm.engine.engine import Engine
 from turbollm.engine.sequence import GenerationStats
@@ -88,7 +88,7 @@ class ScriptedModel:
 
     def __init__(self, script: list[int], ctx_size: int = 100, vocab: int = 16):
         self.script, self.vocab, self.calls = script, vocab, 0
-        self.network, self.tokenizer, self.ctx_size = self, ScriptedTokenizer(), ctx_size
+        self.network, self.tokenizer, self.slot_ctx = self, ScriptedTokenizer(), ctx_size
         self.cache, self.spec = CacheConfig(), SpecConfig()
 
     def new_drafter(self, cache):

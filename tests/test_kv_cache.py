@@ -19,7 +19,7 @@ from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_kv
 from turbollm.kv.conditioning import condition_keys, rotate_by_position
 from turbollm.kv.codecs import CACHE_TYPES, Codec, pack_bits, parse_cache_type, unpack_bits
 from turbollm.kv.turboquant import expected_distortion
-from turbollm.quality import parse_cache_entry
+from turbollm.cli.quality import parse_cache_entry
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built")
 

@@ -14,7 +14,8 @@ from turbollm.cli import main as cli_main
 from turbollm.config import ModelConfig
 from turbollm.errors import TurbollmError
 from turbollm.kv.plan import CacheConfig
-from turbollm.planner import PlanRequest, parse_size
+from turbollm.config import RunConfig
+from turbollm.planner import parse_size
 
 from conftest import REFERENCE_DIR
 
@@ -36,8 +37,8 @@ def gemma4_26b():
 def plan_26b(gemma4_26b, ctx, parallel, n_cpu_moe=0, cache=Q8, overrides=()):
     gf, cfg = gemma4_26b
     devices = [planner.cpu_device(24 * GIB), planner.Device("cuda:0", 16 * GIB, 16 * GIB, pretend=True)]
-    return planner.plan(gf, cfg, devices, PlanRequest(ctx_size=ctx, parallel=parallel, cache=cache,
-                                                      n_cpu_moe=n_cpu_moe, overrides=overrides))
+    return planner.plan(gf, cfg, devices, RunConfig(ctx_size=ctx, parallel=parallel, cache=cache,
+                                                    n_cpu_moe=n_cpu_moe, overrides=overrides))
 
 
 @pytest.mark.parametrize("path, parallel, ctx", [
@@ -48,10 +49,10 @@ def plan_26b(gemma4_26b, ctx, parallel, n_cpu_moe=0, cache=Q8, overrides=()):
 ])
 def test_predicted_bytes_equal_what_is_allocated(path, parallel, ctx, default_model_path):
     from turbollm import SamplingParams
-    from turbollm.memory import resident_file_bytes
+    from turbollm.planner.process_memory import resident_file_bytes
     cache = CacheConfig("q8_0", "q4_0")
-    model = Model.load(path or default_model_path, ctx_size=ctx // parallel, parallel=parallel, cache=cache,
-                       placement=PlanRequest(residency="mmap"))  # mapped: the file's resident pages are the weights
+    model = Model.load(path or default_model_path, ctx_size=ctx, parallel=parallel, cache=cache,
+                       residency="mmap")  # mapped: the file's resident pages are the weights
     p = model.plan
     # weights: every tensor of the file, on the CPU; a forward maps them in (views of the mmap, no copies)
     assert p.weights("cpu") == sum(t.n_bytes for t in model.gguf.tensors.values())
@@ -69,11 +70,11 @@ def test_predicted_bytes_equal_what_is_allocated(path, parallel, ctx, default_mo
 
 def test_a_run_that_does_not_fit_is_refused_before_loading_with_the_fix(default_model_path):
     with pytest.raises(TurbollmError) as e:
-        Model.load(default_model_path, ctx_size=32768, parallel=4, ram_budget=600 * MIB)
+        Model.load(default_model_path, ctx_size=4 * 32768, parallel=4, ram=600 * MIB)
     message = str(e.value)
     assert "cpu needs 774 MiB but has 600 MiB (pretend budget)" in message and "Nothing was loaded" in message
     assert "-ctk q8_0 -ctv q8_0" in message and "--parallel 2" in message
-    assert Model.load(default_model_path, ctx_size=32768, parallel=4, ram_budget=600 * MIB,
+    assert Model.load(default_model_path, ctx_size=4 * 32768, parallel=4, ram=600 * MIB,
                       cache=Q8).plan.fits  # the first suggestion fits
 
 
@@ -152,13 +153,13 @@ def test_fit_plans_a_pretend_accelerator_and_warns_nothing_on_cpu(capsys):
 
 def test_placement_that_the_model_cannot_run_is_refused_before_loading(default_model_path):
     with pytest.raises(TurbollmError, match="no such device"):
-        Model.load(default_model_path, placement=PlanRequest(overrides=(("token_embd", "cuda:0"),)))
+        Model.load(default_model_path, overrides=(("token_embd", "cuda:0"),))
 
 
 def test_by_default_the_cpu_reads_the_weights_into_process_memory(default_model_path):
     from turbollm import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=6)
-    mapped = Model.load(default_model_path, ctx_size=256, placement=PlanRequest(residency="mmap")).generate(
+    mapped = Model.load(default_model_path, ctx_size=256, residency="mmap").generate(
         "The capital of France is", params)
     copied_model = Model.load(default_model_path, ctx_size=256)  # the default on the CPU: --no-mmap
     assert copied_model.generate("The capital of France is", params).token_ids == mapped.token_ids
@@ -173,7 +174,7 @@ def test_mlock_pins_the_weights_or_says_how_to_allow_it(default_model_path):
     from turbollm.errors import GGUFError
     params = SamplingParams(temperature=0, max_tokens=6)
     try:
-        locked = Model.load(default_model_path, ctx_size=256, placement=PlanRequest(residency="lock"))
+        locked = Model.load(default_model_path, ctx_size=256, residency="lock")
     except GGUFError as e:  # an unprivileged process with a small RLIMIT_MEMLOCK
         assert "--mlock failed" in str(e) and "ulimit -l" in str(e)
         return

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from turbollm import quality
+from turbollm.cli import quality
 from turbollm.cli import main
 from turbollm.kv.plan import CacheConfig, plan_kv
 

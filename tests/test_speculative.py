@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from turbollm import Model, SamplingParams
-from turbollm.bench_spec import copy_task_prompt
+from turbollm.cli.bench_spec import copy_task_prompt
 from turbollm.engine.sequence import GenerationStats
 from turbollm.engine.sampler import Sampler
 from turbollm.engine.speculative import NgramDrafter, SpecConfig, accept
@@ -162,7 +162,7 @@ def test_centroid_masked_head_matches_transformers():
     ("Q4_0", "Q4_0", "f16"), ("Q8_0", "Q4_K_M", "f16"), ("F32", "F32", "f16"),
     ("Q4_0", "Q4_0", "q4_0/turbo3~8")])  # a quantized cache: the head reads coded rows and the exact window's
 def test_mtp_speculation_gives_the_tokens_of_plain_greedy_decoding(target_quant, head_quant, cache, capsys):
-    from turbollm.quality import parse_cache_entry
+    from turbollm.cli.quality import parse_cache_entry
     prompts = [p["tokens"] for p in json.loads((TARGET / "prompts.json").read_text()).values()]
     params = SamplingParams(temperature=0, max_tokens=40)
     cache = parse_cache_entry(cache, turbo_block=32)  # the tiny models' heads of 64 values

@@ -34,5 +34,6 @@ def test_a_turn_that_does_not_fit_is_refused_and_the_session_goes_on(monkeypatch
     monkeypatch.setattr("sys.stdout", out)
     assert cli_main(["chat", "--temp", "0", "-n", "4", "-c", "128"]) == 0
     lines = out.getvalue().split("\n")
-    assert lines[1].startswith("error: the conversation is ") and "the context 128" in lines[1]
+    assert lines[1].startswith("error: the prompt has ") and "the context size is 128 tokens" in lines[1]
+    assert lines[1].endswith("(/clear starts over)")
     assert len(lines[2]) > 0  # the next turn was answered

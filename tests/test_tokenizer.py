@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from turbollm.errors import GGUFError, TurbollmError
-from turbollm.tokenizer import ATTR_BYTE, ATTR_CONTROL, StreamDecoder, Tokenizer
+from turbollm.text.tokenizer import ATTR_BYTE, ATTR_CONTROL, StreamDecoder, Tokenizer
 
 PROMPT_NAMES = ["short_en", "code_py", "unicode_mix", "chat_turn", "long_swa"]
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import REFERENCE_DIR, start_server, stop_server
-from turbollm.server.run import free_port
+from turbollm.cli.serve import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not os.environ.get("TURBOLLM_REQUIRE_BROWSER") and (CHROMIUM is None or importlib.util.find_spec("playwright") is None):

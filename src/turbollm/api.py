@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from turbollm import chat, kernels, planner
-from turbollm.config import ModelConfig
+from turbollm import kernels, planner
+from turbollm.text import chat_template
+from turbollm.config import ModelConfig, Residency, RunConfig
 from turbollm.engine.engine import Engine
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.sequence import GenerationStats
@@ -28,8 +29,7 @@ from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.plan import CacheConfig, plan_kv
 from turbollm.models.gemma import Gemma
-from turbollm.planner import PlanRequest
-from turbollm.tokenizer import Tokenizer
+from turbollm.text.tokenizer import Tokenizer
 
 
 def default_model_path() -> Path:
@@ -62,29 +62,6 @@ def read_config(path: str | os.PathLike[str] | None = None) -> ModelConfig:
     return ModelConfig.from_metadata(gf.metadata, str(gf.path))
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """How a model is loaded: the flags `run`, `chat`, `serve` and `bench --spec-type` share
-    (Model.load's arguments, parsed once by the CLI)."""
-
-    model: str | None = None
-    ctx_size: int | None = None  # per sequence (serve turns its total into this per slot)
-    threads: int | None = None
-    prefill: str = "auto"
-    cache: CacheConfig = CacheConfig()
-    spec: SpecConfig = SpecConfig()
-    draft_model: str | None = None
-    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl, residency (turbollm.planner)
-    device: str = "cpu"
-    ram: int | None = None
-    vram: int | None = None
-
-    def load(self, parallel: int = 1) -> "Model":
-        return Model.load(self.model, ctx_size=self.ctx_size, threads=self.threads, device=self.device,
-                          prefill=self.prefill, cache=self.cache, spec=self.spec, draft_model=self.draft_model,
-                          parallel=parallel, placement=self.placement, ram_budget=self.ram, vram=self.vram)
-
-
 @dataclass
 class Completion:
     text: str
@@ -99,17 +76,25 @@ class Completion:
 class StreamPiece:
     text: str
     token_id: int | None  # None for the final flush
-    channel: str = "content"  # "reasoning": a Gemma 4 thought (engine/text.py OutputText)
+    channel: str = "content"  # "reasoning": a Gemma 4 thought (text/output.py OutputText)
 
 
 class Model:
     def __init__(self, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer, network: Gemma,
-                 ctx_size: int, load_seconds: float, cache: CacheConfig = CacheConfig(),
-                 spec: SpecConfig = SpecConfig(), assistant=None):
+                 run: RunConfig, load_seconds: float = 0.0, assistant=None):
         self.gguf, self.config, self.tokenizer, self.network = gguf, config, tokenizer, network
-        self.ctx_size, self.load_seconds, self.cache = ctx_size, load_seconds, cache
-        self.spec, self.assistant = spec, assistant  # speculative decoding; the MTP head (models/assistant.py)
+        self.run, self.load_seconds = run, load_seconds
+        self.assistant = assistant  # the MTP head (models/assistant.py) for run.spec.kind == "mtp"
+        self.slot_ctx = run.slot_ctx(config)  # tokens of context per sequence
         self.plan = None  # the memory plan it was loaded by (turbollm.planner.Plan)
+
+    @property
+    def cache(self) -> CacheConfig:
+        return self.run.cache
+
+    @property
+    def spec(self) -> SpecConfig:
+        return self.run.spec
 
     def new_drafter(self, cache):
         """The drafter of one sequence (None without speculative decoding)."""
@@ -120,56 +105,50 @@ class Model:
         return None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, *, ctx_size: int | None = None,
-             threads: int | None = None, device: str = "cpu", backend: str = "auto",
-             prefill: str = "auto", cache: CacheConfig = CacheConfig(), spec: SpecConfig = SpecConfig(),
-             draft_model: str | os.PathLike[str] | None = None, parallel: int = 1,
-             placement: PlanRequest | None = None, ram_budget: int | None = None,
-             vram: int | None = None) -> "Model":
-        """Open a GGUF (default: the default model). `ctx_size` defaults to the model's training
-        context; a larger value is refused rather than silently accepted. `backend` picks the
-        kernels: "auto" (native CPU kernels when built), "fast" (insist on them) or "reference"
-        (exact float32 PyTorch, any device). `prefill` is the fast backend's prefill GEMM
-        precision (kernels.fast.set_prefill_precision: "auto", "fp32" or "bf16"). `cache` sets
-        the KV cache codecs and layout (kv.plan.CacheConfig: f16 K and V by default, as llama.cpp).
-        `spec` turns on speculative decoding (engine/speculative.py: prompt lookup, or the MTP
-        assistant head in the GGUF `draft_model`, checked against this model).
-        Before any weight is read, the planner (turbollm.planner) places the weights and the KV
-        cache of `parallel` sequences of `ctx_size` tokens on `device` (and the CPU) within their
-        budgets (`ram_budget`, `vram`: what is free unless given); a plan that does not fit is
-        refused with the numbers and the flags that would fit. `placement` carries the
-        placement flags (--n-gpu-layers, --n-cpu-moe, --override-tensor)."""
+    def load(cls, path: str | os.PathLike[str] | None = None, run: RunConfig | None = None, **changes) -> "Model":
+        """Open a GGUF (default: `run.model`, else the default model) for the run `run`
+        (turbollm.config.RunConfig), with `changes` to its fields: `Model.load(path, ctx_size=2048,
+        cache=CacheConfig("q8_0", "q8_0"))`. `ctx_size` is the context of all `parallel` slots
+        together (default: the model's training context); a slot larger than the training
+        context is refused rather than silently accepted. `backend` picks the kernels ("auto":
+        the native CPU kernels when built; "fast": insist on them; "reference": exact float32
+        PyTorch, any device); `prefill` the fast backend's prefill GEMM precision; `cache` the
+        KV cache codecs and layout (f16 K and V by default, as llama.cpp); `spec` speculative
+        decoding (prompt lookup, or the MTP assistant head in the GGUF `draft_model`, checked
+        against this model). Before any weight is read, the planner (turbollm.planner) places
+        the weights and the KV cache of every slot on `device` (and the CPU) within the budgets
+        (`ram`, `vram`: what is free unless given), after the placement flags (`n_gpu_layers`,
+        `n_cpu_moe`, `overrides`, `residency`); a plan that does not fit is refused with the
+        numbers and the flags that would fit."""
         start = time.perf_counter()
-        if threads is not None and threads <= 0:
-            raise TurbollmError(f"--threads must be positive, got {threads}")
+        run = replace(run or RunConfig(), **changes)
+        if path is not None:
+            run = replace(run, model=str(path))
         try:
-            ops = kernels.backend(backend)
+            ops = kernels.backend(run.backend.value)
             if ops.name == "fast":
-                kernels.fast.set_prefill_precision(prefill)
+                kernels.fast.set_prefill_precision(run.prefill.value)
         except ValueError as e:
             raise TurbollmError(str(e)) from None
-        kernels.use_threads(ops, threads)
-        gf = GGUFFile(path if path is not None else default_model_path())
+        kernels.use_threads(ops, run.threads)
+        gf = GGUFFile(run.model if run.model is not None else default_model_path())
         config = ModelConfig.from_metadata(gf.metadata, str(gf.path))
         tokenizer = Tokenizer.from_metadata(gf.metadata)
         if tokenizer.n_vocab != config.n_vocab:
             raise TurbollmError(f"{gf.path}: tokenizer has {tokenizer.n_vocab} tokens, model has {config.n_vocab}")
-        ctx = config.n_ctx_train if ctx_size is None else ctx_size
-        if not 0 < ctx <= config.n_ctx_train:
-            raise TurbollmError(f"--ctx-size {ctx} is outside 1..{config.n_ctx_train} (the model's training context)")
-        request = replace(placement or PlanRequest(), ctx_size=ctx * parallel, parallel=parallel, cache=cache,
-                          draft_model=None if draft_model is None else str(draft_model))
-        memory_plan = planner.plan_for_devices(gf, config, request, device, ram_budget, vram)
+        memory_plan = planner.plan_for_devices(gf, config, run)
         if not memory_plan.fits:
             raise TurbollmError(memory_plan.refusal())
-        residency = planner.resolve_residency(request.residency, device)
-        if residency != "mmap":
-            gf.load_resident(residency, _progress_bar(f"{'reading' if residency == 'copy' else 'locking'} {gf.path.name}"))
-        network = Gemma.from_gguf(gf, config, device, ops, planner.loader_placement(memory_plan, device))
+        residency = planner.resolve_residency(run.residency, run.device)
+        if residency is not Residency.MMAP:
+            gf.load_resident(residency.value, _progress_bar(
+                f"{'reading' if residency is Residency.COPY else 'locking'} {gf.path.name}"))
+        network = Gemma.from_gguf(gf, config, run.device, ops, planner.loader_placement(memory_plan, run.device))
         try:
-            plan_kv(network.kv_layout(), 1, cache)  # every codec fits the head sizes
+            plan_kv(network.kv_layout(), 1, run.cache)  # every codec fits the head sizes
         except ValueError as e:
             raise TurbollmError(str(e)) from None
+        spec, draft_model, device = run.spec, run.draft_model, run.device
         assistant = None
         if spec.kind == "mtp" or draft_model is not None:
             if draft_model is None:
@@ -178,14 +157,14 @@ class Model:
                 raise TurbollmError(f"a draft model was given with --spec-type {spec.kind}: use --spec-type mtp (draft-mtp)")
             from turbollm.models.assistant import Assistant
             assistant = Assistant.load(draft_model, network, device)
-        model = cls(gf, config, tokenizer, network, ctx, time.perf_counter() - start, cache, spec, assistant)
+        model = cls(gf, config, tokenizer, network, run, time.perf_counter() - start, assistant)
         model.plan = memory_plan
         return model
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
 
-    def chat_prompt(self, messages: Sequence[chat.Message], enable_thinking: bool = False) -> str:
+    def chat_prompt(self, messages: Sequence[chat_template.Message], enable_thinking: bool = False) -> str:
         """Messages -> prompt text, with the GGUF's template or the built-in one of the model's
         generation. `enable_thinking` asks a Gemma 4 model to reason before answering."""
         template = self.gguf.get("tokenizer.chat_template")
@@ -193,13 +172,13 @@ class Model:
             tok = self.tokenizer
             bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
             eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-            text = chat.render_template(template, messages, bos_token=bos, eos_token=eos,
+            text = chat_template.render_template(template, messages, bos_token=bos, eos_token=eos,
                                         enable_thinking=enable_thinking)
             # The tokenizer adds BOS itself; a template that writes it too would double it.
             return text[len(bos):] if bos and text.startswith(bos) else text
         if self.config.arch == "gemma4":
-            return chat.gemma4_turns(messages, enable_thinking=enable_thinking)
-        return chat.gemma_turns(messages)
+            return chat_template.gemma4_turns(messages, enable_thinking=enable_thinking)
+        return chat_template.gemma_turns(messages)
 
     def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
                stats: GenerationStats | None = None, generated: list[int] | None = None) -> Iterator[StreamPiece]:
@@ -209,7 +188,7 @@ class Model:
         context (finish reason "length"). `stats` is filled as it runs; `generated` receives
         the token ids."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        engine = Engine(self, n_slots=1, stop_at_context_end=True)
+        engine = Engine(self, n_slots=1, n_batch=self.run.n_batch, stop_at_context_end=True)
         for ev in engine.run(prompt_ids, params, stats, generated):
             if ev.text:
                 yield StreamPiece(ev.text, ev.token_id, ev.channel)

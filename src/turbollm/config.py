@@ -1,21 +1,29 @@
-"""ModelConfig: the architecture of a model, read from GGUF metadata.
+"""The two configurations of a run: ModelConfig, the architecture of a model read from GGUF
+metadata (llama.cpp's llama_hparams), and RunConfig, what this run does with it (device,
+threads, context and slots, KV cache, speculative decoding, placement, budgets: llama.cpp's
+llama_cparams plus the loader's flags).
 
 One frozen dataclass for the Gemma family, with per-layer tuples where layers differ
 (sliding-window vs global attention, and in Gemma 4 head sizes and KV heads) and small
 accessors such as `is_swa(il)` in the manner of llama.cpp's `llama_hparams`. Values that the
 GGUF does not carry are llama.cpp's defaults for the architecture, named where they are set.
 
-What it leaves out: run-time choices (context size, threads, cache types), which belong to
-the engine, and tensors, which the model loader checks against this config.
+ModelConfig leaves out tensors, which the model loader checks against it. RunConfig is what
+every command parses its flags into (cli/flags.py) and what `Model.load`, the planner,
+`bench`, `fit` and `serve` read; `ctx_size` there is always the context of all slots
+together (llama.cpp's n_ctx), `slot_ctx` the context of one (n_ctx_seq).
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from turbollm.errors import GGUFError
+from turbollm.engine.speculative import SpecConfig
+from turbollm.errors import GGUFError, TurbollmError
+from turbollm.kv.plan import CacheConfig
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "gemma4")
 
@@ -256,3 +264,91 @@ def _gemma4(keys: _Keys, kv_from_target: bool = False) -> ModelConfig:
         n_ff_expert=keys.positive_int("expert_feed_forward_length") if n_expert else 0,
         n_embd_per_layer=int(keys.get("embedding_length_per_layer_input", 0) or 0),
     )
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"  # the native CPU kernels where built, else the reference
+    FAST = "fast"  # insist on the native CPU kernels
+    REFERENCE = "reference"  # exact float32 PyTorch, any device
+
+
+class PrefillPrecision(str, enum.Enum):
+    """The fast backend's prefill GEMMs (kernels.fast.set_prefill_precision)."""
+
+    AUTO = "auto"  # bf16 where the CPU has AVX512-BF16/AMX, else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Residency(str, enum.Enum):
+    """How weights live in CPU memory (planner.resolve_residency)."""
+
+    AUTO = "auto"  # copy on the CPU, mapped under an accelerator
+    MMAP = "mmap"  # --mmap: compute from the mapped file's pages
+    COPY = "copy"  # --no-mmap: read into process memory
+    LOCK = "lock"  # --mlock: mapped and locked in RAM
+
+
+_ENUMS = {"backend": Backend, "prefill": PrefillPrecision, "residency": Residency}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run does with a model: the flags run, chat, serve, bench and fit share."""
+
+    model: str | None = None  # the GGUF (None: the default model)
+    device: str = "cpu"  # where the model computes: "cpu" or "cuda:N"
+    backend: Backend = Backend.AUTO
+    threads: int | None = None  # CPU threads (None: all cores)
+    prefill: PrefillPrecision = PrefillPrecision.AUTO
+    ctx_size: int | None = None  # tokens of context of all slots together (-c); None: the training context
+    parallel: int = 1  # slots: sequences decoded at once (-np), each with ctx_size / parallel tokens
+    n_batch: int = 512  # prompt tokens per forward (-b)
+    cache: CacheConfig = CacheConfig()  # KV cache codecs and layout
+    spec: SpecConfig = SpecConfig()  # speculative decoding
+    draft_model: str | None = None  # the MTP assistant head (-md)
+    # placement (turbollm.planner)
+    n_gpu_layers: int = -1  # -ngl; -1: all layers on the accelerator (when there is one)
+    n_cpu_moe: int = 0  # the expert tensors of the first N layers stay in CPU memory
+    overrides: tuple[tuple[str, str], ...] = ()  # -ot (regex, device)
+    draft_overrides: tuple[tuple[str, str], ...] = ()  # -otd
+    residency: Residency = Residency.AUTO
+    ram: int | None = None  # system memory budget in bytes (None: what is free)
+    vram: int | None = None  # the accelerator's budget (None: what is free)
+
+    def __post_init__(self) -> None:
+        for name, kind in _ENUMS.items():  # accept the flag's spelling ("bf16") for the Enum
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    raise TurbollmError(f"{name} must be one of {', '.join(k.value for k in kind)}, got {value!r}") from None
+        for name in ("model", "draft_model"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
+        for name, value in (("--threads", self.threads), ("--ctx-size", self.ctx_size)):
+            if value is not None and value <= 0:
+                raise TurbollmError(f"{name} must be positive, got {value}")
+        if self.parallel <= 0:
+            raise TurbollmError(f"--parallel must be positive, got {self.parallel}")
+        if self.n_batch <= 0:
+            raise TurbollmError(f"--batch-size must be positive, got {self.n_batch}")
+
+    def total_ctx(self, model: ModelConfig) -> int:
+        """llama.cpp's n_ctx: all slots together."""
+        return self.ctx_size if self.ctx_size is not None else model.n_ctx_train
+
+    def slot_ctx(self, model: ModelConfig) -> int:
+        """llama.cpp's n_ctx_seq: one slot's context, at most the model's training context."""
+        total = self.total_ctx(model)
+        slot = total // self.parallel
+        if slot < 2:
+            raise TurbollmError(f"--ctx-size {total} split over --parallel {self.parallel} leaves {slot} tokens per slot")
+        if slot > model.n_ctx_train:
+            per = f" ({self.parallel} slots of {slot})" if self.parallel > 1 else ""
+            raise TurbollmError(f"--ctx-size {total}{per} is more than the model's training context of "
+                                f"{model.n_ctx_train} tokens per slot: use at most {model.n_ctx_train * self.parallel}")
+        return slot

@@ -27,7 +27,7 @@ from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.sequence import Event, GenerationStats, Sequence, SeqState
 from turbollm.engine.speculative import Drafter, SpecConfig, SpecStats, Speculator
-from turbollm.engine.text import OutputText
+from turbollm.text.output import OutputText
 from turbollm.errors import ContextLengthError
 from turbollm.kv.cache import KVCache
 from turbollm.kv.plan import CacheConfig
@@ -46,8 +46,8 @@ class LoadedModel(Protocol):
     """What the engine needs of a loaded model (turbollm.api.Model)."""
 
     network: Network
-    tokenizer: object  # turbollm.tokenizer.Tokenizer: eog_ids, token_bytes, token_id, decode
-    ctx_size: int
+    tokenizer: object  # turbollm.text.tokenizer.Tokenizer: eog_ids, token_bytes, token_id, decode
+    slot_ctx: int  # tokens of context per sequence
     cache: CacheConfig
     spec: SpecConfig
 
@@ -62,9 +62,9 @@ class Engine:
         request is refused. True (llama-cli, `Model.generate`): generation ends where the
         context does, with finish reason "length"."""
         self.model, self.network, self.tokenizer = model, model.network, model.tokenizer
-        self.slot_ctx = slot_ctx if slot_ctx is not None else model.ctx_size
-        if not 0 < self.slot_ctx <= model.ctx_size:
-            raise ValueError(f"slot context {self.slot_ctx} is outside 1..{model.ctx_size}")
+        self.slot_ctx = slot_ctx if slot_ctx is not None else model.slot_ctx
+        if not 0 < self.slot_ctx <= model.slot_ctx:
+            raise ValueError(f"slot context {self.slot_ctx} is outside 1..{model.slot_ctx}")
         self.stop_at_context_end = stop_at_context_end
         self.scheduler = Scheduler(n_slots, n_batch)
         self.totals = GenerationStats()  # over all requests since start (the server's /metrics)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from turbollm.chat import strip_thinking
+from turbollm.text.chat_template import strip_thinking
 from turbollm.engine.sampler import SamplingParams
 
 MAX_N = 8  # choices per request: each is a sequence of its own

@@ -9,11 +9,12 @@ would not fit the context is refused with the numbers, and the conversation is k
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from turbollm.api import LoadOptions
+from turbollm.cli import flags
+from turbollm.config import RunConfig
 from turbollm.engine.sampler import SamplingParams
-from turbollm.errors import TurbollmError
+from turbollm.errors import ContextLengthError, TurbollmError
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -23,14 +24,30 @@ class ChatArgs:
     params: SamplingParams
     system: str | None = None
     think: bool = False
-    load: LoadOptions = LoadOptions()
+    run: RunConfig = RunConfig()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/clear starts over, /exit or Ctrl-D quits)")
+    flags.model_flag(p)
+    flags.sampling_flags(p, n_predict=1024)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering (shown dimmed)")
+    flags.prefill_flag(p)
+    flags.cache_flags(p)
+    flags.spec_flags(p)
+    flags.placement_flags(p)
+    p.set_defaults(handler=lambda args: chat(ChatArgs(params=flags.sampling_params(args), system=args.system,
+                                                      think=args.think, run=flags.run_config(args))))
 
 
 def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tty = stdout.isatty()
-    model = a.load.load()
-    print(f"{model.gguf.path.name}: {model.ctx_size} tokens of context. /clear starts over, /exit quits.", file=stdout)
+    from turbollm.api import Model
+
+    model = Model.load(run=a.run)
+    print(f"{model.gguf.path.name}: {model.slot_ctx} tokens of context. /clear starts over, /exit quits.", file=stdout)
     messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     n_system = len(messages)
     while True:
@@ -49,15 +66,9 @@ def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
             continue
         turn = messages + [{"role": "user", "content": text}]
         prompt_ids = model.encode(model.chat_prompt(turn, enable_thinking=a.think))
-        room = model.ctx_size - len(prompt_ids)
-        if room <= 0:
-            print(f"error: the conversation is {len(prompt_ids)} tokens, the context {model.ctx_size}: "
-                  f"/clear, or restart with a larger --ctx-size", file=stdout)
-            continue
-        params = replace(a.params, max_tokens=min(a.params.max_tokens, room))
         answer, thinking = [], False
-        try:
-            for piece in model.stream(prompt_ids, params):
+        try:  # an answer that reaches the end of the context stops there (the engine's rule)
+            for piece in model.stream(prompt_ids, a.params):
                 if piece.channel == "reasoning":
                     stdout.write((DIM if tty and not thinking else "") + piece.text)
                     thinking = True
@@ -70,6 +81,9 @@ def chat(a: ChatArgs, stdin=None, stdout=None) -> int:
                 stdout.flush()
         except KeyboardInterrupt:  # Ctrl-C ends this answer, not the session
             stdout.write(" [interrupted]")
+        except ContextLengthError as e:  # the conversation is kept: /clear, or a larger --ctx-size
+            print(f"error: {e} (/clear starts over)", file=stdout)
+            continue
         except TurbollmError as e:
             print(f"error: {e}", file=stdout)
             continue

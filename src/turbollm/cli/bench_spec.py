@@ -11,11 +11,12 @@ speedup, the draft acceptance, and whether the two outputs are identical (they m
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
-from turbollm.api import LoadOptions
+from turbollm.config import RunConfig
 from turbollm.engine.sampler import SamplingParams
+from turbollm.engine.speculative import SpecConfig
 
 
 def copy_task_prompt() -> str:
@@ -25,7 +26,7 @@ def copy_task_prompt() -> str:
 
 @dataclass(frozen=True)
 class SpecBenchSettings:
-    load: LoadOptions  # its spec says which speculative decoding to measure
+    run: RunConfig  # its spec says which speculative decoding to measure
     prompt: str | None = None  # None: the copy task
     n_gen: int = 256
     repetitions: int = 3
@@ -58,12 +59,12 @@ class SpecBenchReport:
 def run_spec_bench(s: SpecBenchSettings) -> SpecBenchReport:
     from turbollm.api import Model
 
-    spec_model = s.load.load()
+    spec_model = Model.load(run=s.run)
     plain_model = Model(spec_model.gguf, spec_model.config, spec_model.tokenizer, spec_model.network,
-                        spec_model.ctx_size, spec_model.load_seconds, spec_model.cache)  # same weights, no drafter
+                        replace(s.run, spec=SpecConfig(), draft_model=None))  # the same weights, no drafter
     prompt = spec_model.encode(s.prompt if s.prompt is not None else copy_task_prompt())
     params = SamplingParams(temperature=0, max_tokens=s.n_gen)
-    report = SpecBenchReport(str(spec_model.gguf.path), s.load.spec.kind, len(prompt), s.n_gen)
+    report = SpecBenchReport(str(spec_model.gguf.path), s.run.spec.kind, len(prompt), s.n_gen)
     plain_model.generate(prompt, SamplingParams(temperature=0, max_tokens=8))  # warm-up
     for _ in range(s.repetitions):
         plain, spec = plain_model.generate(prompt, params), spec_model.generate(prompt, params)

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
-from turbollm.config import ModelConfig
+from turbollm.config import ModelConfig, Residency, RunConfig
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
 from turbollm.kv.plan import CacheConfig, plan_kv
@@ -50,24 +50,6 @@ class Device:
 
 
 @dataclass(frozen=True)
-class PlanRequest:
-    """The run's settings that decide memory (the CLI flags of fit/run/serve/bench)."""
-
-    ctx_size: int | None = None  # all slots together; None: the model's training context
-    parallel: int = 1
-    cache: CacheConfig = CacheConfig()
-    n_gpu_layers: int = -1  # -1: all layers on the accelerator (when there is one)
-    n_cpu_moe: int = 0
-    overrides: tuple[tuple[str, str], ...] = ()  # (regex, device) for -ot
-    draft_model: str | None = None
-    draft_overrides: tuple[tuple[str, str], ...] = ()  # -otd
-    n_batch: int = 512
-    # how weights live in CPU memory: "auto" (copy on the CPU, see resolve_residency), "mmap"
-    # (--mmap), "copy" (--no-mmap), "lock" (--mlock)
-    residency: str = "auto"
-
-
-@dataclass(frozen=True)
 class TensorPlace:
     name: str
     n_bytes: int
@@ -80,7 +62,7 @@ class TensorPlace:
 class Plan:
     model: str
     devices: list[Device]
-    request: PlanRequest
+    run: RunConfig  # what it was planned for
     ctx: int  # the context of all slots together
     tensors: list[TensorPlace] = field(default_factory=list)
     kv_global: dict[str, int] = field(default_factory=dict)  # device -> bytes
@@ -117,7 +99,7 @@ class Plan:
         return {("draft:" if t.draft else "") + t.name: t.device for t in self.tensors}
 
     def format(self) -> str:
-        r = self.request
+        r = self.run
         lines = [f"memory plan for {self.model}: context {self.ctx} ({r.parallel} slot(s) of {self.ctx // r.parallel}), "
                  f"KV cache {r.cache.label}" + (f", --n-cpu-moe {r.n_cpu_moe}" if r.n_cpu_moe else "")
                  + (f", -ngl {r.n_gpu_layers}" if r.n_gpu_layers >= 0 else "")]
@@ -146,7 +128,7 @@ class Plan:
         parts = [f"{d.name} needs {self.total(d.name) / MIB:,.0f} MiB but has {d.budget / MIB:,.0f} MiB"
                  + (" (pretend budget)" if d.pretend else "") for d in over]
         return (f"{self.model}: the plan does not fit: " + "; ".join(parts)
-                + f" (context {self.ctx}, {self.request.parallel} slot(s), KV {self.request.cache.label}, "
+                + f" (context {self.ctx}, {self.run.parallel} slot(s), KV {self.run.cache.label}, "
                 f"KV {self.kv_bytes / MIB:,.0f} MiB). Nothing was loaded. To fit: " + "; ".join(self.suggestions()))
 
     def suggestions(self) -> list[str]:
@@ -275,21 +257,17 @@ def compute_bytes(cfg: ModelConfig, n_batch: int, n_slots: int, ctx_slot: int) -
     return max(prefill, decode)
 
 
-def plan(gguf: GGUFFile, cfg: ModelConfig, devices: list[Device], request: PlanRequest,
+def plan(gguf: GGUFFile, cfg: ModelConfig, devices: list[Device], run: RunConfig,
          draft: GGUFFile | None = None, notes: list[str] | None = None) -> Plan:
     """Place every tensor and KV byte (see the module docstring). Never refuses: `Plan.fits`
     and `Plan.refusal()` say what the caller must do."""
-    ctx = request.ctx_size if request.ctx_size is not None else cfg.n_ctx_train
-    if request.parallel <= 0 or ctx <= 0 or ctx // request.parallel < 2:
-        raise TurbollmError(f"--ctx-size {ctx} cannot be split over --parallel {request.parallel}")
-    if ctx // request.parallel > cfg.n_ctx_train:
-        raise TurbollmError(f"--ctx-size {ctx} over --parallel {request.parallel} gives slots of {ctx // request.parallel} "
-                            f"tokens, more than the model's training context of {cfg.n_ctx_train}")
-    if not 0 <= request.n_cpu_moe:
-        raise TurbollmError(f"--n-cpu-moe must be >= 0, got {request.n_cpu_moe}")
+    slot = run.slot_ctx(cfg)
+    ctx = slot * run.parallel
+    if not 0 <= run.n_cpu_moe:
+        raise TurbollmError(f"--n-cpu-moe must be >= 0, got {run.n_cpu_moe}")
     accel = next((d.name for d in devices if not d.is_cpu), None)
-    n_gpu = cfg.n_layer if request.n_gpu_layers < 0 else min(request.n_gpu_layers, cfg.n_layer)
-    p = Plan(str(gguf.path), devices, request, ctx, notes=list(notes or []), cfg=cfg, gguf=gguf, draft=draft)
+    n_gpu = cfg.n_layer if run.n_gpu_layers < 0 else min(run.n_gpu_layers, cfg.n_layer)
+    p = Plan(str(gguf.path), devices, run, ctx, notes=list(notes or []), cfg=cfg, gguf=gguf, draft=draft)
     names = {d.name for d in devices}
 
     def place(name: str, overrides, draft_file: bool) -> tuple[str, str]:
@@ -311,12 +289,12 @@ def plan(gguf: GGUFFile, cfg: ModelConfig, devices: list[Device], request: PlanR
             # it goes where the head computes, so no token reads it across the bus
             return (accel, "output head") if all_layers else ("cpu", "output head with the last layer")
         il = int(m.group(1))
-        if _moe_part(name) and il < request.n_cpu_moe:
-            return "cpu", f"--n-cpu-moe {request.n_cpu_moe}"
+        if _moe_part(name) and il < run.n_cpu_moe:
+            return "cpu", f"--n-cpu-moe {run.n_cpu_moe}"
         return (accel, f"layer {il}") if il < n_gpu else ("cpu", f"layer {il} beyond -ngl {n_gpu}")
 
     for t in gguf.tensors.values():
-        device, why = place(t.name, request.overrides, False)
+        device, why = place(t.name, run.overrides, False)
         p.tensors.append(TensorPlace(t.name, t.n_bytes, device, why))
     # a MoE block's router, norms and scales follow its experts (models/moe.py loads them so)
     expert_at = {_LAYER.match(t.name).group(1): (t.device, t.why) for t in p.tensors
@@ -326,21 +304,21 @@ def plan(gguf: GGUFFile, cfg: ModelConfig, devices: list[Device], request: PlanR
                  for t in p.tensors]
     if draft is not None:
         for t in draft.tensors.values():
-            device, why = place(t.name, request.draft_overrides, True)
+            device, why = place(t.name, run.draft_overrides, True)
             p.tensors.append(TensorPlace(t.name, t.n_bytes, device, why, draft=True))
 
     try:
-        kv = plan_kv(cfg.kv_layout(), ctx // request.parallel, request.cache)
+        kv = plan_kv(cfg.kv_layout(), slot, run.cache)
     except ValueError as e:  # a codec that does not fit the head size
         raise TurbollmError(f"{gguf.path}: {e}") from None
     for lp in kv.stored:
         device = next((t.device for t in p.tensors if t.name == f"blk.{lp.layer}.attn_k.weight"), "cpu")
         bucket = p.kv_sliding if lp.window > 0 else p.kv_global
-        bucket[device] = bucket.get(device, 0) + request.parallel * lp.nbytes
-    compute = compute_bytes(cfg, request.n_batch, request.parallel, ctx // request.parallel)
+        bucket[device] = bucket.get(device, 0) + run.parallel * lp.nbytes
+    compute = compute_bytes(cfg, run.n_batch, run.parallel, slot)
     p.compute[accel or "cpu"] = compute
     if accel is not None:  # the CPU still runs what it holds (experts, embedding rows): a chunk's rows
-        p.compute["cpu"] = p.compute.get("cpu", 0) + request.n_batch * cfg.n_embd * 4 * 4
+        p.compute["cpu"] = p.compute.get("cpu", 0) + run.n_batch * cfg.n_embd * 4 * 4
     return p
 
 
@@ -348,7 +326,7 @@ def suggest(p: Plan) -> list[str]:
     """Flags that would make `p` fit, found by re-planning: more experts in CPU memory, a
     smaller KV cache type, fewer slots of the same size, shorter slots."""
     out = []
-    r, cfg, slot = p.request, p.cfg, p.ctx // p.request.parallel
+    r, cfg, slot = p.run, p.cfg, p.ctx // p.run.parallel
 
     def fits(**changes) -> bool:
         try:
@@ -377,7 +355,7 @@ def suggest(p: Plan) -> list[str]:
     return out or ["nothing in reach fits: a smaller quantization of the model, or more memory"]
 
 
-def resolve_residency(residency: str, device: str) -> str:
+def resolve_residency(residency: Residency, device: str) -> Residency:
     """"auto": on the CPU, read the weights into process memory. Decode streams every weight
     each token, and it measured faster from anonymous memory than from the file's page-cache
     pages (26B-A4B Q4_0, 2 threads: tg32 4.82 tok/s mapped, 5.83 copied; the 270M model
@@ -386,17 +364,17 @@ def resolve_residency(residency: str, device: str) -> str:
     GB/s). The copy costs the file's size once (the page cache's pages are reclaimable), and a
     load reads the file (~1 s per GB from the page cache). On an accelerator the weights are
     copied to the device anyway, so the host side stays mapped."""
-    if residency == "auto":
-        return "copy" if device == "cpu" else "mmap"
+    if residency is Residency.AUTO:
+        return Residency.COPY if device == "cpu" else Residency.MMAP
     return residency
 
 
-def plan_for_devices(gguf: GGUFFile, cfg: ModelConfig, request: PlanRequest, device: str = "cpu",
-                     ram_budget: int | None = None, vram: int | None = None) -> Plan:
-    """The plan of a run on `device` (and the CPU): budgets from what is free now unless given."""
-    accel, notes = accelerators(None if device == "cpu" else device, vram)
-    draft = GGUFFile(request.draft_model) if request.draft_model else None
-    return plan(gguf, cfg, [cpu_device(ram_budget)] + accel, request, draft, notes)
+def plan_for_devices(gguf: GGUFFile, cfg: ModelConfig, run: RunConfig) -> Plan:
+    """The plan of a run on `run.device` (and the CPU): budgets from what is free now unless
+    `run.ram` / `run.vram` give them."""
+    accel, notes = accelerators(None if run.device == "cpu" else run.device, run.vram)
+    draft = GGUFFile(run.draft_model) if run.draft_model else None
+    return plan(gguf, cfg, [cpu_device(run.ram)] + accel, run, draft, notes)
 
 
 def loader_placement(p: Plan, main_device: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from importlib import resources
 
 import torch
 
+from turbollm.cli import flags
 from turbollm.kv.plan import CacheConfig, plan_kv
 
 BASELINE = CacheConfig("f16", "f16")
@@ -165,3 +166,74 @@ def plot(report: QualityReport, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+DEFAULT_QUALITY_TYPES = ("f16", "q8_0", "q4_0", "turbo4", "turbo3", "turbo2@2", "q8_0/turbo4")
+
+
+@dataclass(frozen=True)
+class QualityArgs:
+    model: str | None
+    text_file: str | None
+    cache_types: tuple[str, ...]
+    turbo_block: int
+    threads: int | None
+    prefill: str
+    max_tokens: int | None
+    as_json: bool
+    plot: str | None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quality", help="measure what KV cache types cost: perplexity, KL and top-1 vs f16, bytes")
+    flags.model_flag(p)
+    p.add_argument("--text", dest="text_file", default=None, help="UTF-8 text to score (default: the bundled public-domain text)")
+    p.add_argument("--cache-types", type=lambda t: tuple(x for x in t.split(",") if x.strip()), default=DEFAULT_QUALITY_TYPES,
+                   help="comma-separated entries K[/V][@N][~R]: K and V codecs, N boundary layers kept at f16, "
+                        "R latest positions kept at f16 beside their codes (default 64 under 8 bits, ~0: none) "
+                        f"(default {','.join(DEFAULT_QUALITY_TYPES)})")
+    p.add_argument("--cache-turbo-block", dest="turbo_block", type=int, choices=(32, 128), default=128,
+                   help="TurboQuant rotation block (default 128)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    flags.threads_flag(p)
+    flags.prefill_flag(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the results to this PNG file")
+    p.set_defaults(handler=lambda args: quality(QualityArgs(
+        model=args.model, text_file=args.text_file, cache_types=args.cache_types, turbo_block=args.turbo_block,
+        threads=args.threads, prefill=args.prefill, max_tokens=args.max_tokens, as_json=args.json, plot=args.plot)))
+
+
+def quality(a: QualityArgs) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from turbollm.api import Model
+    from turbollm.errors import TurbollmError
+
+    configs = [parse_cache_entry(entry, a.turbo_block) for entry in a.cache_types]
+    text = flags.read_text_file(a.text_file, "text") if a.text_file is not None else default_text()
+    model = Model.load(a.model, threads=a.threads, prefill=a.prefill)
+    ids = model.tokenizer.encode(text, add_special=True, parse_special=False)
+    if a.max_tokens is not None:
+        if a.max_tokens < 2:
+            raise TurbollmError(f"--max-tokens must be at least 2, got {a.max_tokens}")
+        ids = ids[:a.max_tokens]
+    if len(ids) > model.slot_ctx:
+        raise TurbollmError(f"the text has {len(ids)} tokens, more than the model's context of {model.slot_ctx}: "
+                            f"pass --max-tokens {model.slot_ctx} or a shorter --text")
+
+    def progress(name: str) -> None:
+        if not a.as_json:
+            print(f"ran {name}", file=sys.stderr, flush=True)
+
+    report = measure(model.network, ids, configs, model_name=Path(model.gguf.path).name, progress=progress)
+    print(json.dumps(report.to_json(), indent=2) if a.as_json else format_table(report))
+    if a.plot:
+        plot(report, a.plot)
+        if not a.as_json:
+            print(f"plot written to {a.plot}", file=sys.stderr)
+    return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from turbollm.tokenizer import StreamDecoder, Tokenizer
+from turbollm.text.tokenizer import StreamDecoder, Tokenizer
 
 
 class TextAssembler:

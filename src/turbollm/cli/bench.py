@@ -18,35 +18,29 @@ import copy
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
+from turbollm.cli import flags
+from turbollm.config import RunConfig
 from turbollm.kv.plan import CacheConfig
-from turbollm.planner import PlanRequest, resolve_residency
-from turbollm.memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
+from turbollm.planner import resolve_residency
+from turbollm.planner.process_memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    model: str | None = None
+    run: RunConfig = RunConfig()  # the model and how it runs (its ctx_size is set to what the tests need)
     n_prompt: tuple[int, ...] = (512,)
     n_gen: tuple[int, ...] = (128,)
     prompt_gen: tuple[tuple[int, int], ...] = ((1150, 2000),)  # the normalized-wall test
-    threads: int | None = None
     repetitions: int = 5
-    backend: str = "auto"
-    prefill: str = "auto"
     seed: int = 1234
-    cache: CacheConfig = CacheConfig()
     depth: int = 0  # tokens already in the context when each test starts (llama-bench -d)
-    placement: PlanRequest | None = None  # --n-cpu-moe, -ot, -ngl (turbollm.planner)
-    device: str = "cpu"
-    ram: int | None = None
-    vram: int | None = None
 
     def __post_init__(self) -> None:
         if self.repetitions < 1:
@@ -215,19 +209,18 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     gc.collect()  # what a caller left for the collector is not the baseline (else it may be freed during the load)
     rss_before, anon_before = rss_bytes(), anonymous_bytes()
     needed = s.depth + max([p + g for p, g in s.prompt_gen] + list(s.n_prompt) + list(s.n_gen))
-    n_ctx_train = read_config(s.model).n_ctx_train
+    n_ctx_train = read_config(s.run.model).n_ctx_train
     if needed > n_ctx_train:
         raise ValueError(f"a test needs {needed} tokens of context but the model's is {n_ctx_train}")
     # planned (and refused if it does not fit) at the largest cache a test allocates
-    model = Model.load(s.model, ctx_size=max(needed, 1), threads=s.threads, backend=s.backend, prefill=s.prefill,
-                       cache=s.cache, placement=s.placement, device=s.device, ram_budget=s.ram, vram=s.vram)
+    model = Model.load(run=replace(s.run, ctx_size=max(needed, 2), parallel=1))
     rss_after = rss_bytes()
     cfg, gf = model.config, model.gguf
     ops = model.network.ops
     threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
     backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
                           f"{kernels.fast.prefill_precision()} prefill)" if ops.name == "fast" else "")
-    backend += f", KV cache {s.cache.label}"
+    backend += f", KV cache {s.run.cache.label}"
     report = BenchReport(
         model=str(Path(gf.path).resolve()), description=describe(gf), file_bytes=gf.file_size,
         n_params=sum(t.n_elements for t in gf.tensors.values()), backend=backend, threads=threads,
@@ -235,9 +228,9 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
         max_kv_bytes=0, anonymous_before_load=anon_before, max_anonymous=anon_before, max_model_file_resident=0,
         decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
         copy_bandwidth=0.0, read_bandwidth=0.0,
-        residency=resolve_residency((s.placement or PlanRequest()).residency, s.device),
+        residency=resolve_residency(s.run.residency, s.run.device).value,
     )
-    runner = _Runner(model.network, cfg.n_vocab, s.seed, s.cache)
+    runner = _Runner(model.network, cfg.n_vocab, s.seed, s.run.cache)
     runner.depth = s.depth
     at_depth = f" @ d{s.depth}" if s.depth else ""
     tests = ([(f"pp{n}{at_depth}", n, 0) for n in s.n_prompt if n] + [(f"tg{n}{at_depth}", 0, n) for n in s.n_gen if n]
@@ -322,3 +315,49 @@ def format_table(r: BenchReport) -> str:
         out.append(f"decode reads weights at {achieved / 1e9:.1f} GB/s = {ratio:.0%} of the read bandwidth, "
                    f"{achieved / r.copy_bandwidth:.0%} of the copy bandwidth")
     return "\n".join(out)
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure prompt and decode speed (llama-bench's tests and flags)")
+    flags.model_flag(p)
+    p.add_argument("-p", "--n-prompt", type=flags.int_list, default=(512,), help="prompt sizes, comma-separated (default 512)")
+    p.add_argument("-n", "--n-gen", type=flags.int_list, default=(128,), help="decode lengths, comma-separated (default 128)")
+    p.add_argument("-pg", "--prompt-gen", type=flags.pair_list, default=((1150, 2000),),
+                   help="prompt+decode tests as P,G pairs separated by ';' (default 1150,2000; 'none' to skip)")
+    flags.threads_flag(p)
+    p.add_argument("-d", "--n-depth", type=int, default=0,
+                   help="tokens already in the context when each test starts, prefilled untimed (default 0)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test (default 5)")
+    p.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
+    flags.prefill_flag(p)
+    flags.cache_flags(p)
+    flags.spec_flags(p)
+    flags.placement_flags(p)
+    p.add_argument("-f", "--file", dest="spec_prompt_file", default=None,
+                   help="with --spec-type: the prompt to continue (default: rewrite a paragraph of the bundled text)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(handler=_command)
+
+
+def _command(args) -> int:
+    import json
+    import sys
+
+    run = flags.run_config(args)
+    if run.spec.enabled:  # speculative decoding measured on real text (cli/bench_spec.py)
+        from turbollm.cli.bench_spec import SpecBenchSettings, format_spec_report, run_spec_bench
+        report = run_spec_bench(SpecBenchSettings(run=run, prompt=flags.read_text_file(args.spec_prompt_file),
+                                                  n_gen=args.n_gen[0], repetitions=args.repetitions))
+        print(json.dumps(report.to_json(), indent=2) if args.json else format_spec_report(report))
+        return 0 if report.identical else 1
+
+    def progress(result) -> None:
+        if not args.json:
+            print(f"{result.name}: {result.avg_ts:.2f} ± {result.stddev_ts:.2f} tok/s", file=sys.stderr, flush=True)
+
+    report = run_bench(BenchSettings(run=run, n_prompt=args.n_prompt, n_gen=args.n_gen, prompt_gen=args.prompt_gen,
+                                     repetitions=args.repetitions, depth=args.n_depth), progress)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_table(report))
+    return 0

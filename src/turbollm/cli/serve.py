@@ -1,45 +1,63 @@
-"""`turbollm serve`: load the model, start the engine thread, serve the API with uvicorn."""
+"""`turbollm serve`: load the model, start the engine thread, serve the API with uvicorn
+(server/app.py); `launch` starts one in a child process for tests and benchmarks."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from turbollm.api import LoadOptions
-from turbollm.errors import TurbollmError
+from turbollm.cli import flags
+from turbollm.config import RunConfig
 
 
 @dataclass(frozen=True)
 class ServeArgs:
     host: str = "127.0.0.1"
     port: int = 8080
-    parallel: int = 1
-    batch_size: int = 512  # prompt chunk per step
     api_key: str | None = None
     alias: str | None = None
     reasoning: str = "auto"  # "on", "off", "auto" (on for Gemma 4)
-    # load.ctx_size is all slots together, as llama-server's -c (None: the model's training context)
-    load: LoadOptions = LoadOptions()
+    # run.ctx_size is all slots together, split between run.parallel slots, as llama-server's -c / -np
+    run: RunConfig = RunConfig()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with parallel slots and a web chat page")
+    flags.model_flag(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context of all slots together, split evenly between them as in llama-server "
+                        "(default: the model's training context)")
+    p.add_argument("-np", "--parallel", type=int, default=1, help="slots: requests decoded at once (default 1)")
+    flags.threads_flag(p)
+    p.add_argument("-b", "--batch-size", type=int, default=512,
+                   help="prompt tokens fed per step, between decode steps of the other slots (default 512)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but / and /health")
+    p.add_argument("-a", "--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
+    p.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",
+                   help="whether the model thinks unless a request says otherwise (auto: on for Gemma 4)")
+    p.add_argument("--jinja", action="store_true",
+                   help="accepted for llama-server scripts: the GGUF's chat template is always used when present")
+    flags.prefill_flag(p)
+    flags.cache_flags(p)
+    flags.spec_flags(p)
+    flags.placement_flags(p)
+    p.set_defaults(handler=lambda args: serve(ServeArgs(host=args.host, port=args.port, api_key=args.api_key,
+                                                        alias=args.alias, reasoning=args.reasoning,
+                                                        run=flags.run_config(args))))
 
 
 def build(a: ServeArgs):
     """The model, engine and app of these settings (the engine not yet started)."""
-    from turbollm.api import read_config
+    from turbollm.api import Model
     from turbollm.engine.engine import Engine
     from turbollm.server.app import ServerSettings, create_app
 
-    if a.parallel <= 0:
-        raise TurbollmError(f"--parallel must be positive, got {a.parallel}")
-    if a.batch_size <= 0:
-        raise TurbollmError(f"--batch-size must be positive, got {a.batch_size}")
-    total = a.load.ctx_size if a.load.ctx_size is not None else read_config(a.load.model).n_ctx_train
-    slot_ctx = total // a.parallel  # llama-server: -c is all slots together
-    if slot_ctx < 2:
-        raise TurbollmError(f"--ctx-size {total} split over --parallel {a.parallel} leaves {slot_ctx} tokens per slot")
     # planned for every slot full, before any weight is read; refused with the numbers if it does not fit
-    model = replace(a.load, ctx_size=slot_ctx).load(parallel=a.parallel)
-    engine = Engine(model, n_slots=a.parallel, slot_ctx=slot_ctx, n_batch=a.batch_size)
+    model = Model.load(run=a.run)
+    engine = Engine(model, n_slots=a.run.parallel, n_batch=a.run.n_batch)
     thinking = {"on": True, "off": False, "auto": model.config.arch == "gemma4"}[a.reasoning]
     model_id = a.alias or Path(model.gguf.path).name
     return model, engine, create_app(engine, ServerSettings(model_id=model_id, api_key=a.api_key, thinking_default=thinking))
@@ -51,7 +69,7 @@ def serve(a: ServeArgs) -> int:
     model, engine, app = build(a)
     plan = model.network.new_cache_plan(engine.slot_ctx, model.cache)
     print(model.plan.format(), file=sys.stderr)
-    print(f"turbollm: {model.gguf.path.name}, {a.parallel} slot(s) of {engine.slot_ctx} tokens, "
+    print(f"turbollm: {model.gguf.path.name}, {a.run.parallel} slot(s) of {engine.slot_ctx} tokens, "
           f"KV cache {plan.nbytes / 2**20:,.1f} MiB per full slot ({model.cache.label}), "
           f"listening on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
     engine.start()

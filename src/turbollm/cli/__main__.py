@@ -1,0 +1,5 @@
+import sys
+
+from turbollm.cli.main import main
+
+sys.exit(main())
