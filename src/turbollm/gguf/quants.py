@@ -26,19 +26,28 @@ QK_K = 256  # super-block size of the K-quants and most i-quants
 
 # ---- helpers -------------------------------------------------------------------------------
 
+def _view(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes reinterpreted as `dtype`, without a copy where the strides allow it (a column
+    slice of a block row usually does): dequantizing is memory-bound, and each copy is a pass."""
+    try:
+        return b.view(dtype)
+    except RuntimeError:
+        return b.contiguous().view(dtype)
+
+
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """[..., 2k] bytes -> [..., k] float32, little-endian halves."""
-    return b.contiguous().view(torch.float16).to(torch.float32)
+    return _view(b, torch.float16).to(torch.float32)
 
 
 def _i32(b: torch.Tensor) -> torch.Tensor:
     """[..., 4k] bytes -> [..., k] int32 (read as uint32 bit patterns; mask after shifting)."""
-    return b.contiguous().view(torch.int32)
+    return _view(b, torch.int32)
 
 
 def _i16(b: torch.Tensor) -> torch.Tensor:
     """[..., 2k] bytes -> [..., k] int32 holding the uint16 values."""
-    return b.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return _view(b, torch.int16).to(torch.int32) & 0xFFFF
 
 
 def _shifts(values: list[int], device: torch.device, dtype=torch.uint8) -> torch.Tensor:
@@ -94,7 +103,7 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
     # d f16 [0:2] | 16 bytes of nibbles [2:18]
     d = _f16(b[:, :2])
     q = _nibbles(b[:, 2:], 16).reshape(-1, 32).to(torch.int8) - 8
-    return d * q.to(torch.float32)
+    return d * q  # int8 * float32: converted exactly, multiplied in float32, in one pass
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
@@ -116,7 +125,7 @@ def _q5_0(b: torch.Tensor) -> torch.Tensor:
     high = _fifth_bits(_i32(b[:, 2:6]))
     low = _nibbles(b[:, 6:], 16).reshape(-1, 32)
     q = (low | (high << 4)).to(torch.int8) - 16
-    return d * q.to(torch.float32)
+    return d * q
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
@@ -130,7 +139,7 @@ def _q5_1(b: torch.Tensor) -> torch.Tensor:
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     # d f16 [0:2] | 32 int8 [2:34]
-    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+    return b[:, 2:].view(torch.int8) * _f16(b[:, :2])  # int8 * float32 in one pass, exact as a conversion first
 
 
 def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
@@ -187,7 +196,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     sc, mn = _k_scale_min(b[:, 4:16])
     d = (d * sc.to(torch.float32)).view(n, 8, 1)
     dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
-    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).to(torch.float32)
+    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32)
     return (d * q - dm).reshape(n, QK_K)
 
 
@@ -207,12 +216,12 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
     # ql [0:128] low nibbles | qh [128:192] 2 high bits | scales int8 [192:208] | d f16 [208:210]
     n = b.shape[0]
-    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    scales = b[:, 192:208].view(torch.int8).to(torch.float32)
     d = (_f16(b[:, 208:210]) * scales).view(n, 16, 1)
     low = _nibbles(b[:, :128], 64).reshape(n, 8, 32)
     high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], b.device).view(4, 1)) & 3).reshape(n, 8, 32)
     q = (low | (high << 4)).to(torch.int8) - 32
-    return (d * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, QK_K)
+    return (d * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
 # ---- i-quants ------------------------------------------------------------------------------
