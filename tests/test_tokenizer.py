@@ -7,7 +7,6 @@ llama.cpp's ids in tests/data/gemma3-270m-q4_k_m. Small hand-made vocabularies p
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from turbollm.errors import GGUFError, TurbollmError

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 from turbollm import kernels, planner
 from turbollm.text import chat_template

@@ -33,7 +33,7 @@ from turbollm.kernels import QTensor
 from turbollm.kv.cache import KVCache
 from turbollm.kv.plan import CacheConfig, KVPlan, LayerKVShape, plan_kv
 from turbollm.kernels import blocks
-from turbollm.kernels.blocks import AttentionBlock, FfnBlock
+from turbollm.kernels.blocks import AttentionBlock, FfnBlock, MoEBlock
 from turbollm.models.layers import Rope
 from turbollm.models.moe import load_moe_block
 from turbollm.models.weights import TensorLoader

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from turbollm.config import ModelConfig, Residency, RunConfig
 from turbollm.errors import TurbollmError
 from turbollm.gguf.reader import GGUFFile
-from turbollm.kv.plan import CacheConfig, plan_kv
+from turbollm.kv.plan import plan_kv
 
 MIB = 2**20
 _LAYER = re.compile(r"^blk\.(\d+)\.")

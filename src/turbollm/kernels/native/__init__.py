@@ -263,7 +263,7 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load() -> None:
-    global _lib, _load_error, _simd_level
+    global _lib, _load_error
     path = Path(__file__).with_name("_tlnative" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
     try:
         lib = ctypes.CDLL(str(path))
