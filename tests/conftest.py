@@ -18,6 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (read when a kernel
+# module is imported, so set before any test imports one)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REFERENCE_DIR = Path(os.environ.get("TURBOLLM_REFERENCE") or DATA_DIR)
 GEMMA3_DIR = REFERENCE_DIR / "gemma3-270m-q4_k_m"

@@ -124,7 +124,7 @@ class Model:
         if path is not None:
             run = replace(run, model=str(path))
         try:
-            ops = kernels.backend(run.backend.value)
+            ops = kernels.backend(run.backend.value, run.device)
             if ops.name == "fast":
                 kernels.fast.set_prefill_precision(run.prefill.value)
         except ValueError as e:

@@ -269,9 +269,10 @@ def _gemma4(keys: _Keys, kv_from_target: bool = False) -> ModelConfig:
 # ---- the run ---------------------------------------------------------------------------------
 
 class Backend(str, enum.Enum):
-    AUTO = "auto"  # the native CPU kernels where built, else the reference
+    AUTO = "auto"  # CPU: the native kernels where built, else the reference; accelerator: triton if it imports
     FAST = "fast"  # insist on the native CPU kernels
     REFERENCE = "reference"  # exact float32 PyTorch, any device
+    TRITON = "triton"  # Triton kernels on a CUDA/ROCm device (kernels/triton/)
 
 
 class PrefillPrecision(str, enum.Enum):

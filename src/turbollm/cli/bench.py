@@ -330,7 +330,7 @@ def add_parser(sub) -> None:
     p.add_argument("-d", "--n-depth", type=int, default=0,
                    help="tokens already in the context when each test starts, prefilled untimed (default 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test (default 5)")
-    p.add_argument("--backend", choices=("auto", "fast", "reference"), default="auto", help="kernel backend (default auto)")
+    flags.backend_flag(p)
     flags.prefill_flag(p)
     flags.cache_flags(p)
     flags.spec_flags(p)

@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     flags.sampling_flags(p, n_predict=1024)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering (shown dimmed)")
+    flags.backend_flag(p)
     flags.prefill_flag(p)
     flags.cache_flags(p)
     flags.spec_flags(p)

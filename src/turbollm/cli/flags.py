@@ -124,6 +124,13 @@ def spec_config(args) -> SpecConfig:
                       args.spec_ngram_max, args.draft_p_min)
 
 
+def backend_flag(p: argparse.ArgumentParser) -> None:
+    from turbollm.kernels import BACKENDS
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="kernels: fast (native CPU), reference (exact PyTorch), triton (GPU); "
+                        "auto: fast on the CPU, triton on an accelerator when Triton is installed")
+
+
 def prefill_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", choices=("auto", "fp32", "bf16"), default="auto",
                    help="precision of the prompt's float GEMMs: fp32 is exact, bf16 is ~3x faster where the CPU "

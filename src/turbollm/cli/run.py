@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap the prompt in the chat template")
     mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is, no chat template")
     p.add_argument("--system", default=None, help="system message (implies --chat)")
+    flags.backend_flag(p)
     flags.prefill_flag(p)
     flags.cache_flags(p)
     flags.spec_flags(p)

@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
                    help="whether the model thinks unless a request says otherwise (auto: on for Gemma 4)")
     p.add_argument("--jinja", action="store_true",
                    help="accepted for llama-server scripts: the GGUF's chat template is always used when present")
+    flags.backend_flag(p)
     flags.prefill_flag(p)
     flags.cache_flags(p)
     flags.spec_flags(p)

@@ -1,4 +1,4 @@
-"""Compute kernels behind one API, in two backends.
+"""Compute kernels behind one API, in three backends.
 
 A backend offers `linear`, `linear_many`, `embedding`, `moe_ffn`, `rms_norm`, `attention`, and
 the sub-layer blocks `attention_block` and `ffn_block` (blocks.py), taking activations as torch
@@ -8,9 +8,12 @@ tensors and weights as `QTensor`s:
   on any device. Exact: what the transformers oracles compute on the same weights.
 - `fast` (fast.py): native CPU kernels (native/csrc/*.c via native/__init__.py) where they apply, the
   reference elsewhere. Decode quantizes activations to 8 bits, as llama.cpp does.
+- `triton` (triton/): Triton kernels on a CUDA or ROCm device (on CPU tensors in Triton's
+  interpreter only) where they apply, the reference elsewhere.
 
-`backend("auto")` is `fast` when the native library loaded, else `reference`. Kernels know
-nothing of models.
+`backend("auto", device)` is `triton` on an accelerator when Triton imports (else the
+reference there), and on the CPU `fast` when the native library loaded, else `reference`.
+Kernels know nothing of models.
 """
 
 from __future__ import annotations
@@ -24,16 +27,26 @@ from turbollm.kernels.attention import attention
 from turbollm.kernels.qtensor import QTensor
 from turbollm.kernels.reference import embedding, linear, moe_ffn
 
-BACKENDS = ("auto", "fast", "reference")
+BACKENDS = ("auto", "fast", "reference", "triton")
 
 __all__ = ["BACKENDS", "QTensor", "attention", "backend", "embedding", "linear", "moe_ffn"]
 
 
-def backend(name: str = "auto") -> type:
-    """The kernel set to compute with: "auto", "fast" or "reference"."""
+def backend(name: str = "auto", device: str = "cpu") -> type:
+    """The kernel set to compute with on `device`: "auto", "fast", "reference" or "triton"."""
+    from turbollm.kernels import triton as triton_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r} (choose from {', '.join(BACKENDS)})")
-    if name == "reference" or (name == "auto" and not native.available()):
+    on_cpu = torch.device(device).type == "cpu"
+    if name == "triton" or (name == "auto" and not on_cpu and triton_backend.available()[0]):
+        ok, why = triton_backend.available()
+        if not ok:
+            raise ValueError(why)
+        if on_cpu and not triton_backend.runs_on(torch.device("cpu")):
+            raise ValueError("the triton backend runs on a CUDA/ROCm device (--device cuda:N); "
+                             "on the CPU only in Triton's interpreter (TRITON_INTERPRET=1, for tests)")
+        return triton_backend.Ops
+    if name == "reference" or (name == "auto" and (not on_cpu or not native.available())):
         return reference.Ops
     if name == "fast" and not native.available():
         raise ValueError(native.load_error() or "native kernels are not available")

@@ -1,0 +1,160 @@
+"""Quantized linear in Triton: out = x @ W.T with W left in its GGUF blocks on the device.
+
+One program computes a [BLOCK_M, BLOCK_N] tile of the output. It walks K in steps of 32
+values: each step loads the 32-value slice of BLOCK_N weight rows as bytes, dequantizes it in
+registers (the block layouts of gguf/quants.py, the same float operations in the same order)
+and multiplies it with the matching activation slice. With 16 rows or more the product is a
+`tl.dot` (tensor cores on a GPU; `precision` picks fp32 "ieee" for the reference's maths or
+"tf32"); with fewer (decode) it is a broadcast multiply and a row sum, so one token does not
+pay for 16. Nothing here allocates a dequantized weight.
+
+The K-quants (256-value super-blocks) are read 32 values at a time too: a step is one of a
+super-block's sub-blocks, with that sub-block's scale (and min) decoded from the packed
+scale bytes. Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K (SUPPORTED); others stay with the
+reference path (kernels/triton/__init__.py decides).
+
+Tested on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1) against the reference;
+only a GPU run says how fast it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from turbollm.kernels.qtensor import QTensor, QType
+
+SUPPORTED = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24, QType.Q8_0: 34,
+             QType.Q4_K: 144, QType.Q6_K: 210}  # type -> bytes per block (32 values, or 256 for K-quants)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The helpers are written out inline (no nested jit calls): the interpreter pays for every
+# call of a jit function, and compiled code inlines them anyway.
+
+@triton.jit
+def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """Values step*32 .. step*32+31 of the rows at byte offsets `row_off` [BN] -> [BN, 32].
+    A half at byte o is (byte o) | (byte o+1) << 8, bit-cast to float16."""
+    m2 = mask[:, None]
+    if QTYPE == 12 or QTYPE == 14:  # K-quants: sub-block `sub` of super-block `sb`
+        sb = step // 8
+        sub = step % 8
+        base = row_off + sb * BLOCK_BYTES  # [BN]
+        if QTYPE == 12:  # Q4_K: d f16 [0:2] | dmin f16 [2:4] | scales [4:16] | qs [16:144]
+            b0 = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
+            b1 = tl.load(w_ptr + base + 1, mask=mask, other=0).to(tl.uint16)
+            b2 = tl.load(w_ptr + base + 2, mask=mask, other=0).to(tl.uint16)
+            b3 = tl.load(w_ptr + base + 3, mask=mask, other=0).to(tl.uint16)
+            d = (b0 | (b1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = (b2 | (b3 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+            if sub < 4:
+                sc = tl.load(w_ptr + base + 4 + sub, mask=mask, other=0).to(tl.int32) & 63
+                mn = tl.load(w_ptr + base + 8 + sub, mask=mask, other=0).to(tl.int32) & 63
+            else:
+                md = tl.load(w_ptr + base + 8 + sub, mask=mask, other=0).to(tl.int32)
+                dj = tl.load(w_ptr + base + sub, mask=mask, other=0).to(tl.int32)
+                mj = tl.load(w_ptr + base + 4 + sub, mask=mask, other=0).to(tl.int32)
+                sc = (md & 0x0F) | ((dj >> 2) & 0x30)
+                mn = (md >> 4) | ((mj >> 2) & 0x30)
+            byte = tl.load(w_ptr + base[:, None] + 16 + (sub // 2) * 32 + k[None, :], mask=m2, other=0).to(tl.int32)
+            q = (byte >> ((sub % 2) * 4)) & 0x0F
+            scale = (d * sc.to(tl.float32))[:, None]
+            offset = (dmin * mn.to(tl.float32))[:, None]
+            return scale * q.to(tl.float32) - offset
+        else:  # Q6_K: ql [0:128] | qh [128:192] | scales int8 [192:208] | d f16 [208:210]
+            d_lo = tl.load(w_ptr + base + 208, mask=mask, other=0).to(tl.uint16)
+            d_hi = tl.load(w_ptr + base + 209, mask=mask, other=0).to(tl.uint16)
+            d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+            g = sub // 4
+            r = sub % 4
+            low = tl.load(w_ptr + base[:, None] + g * 64 + (r % 2) * 32 + k[None, :], mask=m2, other=0).to(tl.int32)
+            low = (low >> ((r // 2) * 4)) & 0x0F
+            high = tl.load(w_ptr + base[:, None] + 128 + g * 32 + k[None, :], mask=m2, other=0).to(tl.int32)
+            high = (high >> (2 * r)) & 3
+            q = (low | (high << 4)) - 32
+            s_idx = 2 * sub + k // 16  # [32]: the 16-value scales
+            sv = tl.load(w_ptr + base[:, None] + 192 + s_idx[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
+            scale = d[:, None] * sv.to(tl.float32)
+            return scale * q.to(tl.float32)
+    else:
+        base = row_off + step * BLOCK_BYTES  # [BN]
+        d_lo = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
+        d_hi = tl.load(w_ptr + base + 1, mask=mask, other=0).to(tl.uint16)
+        d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)[:, None]
+        if QTYPE == 8:  # Q8_0: d | int8[32]
+            q8 = tl.load(w_ptr + base[:, None] + 2 + k[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
+            return q8.to(tl.float32) * d
+        else:
+            if QTYPE == 2 or QTYPE == 6:
+                qs_at = 2 if QTYPE == 2 else 6
+            else:
+                qs_at = 4 if QTYPE == 3 else 8
+            byte = tl.load(w_ptr + base[:, None] + qs_at + (k % 16)[None, :], mask=m2, other=0).to(tl.int32)
+            q = (byte >> ((k // 16) * 4)[None, :]) & 0x0F
+            if QTYPE == 6 or QTYPE == 7:  # the 5th bits: a little-endian u32 at byte 2 (Q5_0) or 4 (Q5_1)
+                qh_at = 2 if QTYPE == 6 else 4
+                qh = tl.load(w_ptr + base[:, None] + qh_at + (k // 8)[None, :], mask=m2, other=0).to(tl.int32)
+                q = q | (((qh >> (k % 8)[None, :]) & 1) << 4)
+            if QTYPE == 2:
+                return d * (q - 8).to(tl.float32)
+            elif QTYPE == 6:
+                return d * (q - 16).to(tl.float32)
+            else:  # Q4_1, Q5_1: d * q + m
+                m_lo = tl.load(w_ptr + base + 2, mask=mask, other=0).to(tl.uint16)
+                m_hi = tl.load(w_ptr + base + 3, mask=mask, other=0).to(tl.uint16)
+                m = (m_lo | (m_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)[:, None]
+                return d * q.to(tl.float32) + m
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes,
+                   QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, 32)
+    mask_m = rm < M
+    mask_n = rn < N
+    row_off = rn.to(tl.int64) * row_bytes
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, K // 32):
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + step * 32 + k[None, :], mask=mask_m[:, None], other=0.0)
+        w = _dequant32(w_ptr, row_off, step, k, mask_n, QTYPE, BLOCK_BYTES)  # [BLOCK_N, 32]
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        else:
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    out = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def supports(w: QTensor) -> bool:
+    return w.qtype in SUPPORTED and len(w.shape) == 2 and w.shape[-1] % (256 if w.qtype in (QType.Q4_K, QType.Q6_K) else 32) == 0
+
+
+def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor:
+    """x [..., K] float32 @ w.T -> [..., N] float32 for a 2-D weight of a SUPPORTED type."""
+    n_out, k = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n_out), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n_out)
+    use_dot = m >= 16
+    block_m = 16 if use_dot else triton.next_power_of_2(m)
+    if not use_dot and block_m > 8:
+        block_m = 8
+    # the interpreter runs each program as numpy calls: few wide programs are much faster there
+    block_n = min(1024, triton.next_power_of_2(n_out)) if INTERPRETED else (64 if use_dot else 32)
+    grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m))
+    _linear_kernel[grid](x2, w.data, out, m, n_out, k, w.data.stride(0) if w.data.dim() == 2 else w.data.shape[-1],
+                         QTYPE=int(w.qtype), BLOCK_BYTES=SUPPORTED[w.qtype], BLOCK_M=block_m, BLOCK_N=block_n,
+                         USE_DOT=use_dot, PRECISION=precision)
+    return out.reshape(*lead, n_out)
