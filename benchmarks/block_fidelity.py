@@ -27,6 +27,8 @@ from turbollm import Model
 from turbollm.kernels import blocks, fast, reference
 from turbollm.kv.plan import CacheConfig
 
+FAST, REFERENCE = fast.FastBackend("fp32"), reference.ReferenceBackend()  # the prefill tiles exact
+
 PROMPT = "The lighthouse keeper wrote in the log that the fog"
 CACHE = CacheConfig("f32", "f32")
 
@@ -45,31 +47,40 @@ def block_distances(model: Model, ids: torch.Tensor) -> dict[str, tuple[float, f
     out: dict[str, list[tuple[float, float]]] = {"ffn": [], "moe": []}
     for il, layer in enumerate(net.layers):
         h = taps[("attn_out", il)]
-        fused = fast.ffn_block(h, layer.ffn)
-        out["ffn"].append((rel(fused, blocks.ffn_block(fast.Ops, h, layer.ffn)),
-                           rel(fused, blocks.ffn_block(reference.Ops, h, layer.ffn))))
+        fused = FAST.ffn_block(h, layer.ffn)
+        out["ffn"].append((rel(fused, blocks.ffn_block(FAST, h, layer.ffn)),
+                           rel(fused, blocks.ffn_block(REFERENCE, h, layer.ffn))))
         if layer.moe is not None:
-            fused = fast.moe_block(h, layer.moe)
-            out["moe"].append((rel(fused, blocks.moe_block(fast.Ops, h, layer.moe)),
-                               rel(fused, blocks.moe_block(reference.Ops, h, layer.moe))))
+            fused = FAST.moe_block(h, layer.moe)
+            out["moe"].append((rel(fused, blocks.moe_block(FAST, h, layer.moe)),
+                               rel(fused, blocks.moe_block(REFERENCE, h, layer.moe))))
     # attention reads and writes a cache: each version gets its own, filled by the same steps
     out["attention"] = attention_distances(net, ids)
     return {k: (max(a for a, _ in v), max(b for _, b in v)) for k, v in out.items() if v}
 
 
+class _With:
+    """A backend with its attention_block replaced (instances: the settings stay the backend's)."""
+
+    def __init__(self, ops, attention_block):
+        self._ops, self.attention_block = ops, attention_block
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+
 def attention_distances(net, ids: torch.Tensor) -> list[tuple[float, float]]:
     results = []
     for variant in ("fused", "composed", "reference"):
-        ops = {"fused": fast.Ops, "composed": _composed(fast.Ops), "reference": reference.Ops}[variant]
+        ops = {"fused": FAST, "composed": _composed(FAST), "reference": REFERENCE}[variant]
         saved, outs = net.ops, []
-        original = ops.attention_block
 
-        def spy(x, b, rope, slots, positions, _original=original):
+        def spy(x, b, rope, slots, positions, _original=ops.attention_block):
             y = _original(x, b, rope, slots, positions)
             outs.append(y)
             return y
 
-        net.ops = type("Spy", (ops,), {"attention_block": staticmethod(spy)})
+        net.ops = _With(ops, spy)
         net.forward(ids, net.new_cache(64, CACHE))
         net.ops = saved
         results.append(outs)
@@ -77,9 +88,7 @@ def attention_distances(net, ids: torch.Tensor) -> list[tuple[float, float]]:
 
 
 def _composed(ops):
-    class Composed(ops):
-        attention_block = staticmethod(lambda x, b, rope, slots, positions: blocks.attention_block(ops, x, b, rope, slots, positions))
-    return Composed
+    return _With(ops, lambda x, b, rope, slots, positions: blocks.attention_block(ops, x, b, rope, slots, positions))
 
 
 def path_distances(model: Model, ids: torch.Tensor) -> dict[str, float]:
@@ -101,12 +110,11 @@ def path_distances(model: Model, ids: torch.Tensor) -> dict[str, float]:
         net.forward(seq[:-1], cache)
         alone.append(net.logits(net.forward(seq[-1:], cache)))
     long = ids.repeat(3)  # past DECODE_MAX_TOKENS rows: the prefill path (dequantized tiles, GEMM)
-    previous = fast.prefill_precision()
-    fast.set_prefill_precision("fp32")
+    saved, net.ops = net.ops, fast.FastBackend("fp32")
     try:
         prefill = net.logits(net.forward(long, net.new_cache(256, CACHE)))
     finally:
-        fast.set_prefill_precision(previous)
+        net.ops = saved
     return {
         "batched decode (2 sequences)": rel(batched, torch.cat(alone)),
         f"verify (4 rows a step, {len(ids)} tokens)": rel(steps(ids, 4), steps(ids, 1)),

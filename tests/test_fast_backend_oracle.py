@@ -74,19 +74,14 @@ def test_prefill_precision_against_transformers(default_model_path, gemma3_oracl
     reference's maths (measured 4.3e-5 from transformers); bf16 rounds tiles and activations
     (measured 0.29 at most, below llama.cpp's own ~0.5 from exact maths) and must still make
     every choice transformers is sure of."""
-    from turbollm.kernels import fast
-
     model = Model.load(default_model_path, backend="fast", threads=2, prefill=precision, cache=F32_CACHE)
-    assert fast.prefill_precision() == precision
-    try:
-        ref = gemma3_oracle("long_swa")
-        net = model.network
-        ids = torch.from_numpy(ref["tokens"].astype(np.int64))
-        logits = net.logits(net.forward(ids, net.new_cache(len(ids), F32_CACHE)))
-        at_hf = torch.gather(logits, 1, torch.from_numpy(ref["hf_topk_idx"].astype(np.int64))).numpy()
-        distance = np.abs(at_hf - ref["hf_topk_val"]).max(axis=1)
-        assert min_distance <= distance.max() < max_distance  # bf16: the rounding really happened
-        sure = ref["hf_topk_val"][:, 0] - ref["hf_topk_val"][:, 1] > 0.5
-        np.testing.assert_array_equal(logits.argmax(1).numpy()[sure], ref["hf_topk_idx"][:, 0][sure])
-    finally:
-        fast.set_prefill_precision("auto")
+    assert model.network.ops.prefill == precision
+    ref = gemma3_oracle("long_swa")
+    net = model.network
+    ids = torch.from_numpy(ref["tokens"].astype(np.int64))
+    logits = net.logits(net.forward(ids, net.new_cache(len(ids), F32_CACHE)))
+    at_hf = torch.gather(logits, 1, torch.from_numpy(ref["hf_topk_idx"].astype(np.int64))).numpy()
+    distance = np.abs(at_hf - ref["hf_topk_val"]).max(axis=1)
+    assert min_distance <= distance.max() < max_distance  # bf16: the rounding really happened
+    sure = ref["hf_topk_val"][:, 0] - ref["hf_topk_val"][:, 1] > 0.5
+    np.testing.assert_array_equal(logits.argmax(1).numpy()[sure], ref["hf_topk_idx"][:, 0][sure])

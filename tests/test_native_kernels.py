@@ -300,8 +300,8 @@ def test_fused_attention_block_equals_composed(store, with_v, window, n_before, 
     rope = (angles.cos(), angles.sin())
     composed_slots = _cache_step(cache_type, n_before, 2, n_kv, hd, store, window)
     fused_slots = _cache_step(cache_type, n_before, 2, n_kv, hd, store, window)
-    composed = blocks.attention_block(fast.Ops, x, b, rope, composed_slots, positions)
-    fused = fast.attention_block(x, b, rope, fused_slots, positions)
+    composed = blocks.attention_block(fast.FastBackend("fp32"), x, b, rope, composed_slots, positions)
+    fused = fast.FastBackend("fp32").attention_block(x, b, rope, fused_slots, positions)
     assert torch.allclose(fused, composed, atol=2e-4, rtol=2e-4)
     # the C encoder wrote the bytes the reference encoder writes (the K/V inputs agree to ~1e-6)
     assert (fused_slots.tail_k != composed_slots.tail_k).float().mean() < 0.01
@@ -323,7 +323,8 @@ def test_fused_ffn_block_equals_composed():
                         1 + 0.1 * torch.randn(d_model), 1e-6)
     h = torch.randn(3, d_model)
     for residual in (None, h):
-        assert torch.allclose(fast.ffn_block(h, b, residual), blocks.ffn_block(fast.Ops, h, b, residual), atol=1e-4, rtol=1e-4)
+        ops = fast.FastBackend("fp32")
+        assert torch.allclose(ops.ffn_block(h, b, residual), blocks.ffn_block(ops, h, b, residual), atol=1e-4, rtol=1e-4)
 
 
 def test_real_model_weights_within_bound(gemma3_model):
@@ -353,8 +354,8 @@ def test_moe_block_native_within_quantization_noise_of_reference(fused, n_tok):
         down=random_weight(Q.Q5_0, n_embd, n_ff, seed=24, n_expert=n_expert),
         n_used=4, eps=1e-6)
     h = torch.randn(n_tok, n_embd, generator=gen)
-    ref = blocks.moe_block(reference.Ops, h, b)
-    out = fast.moe_block(h, b)
+    ref = blocks.moe_block(reference.ReferenceBackend(), h, b)
+    out = fast.FastBackend("fp32").moe_block(h, b)
     assert native.available() and fast._descs.get(b) is not None  # the native block ran
     assert torch.allclose(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
     # the output is normed per token: a wrong expert or weight moves it by far more than the noise

@@ -124,12 +124,9 @@ class Model:
         if path is not None:
             run = replace(run, model=str(path))
         try:
-            ops = kernels.backend(run.backend.value, run.device)
-            if ops.name == "fast":
-                kernels.fast.set_prefill_precision(run.prefill.value)
+            ops = kernels.backend(run.backend.value, run.device, prefill=run.prefill.value, threads=run.threads)
         except ValueError as e:
             raise TurbollmError(str(e)) from None
-        kernels.use_threads(ops, run.threads)
         gf = GGUFFile(run.model if run.model is not None else default_model_path())
         config = ModelConfig.from_metadata(gf.metadata, str(gf.path))
         tokenizer = Tokenizer.from_metadata(gf.metadata)

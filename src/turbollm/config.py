@@ -276,7 +276,7 @@ class Backend(str, enum.Enum):
 
 
 class PrefillPrecision(str, enum.Enum):
-    """The fast backend's prefill GEMMs (kernels.fast.set_prefill_precision)."""
+    """The fast backend's prefill GEMMs (kernels.fast.resolve_prefill_precision; the FastBackend instance holds it)."""
 
     AUTO = "auto"  # bf16 where the CPU has AVX512-BF16/AMX, else fp32
     FP32 = "fp32"

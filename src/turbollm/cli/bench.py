@@ -219,7 +219,7 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     ops = model.network.ops
     threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
     backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
-                          f"{kernels.fast.prefill_precision()} prefill)" if ops.name == "fast" else "")
+                          f"{ops.prefill} prefill)" if ops.name == "fast" else "")
     backend += f", KV cache {s.run.cache.label}"
     report = BenchReport(
         model=str(Path(gf.path).resolve()), description=describe(gf), file_bytes=gf.file_size,

@@ -10,6 +10,8 @@ Big weights are dequantized in row chunks so that no full-precision copy of a la
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -101,10 +103,20 @@ def kv_decode(codec, raw: torch.Tensor, d: int) -> torch.Tensor:
     return codec.decode(raw, d)
 
 
-class Ops:
+class ReferenceBackend:
     """The reference backend (see turbollm.kernels.backend): exact float32, any device."""
 
     name = "reference"
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+
+    def set_threads(self, n: int | None = None) -> int:
+        """torch's own pool computes everything here."""
+        self.threads = n or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
+        return self.threads
+
     linear = staticmethod(linear)
     linear_many = staticmethod(linear_many)
     rms_norm = staticmethod(rms_norm)
@@ -115,14 +127,11 @@ class Ops:
     kv_encode = staticmethod(kv_encode)
     kv_decode = staticmethod(kv_decode)
 
-    @staticmethod
-    def attention_block(x, b, rope, slots, positions):
-        return blocks.attention_block(Ops, x, b, rope, slots, positions)
+    def attention_block(self, x, b, rope, slots, positions):
+        return blocks.attention_block(self, x, b, rope, slots, positions)
 
-    @staticmethod
-    def ffn_block(h, b, residual=None):
-        return blocks.ffn_block(Ops, h, b, residual)
+    def ffn_block(self, h, b, residual=None):
+        return blocks.ffn_block(self, h, b, residual)
 
-    @staticmethod
-    def moe_block(h, b):
-        return blocks.moe_block(Ops, h, b)
+    def moe_block(self, h, b):
+        return blocks.moe_block(self, h, b)

@@ -110,10 +110,10 @@ class Gemma:
     def __init__(self, cfg: ModelConfig, token_embd: QTensor, output: QTensor, output_norm: torch.Tensor,
                  layers: list[GemmaLayer], ple: PleWeights | None = None,
                  rope_freq_factors: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                 ops: type = kernels.reference.Ops):
+                 ops: kernels.Backend | None = None):
         self.cfg, self.token_embd, self.output, self.output_norm = cfg, token_embd, output, output_norm
         self.layers, self.ple, self.device = layers, ple, torch.device(device)
-        self.ops = ops  # the kernel backend (turbollm.kernels.backend)
+        self.ops = ops if ops is not None else kernels.reference.ReferenceBackend()  # the kernel backend (turbollm.kernels.backend)
         # named taps (llama.cpp's cb(cur, name, il)): tap(name, il, tensor) after every step of
         # every layer; while set, the blocks run composed from the backend's single ops (the same
         # products as its fused blocks) so that their insides are visible. il -1: outside layers.
@@ -125,7 +125,7 @@ class Gemma:
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile, cfg: ModelConfig, device: torch.device | str = "cpu",
-                  ops: type = kernels.reference.Ops, placement: dict[str, str] | None = None) -> "Gemma":
+                  ops: kernels.Backend | None = None, placement: dict[str, str] | None = None) -> "Gemma":
         """`placement` (the planner's): tensors kept off `device`: the input embedding and the
         experts of --n-cpu-moe layers, computed where they are; only activations cross."""
         t = TensorLoader(gf, device, placement)

@@ -6,8 +6,8 @@ Everything else (attention over the cache, norms, GELU, the MoE routing, other w
 is still the reference's PyTorch, on the same device. Triton compiles for CUDA and ROCm; on
 CPU tensors it runs only in its interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 
-`precision`: "ieee" multiplies in float32 (the reference's maths, what the tests hold), "tf32"
-lets a GPU's tensor cores round the inputs to TF32 (kernels/triton/quantized_linear.py).
+The backend's `precision`: "ieee" multiplies in float32 (the reference's maths, what the tests
+hold), "tf32" lets a GPU's tensor cores round the inputs to TF32 (kernels/triton/quantized_linear.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ import os
 
 import torch
 
-from turbollm.kernels import blocks, reference
+from turbollm.kernels import reference
 from turbollm.kernels.qtensor import QTensor
-
-_precision = "ieee"
-
 
 def available() -> tuple[bool, str]:
     """Whether Triton imports, and if not, why (one line)."""
@@ -36,44 +33,32 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor:
+    """Triton where the device and the weight's type allow it, else the reference."""
     from turbollm.kernels.triton import quantized_linear as triton_linear
     if runs_on(x.device) and x.device == w.device and triton_linear.supports(w):
-        return triton_linear.linear(x, w, _precision)
+        return triton_linear.linear(x, w, precision)
     return reference.linear(x, w)
 
 
-def linear_many(x: torch.Tensor, ws: list[QTensor]) -> list[torch.Tensor]:
-    return [linear(x, w) for w in ws]
-
-
-def moe_ffn(x, expert_ids, expert_weights, gate, up, down):
-    """The reference's expert grouping, with each expert's products in Triton."""
-    return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=linear)
-
-
-class Ops:
-    """The triton backend (see turbollm.kernels.backend)."""
+class TritonBackend(reference.ReferenceBackend):
+    """The triton backend (see turbollm.kernels.backend): the reference's ops, with the
+    quantized products in Triton. `precision`: "ieee" (float32 products) or "tf32"."""
 
     name = "triton"
-    linear = staticmethod(linear)
-    linear_many = staticmethod(linear_many)
-    rms_norm = staticmethod(reference.rms_norm)
-    embedding = staticmethod(reference.embedding)
-    moe_ffn = staticmethod(moe_ffn)
-    gelu_mul = staticmethod(reference.gelu_mul)
-    attention = staticmethod(reference.attention)
-    kv_encode = staticmethod(reference.kv_encode)
-    kv_decode = staticmethod(reference.kv_decode)
 
-    @staticmethod
-    def attention_block(x, b, rope, slots, positions):
-        return blocks.attention_block(Ops, x, b, rope, slots, positions)
+    def __init__(self, precision: str = "ieee"):
+        super().__init__()
+        if precision not in ("ieee", "tf32"):
+            raise ValueError(f"triton precision must be ieee or tf32, got {precision!r}")
+        self.precision = precision
 
-    @staticmethod
-    def ffn_block(h, b, residual=None):
-        return blocks.ffn_block(Ops, h, b, residual)
+    def linear(self, x, w):
+        return linear(x, w, self.precision)
 
-    @staticmethod
-    def moe_block(h, b):
-        return blocks.moe_block(Ops, h, b)
+    def linear_many(self, x, ws):
+        return [self.linear(x, w) for w in ws]
+
+    def moe_ffn(self, x, expert_ids, expert_weights, gate, up, down):
+        """The reference's expert grouping, with each expert's products in Triton."""
+        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=self.linear)
