@@ -20,21 +20,25 @@ def threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
+# flag (argparse dest) -> RunConfig field, where the names differ
+_FIELD_OF_FLAG = {"batch_size": "n_batch", "model_draft": "draft_model"}
+_PLAIN_FIELDS = ("model", "device", "backend", "threads", "prefill", "ctx_size", "parallel", "batch_size",
+                 "model_draft", "n_gpu_layers", "n_cpu_moe", "residency", "ram", "vram")
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig of a command's flags (a flag the command lacks keeps its default)."""
+    """The RunConfig of a command's flags; a flag the command lacks keeps RunConfig's default."""
     from turbollm.planner import parse_override
 
-    get = lambda name, default=None: getattr(args, name, default)
-    has_cache = hasattr(args, "cache_type_k")
-    return RunConfig(
-        model=get("model"), device=get("device", "cpu"), backend=get("backend", "auto"), threads=get("threads"),
-        prefill=get("prefill", "auto"), ctx_size=get("ctx_size"), parallel=get("parallel", 1),
-        n_batch=get("batch_size", 512), cache=cache_config(args) if has_cache else CacheConfig(),
-        spec=spec_config(args) if hasattr(args, "spec_type") else SpecConfig(), draft_model=get("model_draft"),
-        n_gpu_layers=get("n_gpu_layers", -1), n_cpu_moe=get("n_cpu_moe", 0),
-        overrides=tuple(parse_override(o) for o in get("overrides", ())),
-        draft_overrides=tuple(parse_override(o) for o in get("draft_overrides", ())),
-        residency=get("residency", "auto"), ram=get("ram"), vram=get("vram"))
+    fields = {_FIELD_OF_FLAG.get(f, f): getattr(args, f) for f in _PLAIN_FIELDS if hasattr(args, f)}
+    if hasattr(args, "cache_type_k"):
+        fields["cache"] = cache_config(args)
+    if hasattr(args, "spec_type"):
+        fields["spec"] = spec_config(args)
+    for name in ("overrides", "draft_overrides"):
+        if hasattr(args, name):
+            fields[name] = tuple(parse_override(o) for o in getattr(args, name))
+    return RunConfig(**fields)
 
 
 def read_text_file(path: str | None, what: str = "prompt") -> str | None:
