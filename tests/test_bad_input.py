@@ -148,6 +148,11 @@ def test_prompt_longer_than_context(default_model_path):
     assert "context size is 16" in message and "--ctx-size" in message
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused(fast_model):
+    with pytest.raises(ValueError, match="token id 300000 is outside the vocabulary"):
+        fast_model.generate([2, 300000], SamplingParams(temperature=0, max_tokens=2))
+
+
 def test_ctx_size_beyond_training_context_is_refused(default_model_path):
     with pytest.raises(Exception) as e:
         Model.load(default_model_path, ctx_size=10**6)

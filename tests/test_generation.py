@@ -75,6 +75,7 @@ def test_invalid_sampling_params_say_what_to_change(kwargs, message):
 
 class ScriptedTokenizer:
     eog_ids = frozenset({1})
+    n_vocab = 16
 
     def token_bytes(self, token_id: int, special: bool = False) -> bytes:
         return f"<{token_id}>".encode()

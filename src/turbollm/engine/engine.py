@@ -46,7 +46,7 @@ class LoadedModel(Protocol):
     """What the engine needs of a loaded model (turbollm.api.Model)."""
 
     network: Network
-    tokenizer: object  # turbollm.text.tokenizer.Tokenizer: eog_ids, token_bytes, token_id, decode
+    tokenizer: object  # turbollm.text.tokenizer.Tokenizer: n_vocab, eog_ids, token_bytes, token_id, decode
     slot_ctx: int  # tokens of context per sequence
     cache: CacheConfig
     spec: SpecConfig
@@ -96,6 +96,10 @@ class Engine:
         Raises ContextLengthError, with nothing queued, when it does not fit a slot. `stats`
         (filled as it runs) is the record to keep; by default the sequence makes its own."""
         room = self.room(len(prompt_ids))
+        n_vocab = self.tokenizer.n_vocab
+        bad = [t for t in prompt_ids if not 0 <= t < n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
         if params.max_tokens > room and not self.stop_at_context_end:
             raise ContextLengthError(f"max_tokens {params.max_tokens} is more than the {room} tokens left in "
                                      f"{self._context_name} of {self.slot_ctx} after the {len(prompt_ids)}-token prompt: "
