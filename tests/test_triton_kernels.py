@@ -93,3 +93,60 @@ def test_the_triton_backend_on_the_cpu_outside_the_interpreter_is_refused(monkey
     with pytest.raises(ValueError, match="runs on a CUDA/ROCm device"):
         backend("triton", "cpu")
     assert backend("auto", "cpu").name in ("fast", "reference")  # auto never picks triton on the CPU
+
+
+# ---- attention over the KV cache, read where the rows are stored -----------------------------
+
+def _attend_steps(cache, ks, vs, qs, steps, window, softcap, use_triton):
+    """Feed K/V/Q in steps of the given sizes through a one-layer cache, as a model layer does:
+    write the step's rows, attend over the slots, commit. Outputs of every query."""
+    from turbollm.kernels.attention import attention
+    from turbollm.kernels.triton import attention as triton_attention
+    outs, at = [], 0
+    for n in steps:
+        cache.begin(n)
+        slots, q, positions = cache.slots(0), qs[at:at + n], torch.arange(at, at + n)
+        slots.write(ks[at:at + n], vs[at:at + n], q=q)
+        if use_triton:
+            outs.append(triton_attention.attend(q, slots, positions, 0.2, window, softcap))
+        else:
+            k, v, k_pos, split = slots.read()
+            outs.append(attention(q, k, v, positions, k_pos, 0.2, window, softcap, split))
+        cache.advance()
+        at += n
+    return torch.cat(outs)
+
+
+ATTENTION_CASES = [(t, 0, 0.0, True) for t in ("f32", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl",
+                                                "turbo2", "turbo3", "turbo4")]
+ATTENTION_CASES += [(t, 16, 3.0, True) for t in ("f16", "q8_0", "turbo3")]  # a ring past its window, a soft cap
+ATTENTION_CASES += [(t, 0, 0.0, False) for t in ("f16", "q4_0", "turbo4")]  # keys without RoPE's turning offset
+
+
+@pytest.mark.parametrize("cache_type, window, softcap, rope", ATTENTION_CASES)
+def test_attention_over_the_stored_rows_equals_attention_over_the_decoded_cache(cache_type, window, softcap, rope):
+    """Every cache type read in place, against kv/cache.py's decoded rows and the reference
+    attention: a prompt (tensor-core tiles, 16+ query rows), decode steps (a broadcast row sum),
+    a speculative-sized step; 2 query heads per KV head; quantized keys with the key
+    conditioning (the offset turning with RoPE, or not) and an exact window of the first 1
+    and latest 8 positions at f16 (both segments and both halves of the split)."""
+    from dataclasses import replace
+
+    from turbollm.kv.cache import KVCache
+    from turbollm.kv.conditioning import rotate_by_position
+    from turbollm.kv.plan import CacheConfig, LayerKVShape, plan_kv
+    n_kv, d, n = 2, 64, 100
+    g = torch.Generator().manual_seed(7)
+    ks, vs, qs = torch.randn(n, n_kv, d, generator=g), torch.randn(n, n_kv, d, generator=g), torch.randn(n, 4, d, generator=g)
+    freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d) if rope else None
+    ks = ks + rotate_by_position(3.0 * torch.randn(n_kv, d, generator=g), torch.arange(n), freq)  # Gemma's constant part
+    config = CacheConfig(cache_type, "q8_0" if cache_type == "turbo2" else cache_type, turbo_block=32)
+    if config.quantized:
+        config = replace(config, recent=8, sink=1)
+    steps = [70, 1, 1, 5, 23]
+
+    def run(use_triton):
+        cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config), rope_freqs=[freq])
+        return _attend_steps(cache, ks, vs, qs, steps, window, softcap, use_triton)
+    ours, ref = run(True), run(False)
+    assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4), float((ours - ref).abs().max())

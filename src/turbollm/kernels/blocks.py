@@ -103,6 +103,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def attend(ops, q: torch.Tensor, slots: KVSlots, positions: torch.Tensor, scale: float, window: int = 0,
+           softcap: float = 0.0) -> torch.Tensor:
+    """Attention of the step's queries over one layer's slots, by definition: the rows decoded
+    with the backend's kv_decode, then its attention (a backend may read the rows in place)."""
+    keys, values, key_positions, split = slots.read(ops.kv_decode)
+    return ops.attention(q, keys, values, positions, key_positions, scale, window, softcap, split)
+
+
 def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.Tensor, torch.Tensor],
                     slots: KVSlots, positions: torch.Tensor, tap: Tap = _no_tap) -> torch.Tensor:
     n_tok, hd = x.shape[0], b.head_dim
@@ -130,8 +138,7 @@ def attention_block(ops, x: torch.Tensor, b: AttentionBlock, rope: tuple[torch.T
     tap("Qcur_pos", q)
     if slots.store:
         slots.write(k, v, ops.kv_encode, q)  # the queries weigh the key conditioning (kv/cache.py)
-    keys, values, key_positions, split = slots.read(ops.kv_decode)
-    out = ops.attention(q, keys, values, positions, key_positions, b.scale, b.window, b.softcap, split)
+    out = ops.attend(q, slots, positions, b.scale, b.window, b.softcap)
     tap("kqv_out", out)
     out = ops.linear(out.reshape(n_tok, b.n_head * hd), b.wo)
     tap("attn_output", out)

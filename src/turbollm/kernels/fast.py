@@ -238,6 +238,9 @@ class FastBackend:
     def moe_ffn(self, x, expert_ids, expert_weights, gate, up, down):
         return moe_ffn(x, expert_ids, expert_weights, gate, up, down, self.prefill_dtype)
 
+    def attend(self, q, slots, positions, scale, window=0, softcap=0.0):
+        return blocks.attend(self, q, slots, positions, scale, window, softcap)
+
     def attention_block(self, x, b, rope, slots, positions):
         return attention_block(self, x, b, rope, slots, positions)
 

@@ -127,6 +127,9 @@ class ReferenceBackend:
     kv_encode = staticmethod(kv_encode)
     kv_decode = staticmethod(kv_decode)
 
+    def attend(self, q, slots, positions, scale, window=0, softcap=0.0):
+        return blocks.attend(self, q, slots, positions, scale, window, softcap)
+
     def attention_block(self, x, b, rope, slots, positions):
         return blocks.attention_block(self, x, b, rope, slots, positions)
 

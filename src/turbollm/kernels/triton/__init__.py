@@ -1,8 +1,9 @@
 """The Triton backend: GPU kernels (kernels/triton/*.py) where they apply, the reference elsewhere.
 
 What runs in Triton today: the quantized linear (quantized_linear.py), for every projection, expert
-and the LM head whose type it reads (quantized_linear.SUPPORTED), weights left in their GGUF blocks.
-Everything else (attention over the cache, norms, GELU, the MoE routing, other weight types)
+and the LM head whose type it reads (quantized_linear.SUPPORTED), weights left in their GGUF blocks;
+attention over the KV cache, reading every cache type where it is stored (attention.py).
+Everything else (norms, GELU, RoPE, the MoE routing, the KV rows' encoding, other weight types)
 is still the reference's PyTorch, on the same device. Triton compiles for CUDA and ROCm; on
 CPU tensors it runs only in its interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 
@@ -58,6 +59,16 @@ class TritonBackend(reference.ReferenceBackend):
 
     def linear_many(self, x, ws):
         return [self.linear(x, w) for w in ws]
+
+    def attend(self, q, slots, positions, scale, window=0, softcap=0.0):
+        """Over the rows where they are stored (triton/attention.py) when it reads their codecs."""
+        from turbollm.kernels.triton import attention as triton_attention
+        plan = slots.plan
+        cache = [t for t in (slots.k, slots.tail_k, slots.exact_k) if t is not None]
+        if (runs_on(q.device) and all(t.device == q.device for t in cache)
+                and triton_attention.supports(plan.k, plan.head_dim) and triton_attention.supports(plan.v, plan.head_dim)):
+            return triton_attention.attend(q, slots, positions, scale, window, softcap, self.precision)
+        return super().attend(q, slots, positions, scale, window, softcap)
 
     def moe_ffn(self, x, expert_ids, expert_weights, gate, up, down):
         """The reference's expert grouping, with each expert's products in Triton."""
