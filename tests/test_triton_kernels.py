@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="the triton backend needs Triton: pip install 'turbollm[gpu]'")
 
-from gguf import GGMLQuantizationType as QType  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType  # noqa: E402
 from gguf import quants as gguf_quants  # noqa: E402
 
 from turbollm import Model, SamplingParams  # noqa: E402
@@ -36,14 +36,33 @@ def _from_file(path, name: str) -> QTensor:
     return QTensor(gf.tensor_bytes(name), t.qtype, tuple(t.shape), name)
 
 
+def _random_blocks(qtype: QType, n: int, k: int, halves: tuple[int, ...]) -> QTensor:
+    """Random bytes are valid blocks of Q5_K and IQ4_XS (every bit pattern of their quants,
+    scales and indices means something) except the fp16 fields at byte offsets `halves`,
+    which are set to small finite scales of either sign."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    b = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for at in halves:
+        b[..., at:at + 2] = rng.uniform(-0.02, 0.02, (n, k // block, 1)).astype(np.float16).view(np.uint8)
+    return QTensor(torch.from_numpy(b.reshape(n, -1)), qtype, (n, k))
+
+
 def _weights():
-    """Every supported type: the 32-value formats quantized here (odd row counts), the
-    K-quants (which gguf cannot quantize) from the tiny MoE's Q4_K_M file."""
+    """Every supported type: the 32-value formats quantized here (odd row counts); the others
+    gguf cannot quantize (nor IQ4_NL, in gguf 0.19), so the K-quants come from the tiny MoE's
+    Q4_K_M file and IQ4_NL, IQ3_S from its IQ3_M file. Q5_K (only in the full fixture folder's
+    files) and IQ4_XS (in no fixture) are random blocks: odd row counts, two super-blocks a row."""
     for qtype in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0):
         yield qtype.name, lambda qtype=qtype: _quantized(qtype, 37, 96)
     moe = tiny_gguf("moe", "Q4_K_M")
     yield "Q4_K", lambda: _from_file(moe, "blk.0.attn_q.weight")
     yield "Q6_K", lambda: _from_file(moe, "token_embd.weight")
+    iq3_m = tiny_gguf("moe", "IQ3_M")
+    yield "IQ4_NL", lambda: _from_file(iq3_m, "blk.0.ffn_down.weight")
+    yield "IQ3_S", lambda: _from_file(iq3_m, "blk.0.ffn_gate.weight")
+    yield "Q5_K", lambda: _random_blocks(QType.Q5_K, 37, 512, halves=(0, 2))  # d, dmin
+    yield "IQ4_XS", lambda: _random_blocks(QType.IQ4_XS, 37, 512, halves=(0,))  # d
 
 
 WEIGHTS = dict(_weights())

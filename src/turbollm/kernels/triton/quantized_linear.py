@@ -8,10 +8,15 @@ and multiplies it with the matching activation slice. With 16 rows or more the p
 "tf32"); with fewer (decode) it is a broadcast multiply and a row sum, so one token does not
 pay for 16. Nothing here allocates a dequantized weight.
 
-The K-quants (256-value super-blocks) are read 32 values at a time too: a step is one of a
-super-block's sub-blocks, with that sub-block's scale (and min) decoded from the packed
-scale bytes. Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K (SUPPORTED); others stay with the
-reference path (kernels/triton/__init__.py decides).
+The 256-value super-block types (the K-quants, IQ4_XS, IQ3_S) are read 32 values at a time
+too: a step is one of a super-block's sub-blocks, with that sub-block's scale (and min)
+decoded from the packed scale bytes. The i-quants map their indices through a lookup table
+(IQ4_NL's and IQ4_XS's 16 non-linear values, IQ3_S's 512 x 4 grid): Triton cannot index a
+Python list, so the table is a small float32 tensor on the weight's device (quants._table,
+built once per device) passed as `table_ptr`, which the other types ignore.
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K, Q6_K, IQ4_XS, IQ3_S (SUPPORTED):
+those of Gemma 4's Q4_K_M and IQ3_M files. Others stay with the reference path
+(kernels/triton/__init__.py decides).
 
 Tested on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1) against the reference;
 only a GPU run says how fast it is.
@@ -25,10 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
+from turbollm.gguf import quants
 from turbollm.kernels.qtensor import QTensor, QType
 
 SUPPORTED = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24, QType.Q8_0: 34,
-             QType.Q4_K: 144, QType.Q6_K: 210}  # type -> bytes per block (32 values, or 256 for K-quants)
+             QType.IQ4_NL: 18, QType.Q4_K: 144, QType.Q5_K: 176, QType.Q6_K: 210,
+             QType.IQ4_XS: 136, QType.IQ3_S: 110}  # type -> bytes per block (32 values, or 256 for SUPER_BLOCK)
+SUPER_BLOCK = {QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS, QType.IQ3_S}  # 256-value blocks
+TABLES = {QType.IQ4_NL: "kvalues", QType.IQ4_XS: "kvalues", QType.IQ3_S: "IQ3_S"}  # type -> quants._table name
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -36,15 +45,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # call of a jit function, and compiled code inlines them anyway.
 
 @triton.jit
-def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+def _dequant32(w_ptr, table_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr):
     """Values step*32 .. step*32+31 of the rows at byte offsets `row_off` [BN] -> [BN, 32].
-    A half at byte o is (byte o) | (byte o+1) << 8, bit-cast to float16."""
+    A half at byte o is (byte o) | (byte o+1) << 8, bit-cast to float16. `table_ptr`: the
+    float32 lookup table of the i-quants (TABLES); unused by the others."""
     m2 = mask[:, None]
-    if QTYPE == 12 or QTYPE == 14:  # K-quants: sub-block `sub` of super-block `sb`
+    if QTYPE == 12 or QTYPE == 13 or QTYPE == 14 or QTYPE == 21 or QTYPE == 23:  # sub-block `sub` of super-block `sb`
         sb = step // 8
         sub = step % 8
         base = row_off + sb * BLOCK_BYTES  # [BN]
-        if QTYPE == 12:  # Q4_K: d f16 [0:2] | dmin f16 [2:4] | scales [4:16] | qs [16:144]
+        if QTYPE == 12 or QTYPE == 13:
+            # Q4_K: d f16 [0:2] | dmin f16 [2:4] | scales [4:16] | qs [16:144]
+            # Q5_K: the same, then qh [16:48] (the 5th bits) moves qs to [48:176]
             b0 = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
             b1 = tl.load(w_ptr + base + 1, mask=mask, other=0).to(tl.uint16)
             b2 = tl.load(w_ptr + base + 2, mask=mask, other=0).to(tl.uint16)
@@ -60,12 +72,16 @@ def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: 
                 mj = tl.load(w_ptr + base + 4 + sub, mask=mask, other=0).to(tl.int32)
                 sc = (md & 0x0F) | ((dj >> 2) & 0x30)
                 mn = (md >> 4) | ((mj >> 2) & 0x30)
-            byte = tl.load(w_ptr + base[:, None] + 16 + (sub // 2) * 32 + k[None, :], mask=m2, other=0).to(tl.int32)
+            qs_at = 16 if QTYPE == 12 else 48
+            byte = tl.load(w_ptr + base[:, None] + qs_at + (sub // 2) * 32 + k[None, :], mask=m2, other=0).to(tl.int32)
             q = (byte >> ((sub % 2) * 4)) & 0x0F
+            if QTYPE == 13:  # bit `sub` of qh byte k is value k's 5th bit in sub-block `sub`
+                qh = tl.load(w_ptr + base[:, None] + 16 + k[None, :], mask=m2, other=0).to(tl.int32)
+                q = q | (((qh >> sub) & 1) << 4)
             scale = (d * sc.to(tl.float32))[:, None]
             offset = (dmin * mn.to(tl.float32))[:, None]
             return scale * q.to(tl.float32) - offset
-        else:  # Q6_K: ql [0:128] | qh [128:192] | scales int8 [192:208] | d f16 [208:210]
+        elif QTYPE == 14:  # Q6_K: ql [0:128] | qh [128:192] | scales int8 [192:208] | d f16 [208:210]
             d_lo = tl.load(w_ptr + base + 208, mask=mask, other=0).to(tl.uint16)
             d_hi = tl.load(w_ptr + base + 209, mask=mask, other=0).to(tl.uint16)
             d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
@@ -80,6 +96,32 @@ def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: 
             sv = tl.load(w_ptr + base[:, None] + 192 + s_idx[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
             scale = d[:, None] * sv.to(tl.float32)
             return scale * q.to(tl.float32)
+        else:
+            d_lo = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
+            d_hi = tl.load(w_ptr + base + 1, mask=mask, other=0).to(tl.uint16)
+            d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+            if QTYPE == 23:  # IQ4_XS: d | scales_h u16 [2:4] (2 bits each) | scales_l [4:8] (4 bits) | qs [8:136]
+                s_lo = tl.load(w_ptr + base + 4 + sub // 2, mask=mask, other=0).to(tl.int32)
+                s_lo = (s_lo >> ((sub % 2) * 4)) & 0x0F
+                h_lo = tl.load(w_ptr + base + 2, mask=mask, other=0).to(tl.int32)
+                h_hi = tl.load(w_ptr + base + 3, mask=mask, other=0).to(tl.int32)
+                s_hi = ((h_lo | (h_hi << 8)) >> (2 * sub)) & 3
+                dl = (d * ((s_lo | (s_hi << 4)) - 32).to(tl.float32))[:, None]
+                byte = tl.load(w_ptr + base[:, None] + 8 + sub * 16 + (k % 16)[None, :], mask=m2, other=0).to(tl.int32)
+                q = (byte >> ((k // 16) * 4)[None, :]) & 0x0F
+                return dl * tl.load(table_ptr + q)
+            else:  # IQ3_S: d | qs [2:66] | qh [66:74] (9th index bits) | signs [74:106] | scales [106:110]
+                s = tl.load(w_ptr + base + 106 + sub // 2, mask=mask, other=0).to(tl.int32)
+                s = (s >> ((sub % 2) * 4)) & 0x0F
+                db = (d * (1 + 2 * s).to(tl.float32))[:, None]
+                # a sub-block is 8 grid entries of 4 values: value k is entry k // 4, lane k % 4
+                idx = tl.load(w_ptr + base[:, None] + 2 + sub * 8 + (k // 4)[None, :], mask=m2, other=0).to(tl.int32)
+                qh = tl.load(w_ptr + base + 66 + sub, mask=mask, other=0).to(tl.int32)
+                idx = idx | (((qh[:, None] >> (k // 4)[None, :]) & 1) << 8)
+                grid = tl.load(table_ptr + idx * 4 + (k % 4)[None, :])
+                sbit = tl.load(w_ptr + base[:, None] + 74 + sub * 4 + (k // 8)[None, :], mask=m2, other=0).to(tl.int32)
+                sign = tl.where(((sbit >> (k % 8)[None, :]) & 1) == 0, 1.0, -1.0)
+                return db * grid * sign
     else:
         base = row_off + step * BLOCK_BYTES  # [BN]
         d_lo = tl.load(w_ptr + base, mask=mask, other=0).to(tl.uint16)
@@ -89,8 +131,8 @@ def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: 
             q8 = tl.load(w_ptr + base[:, None] + 2 + k[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
             return q8.to(tl.float32) * d
         else:
-            if QTYPE == 2 or QTYPE == 6:
-                qs_at = 2 if QTYPE == 2 else 6
+            if QTYPE == 2 or QTYPE == 6 or QTYPE == 20:
+                qs_at = 6 if QTYPE == 6 else 2
             else:
                 qs_at = 4 if QTYPE == 3 else 8
             byte = tl.load(w_ptr + base[:, None] + qs_at + (k % 16)[None, :], mask=m2, other=0).to(tl.int32)
@@ -101,6 +143,8 @@ def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: 
                 q = q | (((qh >> (k % 8)[None, :]) & 1) << 4)
             if QTYPE == 2:
                 return d * (q - 8).to(tl.float32)
+            elif QTYPE == 20:  # IQ4_NL: the nibble indexes the 16 non-linear values
+                return d * tl.load(table_ptr + q)
             elif QTYPE == 6:
                 return d * (q - 16).to(tl.float32)
             else:  # Q4_1, Q5_1: d * q + m
@@ -111,7 +155,7 @@ def _dequant32(w_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BLOCK_BYTES: 
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes,
+def _linear_kernel(x_ptr, w_ptr, table_ptr, out_ptr, M, N, K, row_bytes,
                    QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -125,7 +169,7 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, K // 32):
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + step * 32 + k[None, :], mask=mask_m[:, None], other=0.0)
-        w = _dequant32(w_ptr, row_off, step, k, mask_n, QTYPE, BLOCK_BYTES)  # [BLOCK_N, 32]
+        w = _dequant32(w_ptr, table_ptr, row_off, step, k, mask_n, QTYPE, BLOCK_BYTES)  # [BLOCK_N, 32]
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         else:
@@ -135,7 +179,7 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes,
 
 
 def supports(w: QTensor) -> bool:
-    return w.qtype in SUPPORTED and len(w.shape) == 2 and w.shape[-1] % (256 if w.qtype in (QType.Q4_K, QType.Q6_K) else 32) == 0
+    return w.qtype in SUPPORTED and len(w.shape) == 2 and w.shape[-1] % (256 if w.qtype in SUPER_BLOCK else 32) == 0
 
 
 def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor:
@@ -154,7 +198,9 @@ def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor
     # the interpreter runs each program as numpy calls: few wide programs are much faster there
     block_n = min(1024, triton.next_power_of_2(n_out)) if INTERPRETED else (64 if use_dot else 32)
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m))
-    _linear_kernel[grid](x2, w.data, out, m, n_out, k, w.data.stride(0) if w.data.dim() == 2 else w.data.shape[-1],
+    # a type without a table still needs a pointer there: the weight's own, never read
+    table = quants._table(TABLES[w.qtype], w.data.device) if w.qtype in TABLES else w.data
+    _linear_kernel[grid](x2, w.data, table, out, m, n_out, k, w.data.stride(0) if w.data.dim() == 2 else w.data.shape[-1],
                          QTYPE=int(w.qtype), BLOCK_BYTES=SUPPORTED[w.qtype], BLOCK_M=block_m, BLOCK_N=block_n,
                          USE_DOT=use_dot, PRECISION=precision)
     return out.reshape(*lead, n_out)
