@@ -90,19 +90,23 @@ def test_an_expert_slice_and_leading_dimensions():
         assert float((ours - ref).abs().max()) <= REL_TOL * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("name, variant", [("dense", "Q4_0"), ("moe", "Q4_K_M")])
-def test_a_tiny_gemma4_on_the_triton_backend_gives_the_references_logits_and_tokens(name, variant):
-    """The Q4_0 dense model and the Q4_K_M MoE (Q4_K, Q5_0, Q6_K and Q8_0 tensors, experts)."""
+@pytest.mark.parametrize("name, variant, cache", [("dense", "Q4_0", ("q4_0", "turbo3")), ("moe", "Q4_K_M", ("f16", "f16"))])
+def test_a_tiny_gemma4_on_the_triton_backend_gives_the_references_logits_and_tokens(name, variant, cache):
+    """The Q4_0 dense model over a coded cache (q4_0 keys with their conditioning, turbo3
+    values, the exact window) and the Q4_K_M MoE (Q4_K, Q5_0, Q6_K and Q8_0 tensors, grouped
+    experts) over f16, both against the reference backend on the same cache."""
+    from turbollm.kv.plan import CacheConfig
     path = tiny_gguf(name, variant)
     prompt = [2, 818, 1279, 529, 3001]
-    ref_model = Model.load(path, backend="reference", ctx_size=64)
-    tri_model = Model.load(path, backend="triton", ctx_size=64)
+    config = CacheConfig(*cache, turbo_block=32, recent=2)
+    ref_model = Model.load(path, backend="reference", ctx_size=64, cache=config)
+    tri_model = Model.load(path, backend="triton", ctx_size=64, cache=config)
     assert tri_model.network.ops.name == "triton"
     ids = torch.tensor(prompt)
-    ref_logits = ref_model.network.logits(ref_model.network.forward(ids, ref_model.network.new_cache(8)))
-    tri_logits = tri_model.network.logits(tri_model.network.forward(ids, tri_model.network.new_cache(8)))
+    ref_logits = ref_model.network.logits(ref_model.network.forward(ids, ref_model.network.new_cache(8, config)))
+    tri_logits = tri_model.network.logits(tri_model.network.forward(ids, tri_model.network.new_cache(8, config)))
     assert float((tri_logits - ref_logits).abs().max()) < 1e-4 * float(ref_logits.abs().max()) + 1e-4
-    params = SamplingParams(temperature=0, max_tokens=2)  # decode: one-row products
+    params = SamplingParams(temperature=0, max_tokens=3)  # decode: one-row products, the exact window's ring
     assert tri_model.generate(prompt, params).token_ids == ref_model.generate(prompt, params).token_ids
 
 
@@ -169,3 +173,29 @@ def test_attention_over_the_stored_rows_equals_attention_over_the_decoded_cache(
         return _attend_steps(cache, ks, vs, qs, steps, window, softcap, use_triton)
     ours, ref = run(True), run(False)
     assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4), float((ours - ref).abs().max())
+
+
+# ---- the MoE experts in one launch per projection ------------------------------------------
+
+@pytest.mark.parametrize("n_tok", [1, 3, 40])  # decode (broadcast rows), a few tokens, prefill (tl.dot tiles)
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_experts_equal_the_references_expert_loop(n_tok, fused):
+    """Every (token, slot) pair through its expert in one grouped launch per projection, against
+    reference.moe_ffn's loop over experts; some experts chosen by many tokens (several tiles),
+    some by one, some by none."""
+    from turbollm.kernels import triton as triton_backend
+    n_exp, n_embd, n_ff, k = 6, 64, 32, 3
+    g = torch.Generator().manual_seed(n_tok)
+
+    def stacked(rows, cols, qtype):
+        w = torch.randn(n_exp * rows, cols, generator=g).numpy()
+        return QTensor(torch.from_numpy(gguf_quants.quantize(w, qtype).copy()).view(n_exp, rows, -1), qtype, (n_exp, rows, cols))
+    gate = stacked(2 * n_ff if fused else n_ff, n_embd, QType.Q4_0)
+    up = None if fused else stacked(n_ff, n_embd, QType.Q8_0)
+    down = stacked(n_embd, n_ff, QType.Q5_1)
+    x = torch.randn(n_tok, n_embd, generator=g)
+    scores = torch.randn(n_tok, n_exp, generator=g) + torch.tensor([3.0, 2.0, 0, 0, 0, -9.0])  # expert 5: never
+    weights, ids = torch.softmax(scores, -1).topk(k, dim=-1)
+    ours = triton_backend.moe_ffn(x, ids, weights, gate, up, down)
+    ref = reference.moe_ffn(x, ids, weights, gate, up, down)
+    assert float((ours - ref).abs().max()) <= REL_TOL * float(ref.abs().max())

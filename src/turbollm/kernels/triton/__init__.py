@@ -2,8 +2,9 @@
 
 What runs in Triton today: the quantized linear (quantized_linear.py), for every projection, expert
 and the LM head whose type it reads (quantized_linear.SUPPORTED), weights left in their GGUF blocks;
-attention over the KV cache, reading every cache type where it is stored (attention.py).
-Everything else (norms, GELU, RoPE, the MoE routing, the KV rows' encoding, other weight types)
+attention over the KV cache, reading every cache type where it is stored (attention.py); the MoE
+experts, one launch per projection for all of a step's experts (moe_ffn).
+Everything else (norms, GELU, RoPE, the MoE router, the KV rows' encoding, other weight types)
 is still the reference's PyTorch, on the same device. Triton compiles for CUDA and ROCm; on
 CPU tensors it runs only in its interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 
@@ -13,6 +14,7 @@ hold), "tf32" lets a GPU's tensor cores round the inputs to TF32 (kernels/triton
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -23,7 +25,7 @@ from turbollm.kernels.qtensor import QTensor
 def available() -> tuple[bool, str]:
     """Whether Triton imports, and if not, why (one line)."""
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError as e:
         return False, f"the triton backend needs Triton: pip install 'turbollm[gpu]' ({e})"
     return True, ""
@@ -40,6 +42,28 @@ def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor
     if runs_on(x.device) and x.device == w.device and triton_linear.supports(w):
         return triton_linear.linear(x, w, precision)
     return reference.linear(x, w)
+
+
+def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, gate: QTensor,
+            up: QTensor | None, down: QTensor, precision: str = "ieee") -> torch.Tensor:
+    """reference.moe_ffn's sum over the chosen experts, in one launch per projection for all
+    experts (quantized_linear.expert_linear over the pairs sorted by expert, as vLLM's
+    fused_moe): gate(+up), GELU-gate, down, then each token's slots weighed and summed."""
+    from turbollm.kernels.triton import quantized_linear as triton_linear
+    weights = [gate, down] + ([] if up is None else [up])
+    if not (runs_on(x.device) and all(w.device == x.device and triton_linear.supports_experts(w) for w in weights)):
+        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down,
+                                 linear_fn=lambda a, w: linear(a, w, precision))
+    n_tok, n_slot = expert_ids.shape
+    rows = triton_linear.ExpertRows(expert_ids, gate.shape[0])
+    n_ff = down.shape[-1]
+    h = triton_linear.expert_linear(x, gate, rows, False, precision)
+    if up is None:
+        g, u = h[:, :n_ff], h[:, n_ff:]
+    else:
+        g, u = h, triton_linear.expert_linear(x, up, rows, False, precision)
+    y = triton_linear.expert_linear(reference.gelu_mul(g, u).contiguous(), down, rows, True, precision)
+    return (y.view(n_tok, n_slot, -1) * expert_weights.to(torch.float32)[..., None]).sum(1)
 
 
 class TritonBackend(reference.ReferenceBackend):
@@ -71,5 +95,4 @@ class TritonBackend(reference.ReferenceBackend):
         return super().attend(q, slots, positions, scale, window, softcap)
 
     def moe_ffn(self, x, expert_ids, expert_weights, gate, up, down):
-        """The reference's expert grouping, with each expert's products in Triton."""
-        return reference.moe_ffn(x, expert_ids, expert_weights, gate, up, down, linear_fn=self.linear)
+        return moe_ffn(x, expert_ids, expert_weights, gate, up, down, self.precision)

@@ -155,31 +155,71 @@ def _dequant32(w_ptr, table_ptr, row_off, step, k, mask, QTYPE: tl.constexpr, BL
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, table_ptr, out_ptr, M, N, K, row_bytes,
-                   QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _linear_kernel(x_ptr, w_ptr, table_ptr, out_ptr, rows_ptr, experts_ptr, M, N, K, row_bytes, expert_bytes, x_div,
+                   QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   USE_DOT: tl.constexpr, PRECISION: tl.constexpr, GROUPED: tl.constexpr):
+    """GROUPED (experts): the M rows are (token, slot) pairs sorted by expert, padded so that a
+    tile of BLOCK_M rows holds one expert's: rows_ptr gives each row's pair (-1: padding),
+    experts_ptr each tile's expert (-1: an unused tile), x row = pair // x_div, out row = pair."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, 32)
-    mask_m = rm < M
     mask_n = rn < N
     row_off = rn.to(tl.int64) * row_bytes
+    if GROUPED:
+        expert = tl.load(experts_ptr + pid_m)
+        pair = tl.load(rows_ptr + rm, mask=rm < M, other=-1)
+        mask_m = (pair >= 0) & ((tl.zeros((BLOCK_M,), tl.int32) + expert) >= 0)
+        mask_n = mask_n & ((tl.zeros((BLOCK_N,), tl.int32) + expert) >= 0)
+        row_off += tl.maximum(expert, 0).to(tl.int64) * expert_bytes
+        x_row = tl.maximum(pair, 0) // x_div
+        out_row = tl.maximum(pair, 0)
+    else:
+        mask_m = rm < M
+        x_row = rm
+        out_row = rm
+    n_steps = K // 32
+    if GROUPED:
+        n_steps = tl.where(expert >= 0, n_steps, 0)  # an unused tile reads nothing
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, K // 32):
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + step * 32 + k[None, :], mask=mask_m[:, None], other=0.0)
+    for step in range(0, n_steps):
+        x = tl.load(x_ptr + x_row[:, None].to(tl.int64) * K + step * 32 + k[None, :], mask=mask_m[:, None], other=0.0)
         w = _dequant32(w_ptr, table_ptr, row_off, step, k, mask_n, QTYPE, BLOCK_BYTES)  # [BLOCK_N, 32]
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         else:
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    out = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    out = out_ptr + out_row[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 def supports(w: QTensor) -> bool:
     return w.qtype in SUPPORTED and len(w.shape) == 2 and w.shape[-1] % (256 if w.qtype in SUPER_BLOCK else 32) == 0
+
+
+def supports_experts(w: QTensor) -> bool:
+    """A stacked expert tensor (n_expert, n_out, n_in) of a SUPPORTED type."""
+    return len(w.shape) == 3 and w.data.is_contiguous() and supports(w.select(0))
+
+
+def _tiles(rows: int) -> tuple[int, bool]:
+    """(BLOCK_M, tensor cores) for `rows` activation rows: tl.dot from 16 rows (it needs 16),
+    a broadcast row sum below, so that decode does not pay for 16 rows."""
+    if rows >= 16:
+        return 16, True
+    return min(8, triton.next_power_of_2(rows)), False
+
+
+def _block_n(n_out: int, use_dot: bool) -> int:
+    # the interpreter runs each program as numpy calls: few wide programs are much faster there
+    return min(1024, triton.next_power_of_2(n_out)) if INTERPRETED else (64 if use_dot else 32)
+
+
+def _table_of(w: QTensor) -> torch.Tensor:
+    # a type without a table still needs a pointer there: the weight's own, never read
+    return quants._table(TABLES[w.qtype], w.data.device) if w.qtype in TABLES else w.data
 
 
 def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor:
@@ -191,16 +231,57 @@ def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor
     out = torch.empty((m, n_out), dtype=torch.float32, device=x.device)
     if m == 0:
         return out.reshape(*lead, n_out)
-    use_dot = m >= 16
-    block_m = 16 if use_dot else triton.next_power_of_2(m)
-    if not use_dot and block_m > 8:
-        block_m = 8
-    # the interpreter runs each program as numpy calls: few wide programs are much faster there
-    block_n = min(1024, triton.next_power_of_2(n_out)) if INTERPRETED else (64 if use_dot else 32)
+    block_m, use_dot = _tiles(m)
+    block_n = _block_n(n_out, use_dot)
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m))
-    # a type without a table still needs a pointer there: the weight's own, never read
-    table = quants._table(TABLES[w.qtype], w.data.device) if w.qtype in TABLES else w.data
-    _linear_kernel[grid](x2, w.data, table, out, m, n_out, k, w.data.stride(0) if w.data.dim() == 2 else w.data.shape[-1],
+    _linear_kernel[grid](x2, w.data, _table_of(w), out, out, out, m, n_out, k,
+                         w.data.stride(0) if w.data.dim() == 2 else w.data.shape[-1], 0, 1,
                          QTYPE=int(w.qtype), BLOCK_BYTES=SUPPORTED[w.qtype], BLOCK_M=block_m, BLOCK_N=block_n,
-                         USE_DOT=use_dot, PRECISION=precision)
+                         USE_DOT=use_dot, PRECISION=precision, GROUPED=False)
     return out.reshape(*lead, n_out)
+
+
+class ExpertRows:
+    """The (token, slot) pairs of a MoE step sorted by expert, in tiles of one expert each
+    (vLLM's moe_align_block_size): computed once per step, used by every expert product.
+    Sizes come from the pair count only (no host sync on the routing), so the launch shapes
+    stay fixed for a given batch size."""
+
+    def __init__(self, expert_ids: torch.Tensor, n_expert: int):
+        n_tok, self.n_slot = expert_ids.shape
+        self.n_pairs = n_tok * self.n_slot
+        # tiles sized to the pairs an expert gets on average: decode's one pair per expert takes
+        # one-row programs, not 16-row tiles of padding
+        self.block_m, self.use_dot = _tiles(triton.cdiv(self.n_pairs, min(self.n_pairs, n_expert)))
+        flat = expert_ids.reshape(-1)
+        dev = flat.device
+        counts = torch.bincount(flat, minlength=n_expert)
+        tiles = (counts + self.block_m - 1) // self.block_m  # per expert
+        first_tile = torch.cumsum(tiles, 0) - tiles
+        order = torch.argsort(flat, stable=True)
+        sorted_e = flat[order]
+        first_of_e = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(self.n_pairs, device=dev) - first_of_e[sorted_e]
+        # at most one partly filled tile per chosen expert: an upper bound known without a sync
+        self.n_tiles = triton.cdiv(self.n_pairs, self.block_m) + min(self.n_pairs, n_expert)
+        self.rows = torch.full((self.n_tiles * self.block_m,), -1, dtype=torch.int32, device=dev)
+        self.rows[first_tile[sorted_e] * self.block_m + rank] = order.to(torch.int32)
+        self.experts = torch.full((self.n_tiles,), -1, dtype=torch.int32, device=dev)
+        used = torch.arange(n_expert, device=dev).repeat_interleave(tiles)
+        self.experts[:used.shape[0]] = used.to(torch.int32)
+
+
+def expert_linear(x: torch.Tensor, w: QTensor, rows: ExpertRows, per_pair: bool, precision: str = "ieee") -> torch.Tensor:
+    """Each (token, slot) pair through its expert's slice of the stacked w (n_expert, N, K):
+    x [T, K] (the token's row for each of its slots) or [T * slots, K] (per_pair) -> [T * slots, N],
+    one launch for all experts."""
+    n_expert, n_out, k = w.shape
+    x2 = x.to(torch.float32).contiguous()
+    out = torch.empty((rows.n_pairs, n_out), dtype=torch.float32, device=x.device)
+    block_n = _block_n(n_out, rows.use_dot)
+    grid = (triton.cdiv(n_out, block_n), rows.n_tiles)
+    _linear_kernel[grid](x2, w.data, _table_of(w), out, rows.rows, rows.experts, rows.rows.shape[0], n_out, k,
+                         w.data.shape[-1], w.data.stride(0), 1 if per_pair else rows.n_slot,
+                         QTYPE=int(w.qtype), BLOCK_BYTES=SUPPORTED[w.qtype], BLOCK_M=rows.block_m, BLOCK_N=block_n,
+                         USE_DOT=rows.use_dot, PRECISION=precision, GROUPED=True)
+    return out
