@@ -199,3 +199,23 @@ def test_grouped_experts_equal_the_references_expert_loop(n_tok, fused):
     ours = triton_backend.moe_ffn(x, ids, weights, gate, up, down)
     ref = reference.moe_ffn(x, ids, weights, gate, up, down)
     assert float((ours - ref).abs().max()) <= REL_TOL * float(ref.abs().max())
+
+
+def test_experts_kept_in_cpu_memory_run_on_the_host_backend_on_an_accelerator_run():
+    """--n-cpu-moe on a GPU: a MoE block whose experts are in CPU memory is the native CPU
+    backend's job (llama.cpp's split), while the device's own blocks stay with Triton. The
+    backend is made for cuda:0 here but only CPU tensors are touched, so no GPU is needed."""
+    from turbollm.kernels import fast, native
+    from turbollm.kernels import triton as triton_backend
+    if not native.available():
+        pytest.skip("the native CPU kernels are not built")
+    model = Model.load(tiny_gguf("moe", "Q4_K_M"), backend="fast", ctx_size=64)
+    block = next(layer.moe for layer in model.network.layers if layer.moe is not None)
+    h = torch.randn(2, model.config.n_embd)
+    host = fast.FastBackend("fp32")
+    on_gpu_run = triton_backend.TritonBackend(device="cuda:0", host=host)
+    assert on_gpu_run._on_host(block.down.data)
+    assert torch.equal(on_gpu_run.moe_block(h, block), host.moe_block(h, block))
+    interpreted = triton_backend.TritonBackend(device="cpu", host=host)  # the CPU is the device itself
+    assert not interpreted._on_host(block.down.data)
+    assert torch.allclose(interpreted.moe_block(h, block), reference.ReferenceBackend().moe_block(h, block), atol=1e-5)

@@ -73,7 +73,7 @@ def backend(name: str = "auto", device: str = "cpu", *, prefill: str = "auto", t
         if on_cpu and not triton_backend.runs_on(torch.device("cpu")):
             raise ValueError("the triton backend runs on a CUDA/ROCm device (--device cuda:N); "
                              "on the CPU only in Triton's interpreter (TRITON_INTERPRET=1, for tests)")
-        ops: Backend = triton_backend.TritonBackend()
+        ops: Backend = triton_backend.TritonBackend(device=device)
     elif name == "reference" or (name == "auto" and (not on_cpu or not native.available())):
         ops = reference.ReferenceBackend()
     elif not native.available():

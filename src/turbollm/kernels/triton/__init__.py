@@ -44,6 +44,11 @@ def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor
     return reference.linear(x, w)
 
 
+def _host_backend():
+    from turbollm.kernels import fast, native
+    return fast.FastBackend() if native.available() else reference.ReferenceBackend()
+
+
 def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, gate: QTensor,
             up: QTensor | None, down: QTensor, precision: str = "ieee") -> torch.Tensor:
     """reference.moe_ffn's sum over the chosen experts, in one launch per projection for all
@@ -68,15 +73,35 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
 
 class TritonBackend(reference.ReferenceBackend):
     """The triton backend (see turbollm.kernels.backend): the reference's ops, with the
-    quantized products in Triton. `precision`: "ieee" (float32 products) or "tf32"."""
+    quantized products, attention and experts in Triton. `precision`: "ieee" (float32
+    products) or "tf32". `device`: the accelerator it runs on; a MoE block whose experts the
+    planner kept in CPU memory (--n-cpu-moe, -ot ...=cpu) runs on `host`, the native CPU
+    backend (the reference where it is not built), as llama.cpp computes such experts on the
+    CPU: only the block's input and output cross the bus (models/gemma.py moves them)."""
 
     name = "triton"
 
-    def __init__(self, precision: str = "ieee"):
+    def __init__(self, precision: str = "ieee", device: torch.device | str = "cuda", host: reference.ReferenceBackend | None = None):
         super().__init__()
         if precision not in ("ieee", "tf32"):
             raise ValueError(f"triton precision must be ieee or tf32, got {precision!r}")
         self.precision = precision
+        self.device = torch.device(device)
+        self.host = host if host is not None else _host_backend()
+
+    def set_threads(self, n: int | None = None) -> int:
+        """The host backend's threads (the CPU experts); the device needs none."""
+        self.threads = self.host.set_threads(n)
+        return self.threads
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        """A tensor in CPU memory on a run whose device is not the CPU (interpreted tests are)."""
+        return t.device.type == "cpu" and self.device.type != "cpu"
+
+    def moe_block(self, h, b):
+        if self._on_host(b.down.data):
+            return self.host.moe_block(h, b)
+        return super().moe_block(h, b)
 
     def linear(self, x, w):
         return linear(x, w, self.precision)

@@ -244,8 +244,9 @@ def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor
 class ExpertRows:
     """The (token, slot) pairs of a MoE step sorted by expert, in tiles of one expert each
     (vLLM's moe_align_block_size): computed once per step, used by every expert product.
-    Sizes come from the pair count only (no host sync on the routing), so the launch shapes
-    stay fixed for a given batch size."""
+    Sizes come from the pair count only and no step reads the routing back to the host (no
+    bincount, no repeat_interleave by counts), so the launch shapes stay fixed for a given
+    batch size, as a CUDA graph needs."""
 
     def __init__(self, expert_ids: torch.Tensor, n_expert: int):
         n_tok, self.n_slot = expert_ids.shape
@@ -253,9 +254,9 @@ class ExpertRows:
         # tiles sized to the pairs an expert gets on average: decode's one pair per expert takes
         # one-row programs, not 16-row tiles of padding
         self.block_m, self.use_dot = _tiles(triton.cdiv(self.n_pairs, min(self.n_pairs, n_expert)))
-        flat = expert_ids.reshape(-1)
+        flat = expert_ids.reshape(-1).to(torch.int64)
         dev = flat.device
-        counts = torch.bincount(flat, minlength=n_expert)
+        counts = torch.zeros(n_expert, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
         tiles = (counts + self.block_m - 1) // self.block_m  # per expert
         first_tile = torch.cumsum(tiles, 0) - tiles
         order = torch.argsort(flat, stable=True)
@@ -266,9 +267,9 @@ class ExpertRows:
         self.n_tiles = triton.cdiv(self.n_pairs, self.block_m) + min(self.n_pairs, n_expert)
         self.rows = torch.full((self.n_tiles * self.block_m,), -1, dtype=torch.int32, device=dev)
         self.rows[first_tile[sorted_e] * self.block_m + rank] = order.to(torch.int32)
-        self.experts = torch.full((self.n_tiles,), -1, dtype=torch.int32, device=dev)
-        used = torch.arange(n_expert, device=dev).repeat_interleave(tiles)
-        self.experts[:used.shape[0]] = used.to(torch.int32)
+        # tile t belongs to the first expert whose tiles end after t; tiles past the last: -1
+        expert_of_tile = torch.searchsorted(torch.cumsum(tiles, 0), torch.arange(self.n_tiles, device=dev), right=True)
+        self.experts = torch.where(expert_of_tile < n_expert, expert_of_tile, -1).to(torch.int32)
 
 
 def expert_linear(x: torch.Tensor, w: QTensor, rows: ExpertRows, per_pair: bool, precision: str = "ieee") -> torch.Tensor:
