@@ -63,6 +63,8 @@ async def parse_body(request: Request, schema: type[BaseModel]):
         first = e.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "body"
         message = first.get("msg", "invalid value")
+        if first.get("type") == "extra_forbidden":  # never dropped silently
+            message = "this field is not supported by this server (docs/server.md lists the fields it takes)"
         raise ApiError(400, f"{where}: {message}" if where != "body" else f"the request body: {message}",
                        param=None if where == "body" else where) from None
 

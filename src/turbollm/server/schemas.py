@@ -1,9 +1,12 @@
 """OpenAI request bodies as pydantic models, each converting itself to SamplingParams.
 
-Fields OpenAI clients send that do not change the output here (`user`, `logprobs: false`,
-`stream_options` ...) are accepted; a known field of the wrong type is a 400 naming it; a
-field asking for something this server does not do (`n` > 8, non-zero presence penalty) is a
-400 saying so, never silently ignored.
+No field is silently dropped. A field this server does not know is a 400 naming it (the
+models forbid extra fields; server/app.py's parse_body words the error). A known field of the
+wrong type is a 400 naming it. A field asking for something this server does not do (`tools`,
+`logprobs: true`, `response_format` other than text, `n` > 8, a non-zero presence penalty) is
+a 400 saying so. The fields accepted without changing anything are listed in INERT_FIELDS
+(and in docs/server.md): each is either metadata (`user`, `metadata`, `store`, ...) or the
+value that does nothing (`logprobs: false`, `tools: []`, `logit_bias: {}`, `typical_p: 1`).
 """
 
 from __future__ import annotations
@@ -17,18 +20,47 @@ from turbollm.engine.sampler import SamplingParams
 
 MAX_N = 8  # choices per request: each is a sequence of its own
 
+# accepted and without effect: metadata, hints, and features asked for at their "off" value
+INERT_FIELDS = {
+    "user": "metadata", "metadata": "metadata", "store": "metadata", "service_tier": "metadata",
+    "name": "a message's participant name (not templated)",
+    "cache_prompt": "llama-server's prompt-reuse hint (every request prefills its prompt)",
+    "parallel_tool_calls": "without tools", "logprobs": "false / 0 only", "top_logprobs": "0 only",
+    "n_probs": "0 only", "logit_bias": "{} only", "tools": "[] only", "tool_choice": "\"none\" or \"auto\" without tools",
+    "response_format": '{"type": "text"} only', "typical_p": "1 only", "mirostat": "0 only",
+}
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+class _Strict(BaseModel):
+    """Unknown fields are refused, not dropped (parse_body names them)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+def _refuse_unless(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class ContentPart(_Strict):
     type: str = "text"
     text: str = ""
+    image_url: Any = None  # known, so that ChatMessage.text() refuses it by its type
+    input_audio: Any = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "model"]
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # an earlier answer's thoughts: never templated
+    name: str | None = None  # inert
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("tool_calls", "tool_call_id")
+    @classmethod
+    def _no_tools(cls, v):
+        _refuse_unless(not v, "tool calls are not supported by this server yet")
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -41,19 +73,16 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ReasoningField(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ReasoningField(_Strict):
     enabled: bool | None = None
     effort: str | None = None
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Sampling(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
@@ -68,6 +97,64 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
+    # inert (INERT_FIELDS): metadata, and features at the value that turns them off
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    cache_prompt: bool = True
+    parallel_tool_calls: bool | None = None
+    top_logprobs: int | None = None
+    n_probs: int = 0
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    typical_p: float = 1.0
+    mirostat: int = 0
+
+    @field_validator("top_logprobs", "n_probs")
+    @classmethod
+    def _no_top_logprobs(cls, v):
+        _refuse_unless(not v, "log probabilities are not supported by this server yet")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v):
+        _refuse_unless(not v, "logit_bias is not supported by this server")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v):
+        _refuse_unless(not v, "tool calling is not supported by this server yet")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        _refuse_unless(v in (None, "none", "auto"), "tool calling is not supported by this server yet")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        _refuse_unless(v is None or v == {"type": "text"},
+                       "structured output (response_format json_object / json_schema) is not supported by this server yet")
+        return v
+
+    @field_validator("typical_p")
+    @classmethod
+    def _no_typical(cls, v):
+        _refuse_unless(v == 1.0, "typical_p sampling is not supported (use top_p, top_k, min_p)")
+        return v
+
+    @field_validator("mirostat")
+    @classmethod
+    def _no_mirostat(cls, v):
+        _refuse_unless(v == 0, "mirostat sampling is not supported (use top_p, top_k, min_p)")
+        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -90,10 +177,17 @@ class _Sampling(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning: ReasoningField | None = None
     reasoning_effort: str | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        _refuse_unless(not v, "log probabilities are not supported by this server yet")
+        return v
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -135,6 +229,20 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        _refuse_unless(not v, "log probabilities are not supported by this server yet")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        _refuse_unless(not v, "suffix (fill-in-the-middle) is not supported by this server")
+        return v
 
     @field_validator("echo")
     @classmethod
