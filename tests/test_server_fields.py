@@ -77,6 +77,6 @@ def test_the_inert_fields_at_their_off_values_are_accepted():
                    "response_format": {"type": "text"}, "typical_p": 1.0, "mirostat": 0})
     assert body.template_messages() == [{"role": "user", "content": "hi"}]
     documented = set(INERT_FIELDS)
-    accepted = {"user", "metadata", "store", "service_tier", "name", "cache_prompt", "parallel_tool_calls", "logprobs",
+    accepted = {"user", "metadata", "store", "service_tier", "name", "parallel_tool_calls", "logprobs",
                 "top_logprobs", "n_probs", "logit_bias", "tools", "tool_choice", "response_format", "typical_p", "mirostat"}
     assert accepted == documented

@@ -58,7 +58,7 @@ def build(a: ServeArgs):
 
     # planned for every slot full, before any weight is read; refused with the numbers if it does not fit
     model = Model.load(run=a.run)
-    engine = Engine(model, n_slots=a.run.parallel, n_batch=a.run.n_batch)
+    engine = Engine(model, n_slots=a.run.parallel, n_batch=a.run.n_batch, prompt_cache=True)
     thinking = {"on": True, "off": False, "auto": model.config.arch == "gemma4"}[a.reasoning]
     model_id = a.alias or Path(model.gguf.path).name
     return model, engine, create_app(engine, ServerSettings(model_id=model_id, api_key=a.api_key, thinking_default=thinking))

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from turbollm.engine.prompt_cache import PromptCache
 from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
 from turbollm.engine.sequence import Event, GenerationStats, Sequence, SeqState
@@ -56,11 +57,13 @@ class LoadedModel(Protocol):
 
 class Engine:
     def __init__(self, model: LoadedModel, n_slots: int = 1, slot_ctx: int | None = None, n_batch: int = 512,
-                 stop_at_context_end: bool = False):
+                 stop_at_context_end: bool = False, prompt_cache: bool = False):
         """`slot_ctx`: tokens of context per slot (default: the model's). `stop_at_context_end`:
         what `max_tokens` beyond the room left in a slot means. False (the OpenAI API): the
         request is refused. True (llama-cli, `Model.generate`): generation ends where the
-        context does, with finish reason "length"."""
+        context does, with finish reason "length". `prompt_cache`: keep finished sequences'
+        caches and start new ones from the longest common prefix (engine/prompt_cache.py; the
+        server's default, as llama-server's)."""
         self.model, self.network, self.tokenizer = model, model.network, model.tokenizer
         self.slot_ctx = slot_ctx if slot_ctx is not None else model.slot_ctx
         if not 0 < self.slot_ctx <= model.slot_ctx:
@@ -77,6 +80,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.kv_bytes_in_use = 0
+        self.prompt_cache = PromptCache(n_slots, lambda: self.network.new_cache(self.slot_ctx, model.cache)) if prompt_cache else None
 
     # --- any thread ---------------------------------------------------------------------------
 
@@ -91,10 +95,11 @@ class Engine:
         return self.slot_ctx - n_prompt
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
-               stats: GenerationStats | None = None) -> Sequence:
+               stats: GenerationStats | None = None, reuse_prompt: bool = True) -> Sequence:
         """Queue a request; `params.max_tokens` new tokens at most (see `stop_at_context_end`).
         Raises ContextLengthError, with nothing queued, when it does not fit a slot. `stats`
-        (filled as it runs) is the record to keep; by default the sequence makes its own."""
+        (filled as it runs) is the record to keep; by default the sequence makes its own.
+        `reuse_prompt` (with the engine's prompt cache): may start from a kept prefix."""
         room = self.room(len(prompt_ids))
         n_vocab = self.tokenizer.n_vocab
         bad = [t for t in prompt_ids if not 0 <= t < n_vocab]
@@ -105,7 +110,7 @@ class Engine:
                                      f"{self._context_name} of {self.slot_ctx} after the {len(prompt_ids)}-token prompt: "
                                      f"ask for at most {room} tokens, or raise --ctx-size{self._parallel_hint}",
                                      what="max_tokens")
-        seq = Sequence(prompt_ids, params, min(params.max_tokens, room), on_event, stats)
+        seq = Sequence(prompt_ids, params, min(params.max_tokens, room), on_event, stats, reuse_prompt)
         with self._wake:
             self._inbox.append(seq)
             self.n_requests += 1
@@ -218,12 +223,23 @@ class Engine:
                     seq.error = e
                     self._finish(seq, "error", f"{type(e).__name__}: {e}")
         self.kv_bytes_in_use = sum(s.cache.nbytes for s in self.scheduler.running if s.cache is not None)
+        if self.prompt_cache is not None:
+            self.kv_bytes_in_use += self.prompt_cache.nbytes
 
     def _admit(self, seq: Sequence) -> None:
         if seq.max_new == 0:
             self._finish(seq, "length")
             return
-        seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
+        if self.prompt_cache is not None:
+            holding = sum(s.cache is not None for s in self.scheduler.running)
+            seq.cache, seq.n_prefilled = self.prompt_cache.take(seq.prompt_ids, holding, seq.reuse_prompt)
+            seq.stats.n_cached = seq.n_prefilled
+            if seq.n_prefilled:
+                self.totals.n_prompt += seq.n_prefilled  # the totals count every prompt token, as a request does
+                self.totals.n_cached += seq.n_prefilled
+                self.totals.n_cache_hits += 1
+        else:
+            seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
         seq.stats.kv_summary = seq.cache.describe()
         drafter = self.model.new_drafter(seq.cache)
         seq.speculator = Speculator(drafter, self.model.spec) if drafter is not None else None
@@ -320,6 +336,8 @@ class Engine:
         if text is not None and reason in ("stop", "length"):
             for channel, piece in text.flush():
                 seq.on_event(Event(piece, channel))
+        if self.prompt_cache is not None and seq.cache is not None and reason in ("stop", "length"):
+            self.prompt_cache.keep(seq.history, seq.cache)
         seq.state, seq.finish_reason, seq.cache, seq.speculator = SeqState.FINISHED, reason, None, None
         seq.stats.finish_reason = reason
         self._spec_finished.add(seq.stats.spec)

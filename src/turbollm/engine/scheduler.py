@@ -4,8 +4,8 @@ Shaped like llama-server's `update_slots`: every step first decodes one token of
 sequence (all of them in one batched forward), then feeds one prompt chunk of the oldest
 sequence still prefilling, so a long prompt is spread over steps instead of stalling the
 streams. New requests take a free slot between steps. Prompt chunks start at multiples of
-`n_batch` whatever else is running, so a sequence computes the same numbers under load as
-alone (greedy output is identical). This module decides; it never touches tensors.
+`n_batch` past the reused prefix (engine/prompt_cache.py; none without one) whatever else is
+running, so a sequence computes the same numbers under load as alone (greedy output is identical). This module decides; it never touches tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ class StepPlan:
     admitted: list[Sequence] = field(default_factory=list)  # took a slot this step: need a cache
     decode: list[Sequence] = field(default_factory=list)  # one token each, batched
     prefill: Sequence | None = None  # one chunk of its prompt
-    prefill_range: tuple[int, int] = (0, 0)  # [start, stop) of the prompt
+    n_batch: int = 512
+
+    @property
+    def prefill_range(self) -> tuple[int, int]:
+        """[start, stop) of the prompt chunk, read when the step runs: admission may have
+        started the sequence past a reused prefix (engine/prompt_cache.py)."""
+        seq = self.prefill
+        if seq is None:
+            return (0, 0)
+        return (seq.n_prefilled, min(seq.n_prompt, seq.n_prefilled + self.n_batch))
 
     @property
     def empty(self) -> bool:
@@ -48,7 +57,7 @@ class Scheduler:
         return gone
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan()
+        plan = StepPlan(n_batch=self.n_batch)
         while self.waiting and len(self.running) < self.n_slots:
             seq = self.waiting.popleft()
             seq.state = SeqState.PREFILL
@@ -57,9 +66,7 @@ class Scheduler:
         plan.decode = [s for s in self.running if s.state is SeqState.DECODE]
         prefilling = [s for s in self.running if s.state is SeqState.PREFILL]
         if prefilling:
-            seq = prefilling[0]
-            plan.prefill = seq
-            plan.prefill_range = (seq.n_prefilled, min(seq.n_prompt, seq.n_prefilled + self.n_batch))
+            plan.prefill = prefilling[0]
         return plan
 
     @property

@@ -45,6 +45,8 @@ class GenerationStats:
     (there `n_decode_steps` counts batched forwards and `n_decode_tokens` the rows in them)."""
 
     n_prompt: int = 0
+    n_cached: int = 0  # prompt tokens whose KV came from a kept sequence (not prefilled)
+    n_cache_hits: int = 0  # requests that reused some (in the engine's totals)
     n_generated: int = 0
     prompt_seconds: float = 0.0  # prefill, up to the logits of the first new token
     n_decode_steps: int = 0  # forward passes after the prompt (one token each, or a speculative round)
@@ -56,7 +58,8 @@ class GenerationStats:
 
     @property
     def prompt_tokens_per_second(self) -> float:
-        return self.n_prompt / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+        """Prompt tokens prefilled per second (those taken from a kept cache cost nothing)."""
+        return (self.n_prompt - self.n_cached) / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -65,8 +68,9 @@ class GenerationStats:
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new: int,
-                 on_event: Callable[[Event], None], stats: GenerationStats | None = None):
+                 on_event: Callable[[Event], None], stats: GenerationStats | None = None, reuse_prompt: bool = True):
         self.seq_id = next(_ids)
+        self.reuse_prompt = reuse_prompt  # may start from a kept sequence's cache (engine.PromptCache)
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.max_new = max_new  # tokens it may generate: max_tokens, within its slot's context

@@ -143,7 +143,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ApiError(400, str(e), param="messages") from None
         prompt_ids = model.encode(prompt)
         max_tokens = tokens_for(prompt_ids, body.requested_max_tokens())
-        run = _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)])
+        run = _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)], body.cache_prompt)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return _sse(run.chat_chunks(name, include_usage), run, request)
@@ -165,7 +165,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         else:
             prompt_ids = model.encode(body.prompt)
         max_tokens = tokens_for(prompt_ids, body.max_tokens)
-        run = _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)])
+        run = _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)], body.cache_prompt)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return _sse(run.text_chunks(name, include_usage), run, request)
@@ -202,13 +202,13 @@ class _Run:
         self.created = int(time.time())
 
     @classmethod
-    def start(cls, engine: Engine, prompt_ids: list[int], params: list) -> "_Run":
+    def start(cls, engine: Engine, prompt_ids: list[int], params: list, reuse_prompt: bool = True) -> "_Run":
         run = cls(engine, len(prompt_ids))
         loop = asyncio.get_running_loop()
         try:
             for i, p in enumerate(params):
                 push = lambda ev, i=i: loop.call_soon_threadsafe(run.queue.put_nowait, (i, ev))
-                run.seqs.append(engine.submit(prompt_ids, p, push))
+                run.seqs.append(engine.submit(prompt_ids, p, push, reuse_prompt=reuse_prompt))
         except ContextLengthError as e:
             run.cancel()
             raise _context_error(e) from None
@@ -224,7 +224,9 @@ class _Run:
     @property
     def usage(self) -> dict:
         n_out = sum(len(s.generated) for s in self.seqs)
-        return {"prompt_tokens": self.n_prompt, "completion_tokens": n_out, "total_tokens": self.n_prompt + n_out}
+        cached = self.seqs[0].stats.n_cached if self.seqs else 0
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": n_out, "total_tokens": self.n_prompt + n_out,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Every event of every choice until all have finished; cancels if the client leaves."""

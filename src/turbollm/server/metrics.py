@@ -16,7 +16,10 @@ class _EngineCollector:
 
     def collect(self):
         e, c = self.engine, self.engine.totals
-        yield CounterMetricFamily("turbollm_prompt_tokens", "prompt tokens processed", value=c.n_prompt)
+        yield CounterMetricFamily("turbollm_prompt_tokens", "prompt tokens of all requests (prefilled or reused)", value=c.n_prompt)
+        yield CounterMetricFamily("turbollm_prompt_tokens_cached", "prompt tokens reused from kept caches, not prefilled",
+                                  value=c.n_cached)
+        yield CounterMetricFamily("turbollm_prompt_cache_hits", "requests that reused a kept prefix", value=c.n_cache_hits)
         yield CounterMetricFamily("turbollm_generation_tokens", "tokens generated", value=c.n_generated)
         yield CounterMetricFamily("turbollm_prompt_seconds", "seconds spent in prefill", value=c.prompt_seconds)
         yield CounterMetricFamily("turbollm_decode_seconds", "seconds spent in decode steps", value=c.decode_seconds)
@@ -26,7 +29,7 @@ class _EngineCollector:
             finished.add_metric([reason], n)
         yield finished
         yield GaugeMetricFamily("turbollm_prompt_tokens_per_second", "average prefill throughput",
-                                value=c.n_prompt / c.prompt_seconds if c.prompt_seconds else 0.0)
+                                value=c.prompt_tokens_per_second)
         yield GaugeMetricFamily("turbollm_generation_tokens_per_second", "average decode throughput (all slots)",
                                 value=c.n_decode_tokens / c.decode_seconds if c.decode_seconds else 0.0)
         spec = e.spec_totals()

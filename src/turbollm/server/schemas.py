@@ -24,7 +24,6 @@ MAX_N = 8  # choices per request: each is a sequence of its own
 INERT_FIELDS = {
     "user": "metadata", "metadata": "metadata", "store": "metadata", "service_tier": "metadata",
     "name": "a message's participant name (not templated)",
-    "cache_prompt": "llama-server's prompt-reuse hint (every request prefills its prompt)",
     "parallel_tool_calls": "without tools", "logprobs": "false / 0 only", "top_logprobs": "0 only",
     "n_probs": "0 only", "logit_bias": "{} only", "tools": "[] only", "tool_choice": "\"none\" or \"auto\" without tools",
     "response_format": '{"type": "text"} only', "typical_p": "1 only", "mirostat": "0 only",
@@ -102,7 +101,7 @@ class _Sampling(_Strict):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    cache_prompt: bool = True
+    cache_prompt: bool = True  # start from a kept sequence's cache (engine/prompt_cache.py)
     parallel_tool_calls: bool | None = None
     top_logprobs: int | None = None
     n_probs: int = 0
