@@ -44,7 +44,8 @@
 # Dry run here, no GPU: GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh runs every stage small on the
 # CPU (interpreted Triton, a 6-layer 8-expert synthetic file, bench -p 16 -n 4 on the CPU, llama.cpp
 # configured and `ninja -n`) to check paths and flags. GPU_CHECK_CUDA_LIBDIR / GPU_CHECK_CUDA_INCDIR
-# add folders to search for libcublas/libcuda and cublas_v2.h.
+# add folders to search for libcublas/libcuda and cublas_v2.h; GPU_CHECK_LLAMA_BENCH=PATH uses that llama-bench
+# instead of building one (a dry run with a CPU build of it runs it too).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -101,7 +102,7 @@ export PYTHONPATH=$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # ---- llama.cpp: configure and build in the background ---------------------------------------
 LLAMA_SRC=$WORK/llama.cpp
 LLAMA_BUILD=$WORK/llama-build
-LLAMA_BENCH=$LLAMA_BUILD/bin/llama-bench
+LLAMA_BENCH=${GPU_CHECK_LLAMA_BENCH:-$LLAMA_BUILD/bin/llama-bench}  # a dry run may name a CPU build
 BUILD_PID="" BUILD_START="" BUILD_PAUSED=""
 
 # cuda_args: the CMake arguments that point FindCUDAToolkit at cuBLAS and the driver library where
@@ -264,7 +265,7 @@ turbo_bench() {  # $1: result name, $2..: extra flags
 llama_bench() {  # $1: result name, $2..: extra flags
     local name=$1; shift
     done_already "$name.json" && { log "$name: kept from an earlier call"; return; }
-    if [ "$DRY" = 1 ]; then
+    if [ "$DRY" = 1 ] && ! [ -x "${GPU_CHECK_LLAMA_BENCH:-}" ]; then
         log "$name: dry run, would run: $LLAMA_BENCH -m $GGUF ${BENCH[*]} -ngl 99 -t $THREADS $* -o json -oe md"
         status "$name" "dry: not run" 0; return
     fi

@@ -80,7 +80,7 @@ def check_model(device: str, name: str, variant: str) -> tuple[bool, str]:
         return False, f"loaded on the {tri.network.ops.name} backend"
     ids = torch.tensor(prompt)
     ref_logits = ref.network.logits(ref.network.forward(ids, ref.network.new_cache(8)))
-    tri_logits = tri.network.logits(tri.network.forward(ids.to(device), tri.network.new_cache(8))).cpu()
+    tri_logits = tri.network.logits(tri.network.forward(ids, tri.network.new_cache(8))).cpu()
     err = float((tri_logits - ref_logits).abs().max())
     bound = 1e-4 * float(ref_logits.abs().max()) + 1e-4
     params = SamplingParams(temperature=0, max_tokens=2)
