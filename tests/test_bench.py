@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from turbollm.config import RunConfig
+from turbollm.cli import bandwidth
 from turbollm.cli.bench import BenchSettings, decode_weight_bytes, format_table, run_bench
 from turbollm.cli import main
 from turbollm.gguf.reader import GGUFFile
@@ -23,6 +25,50 @@ def test_decode_bytes_count_active_experts_and_the_tied_head():
     # 16 experts, 4 active: each expert tensor is read for a quarter of its experts
     assert decode_weight_bytes(gf, 16, 4) == others + sum(
         t.n_bytes * 4 // 16 for t in gf.tensors.values() if "_exps." in t.name)
+
+
+def test_decode_bytes_split_by_where_the_plan_puts_each_tensor():
+    gf = GGUFFile(REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf")
+    placement = {t.name: "cpu" if t.name.startswith("blk.0.") and "_exps" in t.name else "cuda:0" for t in gf.tensors.values()}
+    by_device = bandwidth.decode_bytes(gf, 16, 4, placement)
+    assert by_device["cpu"] == sum(t.n_bytes // 4 for t in gf.tensors.values() if placement[t.name] == "cpu")
+    assert sum(by_device.values()) == decode_weight_bytes(gf, 16, 4) == bandwidth.decode_bytes(gf, 16, 4)["cpu"]
+
+
+def test_share_of_bandwidth_is_bytes_per_token_times_tokens_per_second_over_bandwidth():
+    bws = {"cuda:0": bandwidth.Bandwidth(copy=3.0e12, read=2.5e12), "cpu": bandwidth.Bandwidth(copy=40e9, read=50e9)}
+    by_device = {"cuda:0": 2 * 10**9, "cpu": 10**8, "cuda:1": 0}
+    gpu, cpu = bandwidth.shares(by_device, 150.0, bws)  # cuda:1 holds nothing, so no share
+    assert (gpu.device, cpu.device) == ("cuda:0", "cpu")
+    assert gpu.achieved == 3e11 and gpu.of_copy == pytest.approx(0.1) and gpu.of_read == pytest.approx(0.12)
+    assert cpu.of_copy == pytest.approx(1.5e10 / 40e9)
+    lines = bandwidth.format_lines(by_device, bws, ("tg128", 150.0), 128, 8)
+    assert lines[0].startswith("decode reads 1.96 GiB of weights per token: cuda:0 1.86 GiB, cpu 95.37 MiB (estimated")
+    assert "expert tensors x 8/128" in lines[0]
+    assert lines[1] == ("memory bandwidth measured in this run: cuda:0 copy 3000.0 GB/s (read + written), read 2500.0 GB/s; "
+                        "cpu copy 40.0 GB/s (read + written), read 50.0 GB/s")
+    assert lines[2] == ("decode (tg128, 150.00 tok/s) reads the weights on cuda:0 at 300.0 GB/s = 10% of the copy bandwidth, "
+                        "12% of the read bandwidth")
+    assert len(lines) == 4 and "reads the weights on cpu at 15.0 GB/s = 38% of the copy" in lines[3]
+    assert len(bandwidth.format_lines(by_device, bws, None)) == 2  # no decode test: no share
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a CUDA/ROCm device"))])
+def test_copy_and_read_bandwidth_are_measured_on_the_device(device):
+    copy = bandwidth.copy_bandwidth(device, threads=1 if device == "cpu" else None, n_bytes=16 * 2**20, repetitions=2)
+    read = bandwidth.read_bandwidth(device, threads=1 if device == "cpu" else None, n_bytes=16 * 2**20, repetitions=2)
+    assert 1e8 < copy < 1e14 and 1e8 < read < 1e14  # 0.1 GB/s .. 100 TB/s
+    if device == "cuda":
+        assert min(bandwidth.measure("cuda").copy, bandwidth.measure("cuda").read) > 1e11  # any GPU: > 100 GB/s
+
+
+def test_bench_prints_decode_share_of_measured_bandwidth(capsys):
+    tiny = REFERENCE_DIR / "gemma4-tiny-moe" / "gemma4-tiny-moe-Q4_0.gguf"
+    assert main(["bench", "-m", str(tiny), "-p", "4", "-n", "4", "-pg", "none", "-r", "1", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory bandwidth measured in this run: cpu copy " in out and "expert tensors x 4/16" in out
+    assert "decode (tg4, " in out and "of the copy bandwidth" in out
 
 
 def test_bench_runs_every_test_and_reports_memory(default_model_path):
@@ -44,7 +90,9 @@ def test_bench_runs_every_test_and_reports_memory(default_model_path):
     assert grown <= 1.1 * (report.file_bytes + report.max_kv_bytes) + 128 * 2**20
     table = format_table(report)
     assert "| gemma3 270M Q4_K_M" in table and "pp6+tg3" in table and "of the read bandwidth" in table
-    assert json.loads(json.dumps(report.to_json()))["results"][1]["test"] == "tg4"
+    assert report.device == "cpu" and set(report.bandwidths) == {"cpu"} and report.copy_bandwidth == report.bandwidths["cpu"].copy
+    as_json = json.loads(json.dumps(report.to_json()))
+    assert as_json["results"][1]["test"] == "tg4" and 0 < as_json["decode_copy_share"] < 10
 
 
 def test_bench_with_mmap_computes_from_the_files_own_pages(default_model_path):

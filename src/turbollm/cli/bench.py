@@ -6,8 +6,9 @@ Tests follow llama-bench so the two tables can be read side by side:
 - `pp N+tg M` (llama-bench's `-pg`): both, timed together; tokens/s counts all N+M tokens.
 Tokens are random ids (seeded), as in llama-bench; each test runs once to warm up, then
 `repetitions` times. Alongside: load time, memory (RSS before and after load, peak) against
-the file and the KV cache, the bytes of weights a decode step reads, and how close decode
-comes to the memory bandwidth of this machine (copy and read benchmarks run here and now).
+the file and the KV cache, the bytes of weights a decode step reads from each device, and how
+close decode comes to each device's memory bandwidth, measured in the same run (cli/bandwidth.py:
+on a CUDA/ROCm device its own copy and read bandwidth, on the CPU system memory's).
 
 Left out: sampling (llama-bench does not sample either), batched decoding of several sequences.
 """
@@ -25,10 +26,10 @@ import torch
 
 from turbollm import kernels
 from turbollm.gguf.reader import GGUFFile
-from turbollm.cli import flags
+from turbollm.cli import bandwidth, flags
 from turbollm.config import RunConfig
 from turbollm.kv.plan import CacheConfig
-from turbollm.planner import resolve_residency
+from turbollm.planner import normalize_device, resolve_residency
 from turbollm.planner.process_memory import anonymous_bytes, peak_rss_bytes, resident_file_bytes, rss_bytes
 
 
@@ -90,22 +91,41 @@ class BenchReport:
     anonymous_before_load: int | None  # allocated memory of the interpreter, torch and turbollm
     max_anonymous: int | None  # allocated memory at most: before load + KV cache + buffers
     max_model_file_resident: int | None  # pages of the GGUF resident (the mmapped weights)
-    decode_weight_bytes: int  # weight bytes one decode step reads
-    copy_bandwidth: float  # bytes/s read + written, copy benchmark on the same threads
-    read_bandwidth: float  # bytes/s read, on the same threads
+    decode_weight_bytes: int  # weight bytes one decode step reads (an estimate: cli/bandwidth.py)
+    copy_bandwidth: float  # bytes/s read + written on the compute device (`device`), measured in this run
+    read_bandwidth: float  # bytes/s read, likewise
     residency: str = "copy"  # the weights: "copy" (process memory), "mmap" (the file's pages), "lock"
+    device: str = "cpu"  # where the model computes: "cpu", "cuda:0"
+    n_expert: int = 0  # experts per MoE layer, and active per token (0, 0: dense)
+    n_expert_used: int = 0
+    decode_bytes_by_device: dict[str, int] = field(default_factory=dict)  # device -> weight bytes read per token
+    bandwidths: dict[str, bandwidth.Bandwidth] = field(default_factory=dict)  # every device holding decode bytes
     results: list[TestResult] = field(default_factory=list)
 
-    def decode_bandwidth_ratio(self) -> float | None:
-        """Achieved weight-read rate of the fastest tg test over the read bandwidth."""
+    def fastest_decode(self) -> TestResult | None:
         tg = [r for r in self.results if r.n_prompt == 0]
-        if not tg:
-            return None
-        return max(r.avg_ts for r in tg) * self.decode_weight_bytes / self.read_bandwidth
+        return max(tg, key=lambda r: r.avg_ts) if tg else None
+
+    def decode_shares(self) -> list[bandwidth.DecodeShare]:
+        tg = self.fastest_decode()
+        by_device = self.decode_bytes_by_device or {self.device: self.decode_weight_bytes}
+        bws = self.bandwidths or {self.device: bandwidth.Bandwidth(self.copy_bandwidth, self.read_bandwidth)}
+        return [] if tg is None else bandwidth.shares(by_device, tg.avg_ts, bws)
+
+    def decode_bandwidth_ratio(self) -> float | None:
+        """Weight-read rate of the fastest tg test from the compute device over its read bandwidth."""
+        share = next((s for s in self.decode_shares() if s.device == self.device), None)
+        return None if share is None else share.of_read
+
+    def decode_copy_share(self) -> float | None:
+        """... over its copy bandwidth (read + written): the issue's "share of copy bandwidth"."""
+        share = next((s for s in self.decode_shares() if s.device == self.device), None)
+        return None if share is None else share.of_copy
 
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "results"}
         out["decode_bandwidth_ratio"] = self.decode_bandwidth_ratio()
+        out["decode_copy_share"] = self.decode_copy_share()
         out["results"] = [{"test": r.name, "n_prompt": r.n_prompt, "n_gen": r.n_gen, "avg_ts": r.avg_ts,
                            "stddev_ts": r.stddev_ts, "samples_ts": r.tokens_per_second,
                            "samples_ns": [int(s * 1e9) for s in r.seconds]} for r in self.results]
@@ -113,59 +133,15 @@ class BenchReport:
 
 
 def decode_weight_bytes(gf: GGUFFile, n_expert: int, n_expert_used: int) -> int:
-    """Bytes of weights one decode step reads: every tensor, except that an expert tensor is read
-    for the active experts only and an embedding table one row per token (the LM head, tied to
-    the token embedding in Gemma, reads the whole table)."""
-    tied = "output.weight" not in gf.tensors
-    total = 0
-    for t in gf.tensors.values():
-        if "_exps." in t.name and n_expert:
-            total += t.n_bytes * n_expert_used // n_expert
-        elif t.name == "per_layer_token_embd.weight" or (t.name == "token_embd.weight" and not tied):
-            total += t.n_bytes // t.shape[0]  # one row of the table
-        else:
-            total += t.n_bytes
-    return total
-
-
-def copy_bandwidth(threads: int, n_bytes: int = 256 * 2**20, repetitions: int = 10) -> float:
-    """Memory bandwidth in bytes/s from copying a buffer far larger than the caches: bytes read
-    plus bytes written, best of `repetitions` (STREAM's "copy" convention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        src = torch.ones(n_bytes // 4, dtype=torch.float32)
-        dst = torch.empty_like(src)
-        dst.copy_(src)  # fault the pages in
-        best = min(_timed(lambda: dst.copy_(src)) for _ in range(repetitions))
-        return 2 * n_bytes / best
-    finally:
-        torch.set_num_threads(before)
-
-
-def read_bandwidth(threads: int, n_bytes: int = 512 * 2**20, repetitions: int = 10) -> float:
-    """Bytes/s of reading a buffer far larger than the caches (a sum): the limit of a decode
-    step, which reads the weights and writes next to nothing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        src = torch.ones(n_bytes // 4, dtype=torch.float32)
-        return n_bytes / min(_timed(src.sum) for _ in range(repetitions))
-    finally:
-        torch.set_num_threads(before)
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Bytes of weights one decode step reads, on all devices together (cli/bandwidth.py)."""
+    return sum(bandwidth.decode_bytes(gf, n_expert, n_expert_used).values())
 
 
 class _Runner:
     """Runs the three kinds of test on one loaded model with random tokens."""
 
-    def __init__(self, network, n_vocab: int, seed: int, cache: CacheConfig):
-        self.net, self.n_vocab, self.cache_config = network, n_vocab, cache
+    def __init__(self, network, n_vocab: int, seed: int, cache: CacheConfig, device: str = "cpu"):
+        self.net, self.n_vocab, self.cache_config, self.device = network, n_vocab, cache, device
         self.rng = torch.Generator().manual_seed(seed)
         self.max_kv_bytes = 0
         self.depth = 0
@@ -187,6 +163,7 @@ class _Runner:
             net.logits(hidden[-1:])
         for i in range(n_gen):
             net.logits(net.forward(steps[i:i + 1], cache))
+        bandwidth.synchronize(self.device)  # a GPU's queued work is part of the test
         return time.perf_counter() - start
 
 
@@ -220,17 +197,20 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
     threads = kernels.native.num_threads() if ops.name == "fast" else torch.get_num_threads()
     backend = ops.name + (f" ({kernels.native.SIMD_NAMES[kernels.native.simd_level()]}, "
                           f"{ops.prefill} prefill)" if ops.name == "fast" else "")
-    backend += f", KV cache {s.run.cache.label}"
+    backend += (f" on {s.run.device}" if s.run.device != "cpu" else "") + f", KV cache {s.run.cache.label}"
+    device = normalize_device(s.run.device)
+    placement = {t.name: t.device for t in model.plan.tensors if not t.draft} if model.plan is not None else None
+    by_device = bandwidth.decode_bytes(gf, cfg.n_expert, cfg.n_expert_used, placement)
     report = BenchReport(
         model=str(Path(gf.path).resolve()), description=describe(gf), file_bytes=gf.file_size,
         n_params=sum(t.n_elements for t in gf.tensors.values()), backend=backend, threads=threads,
         load_seconds=model.load_seconds, rss_before_load=rss_before, rss_after_load=rss_after, peak_rss=0,
         max_kv_bytes=0, anonymous_before_load=anon_before, max_anonymous=anon_before, max_model_file_resident=0,
-        decode_weight_bytes=decode_weight_bytes(gf, cfg.n_expert, cfg.n_expert_used),
-        copy_bandwidth=0.0, read_bandwidth=0.0,
+        decode_weight_bytes=sum(by_device.values()), copy_bandwidth=0.0, read_bandwidth=0.0,
         residency=resolve_residency(s.run.residency, s.run.device).value,
+        device=device, n_expert=cfg.n_expert, n_expert_used=cfg.n_expert_used, decode_bytes_by_device=by_device,
     )
-    runner = _Runner(model.network, cfg.n_vocab, s.seed, s.run.cache)
+    runner = _Runner(model.network, cfg.n_vocab, s.seed, s.run.cache, device)
     runner.depth = s.depth
     at_depth = f" @ d{s.depth}" if s.depth else ""
     tests = ([(f"pp{n}{at_depth}", n, 0) for n in s.n_prompt if n] + [(f"tg{n}{at_depth}", 0, n) for n in s.n_gen if n]
@@ -248,8 +228,12 @@ def run_bench(s: BenchSettings, progress=None) -> BenchReport:
         if progress is not None:
             progress(result)
     report.peak_rss, report.max_kv_bytes = peak_rss_bytes(), runner.max_kv_bytes
-    # last: their buffers must not count in the peak
-    report.copy_bandwidth, report.read_bandwidth = copy_bandwidth(threads), read_bandwidth(threads)
+    # last: their buffers must not count in the peak. Every device that holds decode bytes, the
+    # compute device always; the CPU on the threads the run computed with
+    for name in dict.fromkeys([device, *(d for d, n in by_device.items() if n)]):
+        if name == "cpu" or torch.cuda.is_available():  # not a pretend device (--vram without one)
+            report.bandwidths[name] = bandwidth.measure(name, threads if name == "cpu" else None)
+    report.copy_bandwidth, report.read_bandwidth = report.bandwidths[device].copy, report.bandwidths[device].read
     return report
 
 
@@ -305,15 +289,10 @@ def format_table(r: BenchReport) -> str:
             out.append(f"model memory: weights resident {gib(r.max_model_file_resident)} (mmapped, of {gib(r.file_bytes)}) "
                        f"+ allocated {gib(grown)} (KV cache {gib(r.max_kv_bytes)} + compute buffers) = {gib(model)}, "
                        f"{model / budget:.0%} of file + KV cache")
-    out += [
-        f"decode reads {gib(r.decode_weight_bytes)} of weights per token; memory bandwidth here: "
-        f"copy {r.copy_bandwidth / 1e9:.1f} GB/s (read + written), read {r.read_bandwidth / 1e9:.1f} GB/s",
-    ]
-    ratio = r.decode_bandwidth_ratio()
-    if ratio is not None:
-        achieved = ratio * r.read_bandwidth
-        out.append(f"decode reads weights at {achieved / 1e9:.1f} GB/s = {ratio:.0%} of the read bandwidth, "
-                   f"{achieved / r.copy_bandwidth:.0%} of the copy bandwidth")
+    tg = r.fastest_decode()
+    out += bandwidth.format_lines(r.decode_bytes_by_device or {r.device: r.decode_weight_bytes},
+                                  r.bandwidths or {r.device: bandwidth.Bandwidth(r.copy_bandwidth, r.read_bandwidth)},
+                                  None if tg is None else (tg.name, tg.avg_ts), r.n_expert, r.n_expert_used)
     return "\n".join(out)
 
 
