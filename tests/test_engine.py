@@ -60,6 +60,7 @@ def test_scheduler_admits_up_to_the_slots_and_chunks_prompts_at_fixed_boundaries
         sched.add(s)
     plan = sched.schedule()
     assert plan.admitted == [a, b] and sched.n_waiting == 1
+    assert (a.slot, b.slot, c.slot) == (0, 1, None)
     assert plan.prefill is a and plan.prefill_range == (0, 4) and plan.decode == []
     a.n_prefilled = 4
     b.state = SeqState.DECODE  # pretend b is decoding: it is batched, a keeps prefilling from 4
@@ -67,7 +68,19 @@ def test_scheduler_admits_up_to_the_slots_and_chunks_prompts_at_fixed_boundaries
     assert plan.admitted == [] and plan.decode == [b] and plan.prefill_range == (4, 8)
     b.state = SeqState.FINISHED
     assert sched.remove_finished() == [b]
-    assert sched.schedule().admitted == [c]
+    assert sched.schedule().admitted == [c] and c.slot == 1  # the slot b left
+
+
+def test_a_new_request_takes_the_lowest_free_slot_number():
+    sched = Scheduler(n_slots=3, n_batch=4)
+    a, b, c, d = _seq(2), _seq(2), _seq(2), _seq(2)
+    sched.add(a), sched.add(b), sched.add(c)
+    sched.schedule()
+    a.state = SeqState.FINISHED
+    sched.remove_finished()
+    sched.add(d)
+    sched.schedule()
+    assert [s.slot for s in (b, c, d)] == [1, 2, 0]
 
 
 def test_scheduler_drops_cancelled_waiting_requests():

@@ -1,9 +1,12 @@
 """The HTTP server, started for real on a free loopback port with the default model, driven
-by the official `openai` client: chat, streaming, completions, errors, concurrency, metrics."""
+by the official `openai` client: chat, streaming, completions, errors, concurrency, metrics;
+and llama-server's own endpoints (/tokenize, /detokenize, /apply-template, /props, /slots,
+/completion) and CORS, with httpx."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
 import httpx
@@ -166,8 +169,17 @@ def test_an_unknown_model_is_404(client):
     assert e.value.code == "model_not_found"
 
 
+def test_no_cors_headers_by_default(server):
+    r = httpx.get(server + "/health", headers={"Origin": "http://localhost:3000"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    preflight = httpx.options(server + "/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
 def test_the_api_key_is_required_when_set():
-    proc, url = start_server("-c", "2048", "--api-key", "sesame", "-a", "gemma")
+    # this server also allows one browser origin (--cors-origins), to test CORS beside the key
+    proc, url = start_server("-c", "2048", "--api-key", "sesame", "-a", "gemma", "--cors-origins", "http://ok.example, http://two.example")
     try:
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -177,5 +189,148 @@ def test_the_api_key_is_required_when_set():
         r = good.chat.completions.create(model="gemma", messages=CHAT, max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
         assert httpx.get(url + "/health").status_code == 200  # health stays open for probes
+        assert httpx.get(url + "/v1/health").status_code == 200
+        for route in ("/slots", "/props"):
+            assert httpx.get(url + route).status_code == 401
+            assert httpx.get(url + route, headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert httpx.post(url + "/tokenize", json={"content": "hi"}).status_code == 401
+
+        # CORS: the allowed origins get the header (on a 401 too, so a page can read why), others not
+        for origin in ("http://ok.example", "http://two.example"):
+            r = httpx.get(url + "/v1/models", headers={"Origin": origin, "Authorization": "Bearer sesame"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert httpx.get(url + "/slots", headers={"Origin": "http://ok.example"}).headers["access-control-allow-origin"] == "http://ok.example"
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example", "Authorization": "Bearer sesame"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        # a preflight carries no key: it is answered before the key check
+        ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+        r = httpx.options(url + "/v1/chat/completions", headers={"Origin": "http://ok.example", **ask})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.options(url + "/v1/chat/completions", headers={"Origin": "http://evil.example", **ask})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
     finally:
         stop_server(proc)
+
+
+# ---- llama-server's own endpoints ---------------------------------------------------------------
+
+TEXT = "What is the capital of France? <start_of_turn> 媽 🤗"
+
+
+def test_tokenize_and_detokenize_round_trip_as_the_python_api(server, fast_model):
+    tok = fast_model.tokenizer
+    plain = httpx.post(server + "/tokenize", json={"content": TEXT}).json()["tokens"]
+    assert plain == tok.encode(TEXT, add_special=False)  # llama-server's defaults: no BOS, specials parsed
+    assert tok.token_id("<start_of_turn>") in plain
+    with_bos = httpx.post(server + "/tokenize", json={"content": TEXT, "add_special": True}).json()["tokens"]
+    assert with_bos == fast_model.encode(TEXT) == [tok.bos_id] + plain
+    raw = httpx.post(server + "/tokenize", json={"content": TEXT, "parse_special": False}).json()["tokens"]
+    assert raw == tok.encode(TEXT, add_special=False, parse_special=False) and tok.token_id("<start_of_turn>") not in raw
+    assert httpx.post(server + "/detokenize", json={"tokens": plain}).json() == {"content": TEXT}
+    assert httpx.post(server + "/detokenize", json={"tokens": with_bos}).json()["content"] == "<bos>" + TEXT
+    mixed = httpx.post(server + "/tokenize", json={"content": ["Hi", tok.eos_id, " there"], "add_special": True}).json()
+    assert mixed["tokens"] == [tok.bos_id, *tok.encode("Hi", add_special=False), tok.eos_id,
+                               *tok.encode(" there", add_special=False)]
+
+
+def test_tokenize_with_pieces_gives_text_or_bytes(server, fast_model):
+    tok = fast_model.tokenizer
+    r = httpx.post(server + "/tokenize", json={"content": TEXT, "with_pieces": True}).json()["tokens"]
+    assert [t["id"] for t in r] == tok.encode(TEXT, add_special=False)
+    assert "".join(t["piece"] for t in r) == TEXT and all(isinstance(t["piece"], str) for t in r)
+    byte_token = tok.token_id("<0xE5>")  # the first byte of 媽: not UTF-8 on its own
+    r = httpx.post(server + "/tokenize", json={"content": ["a", byte_token], "with_pieces": True}).json()["tokens"]
+    assert r[-1] == {"id": byte_token, "piece": [0xE5]}
+
+
+def test_out_of_vocabulary_ids_are_400_naming_the_field(server, fast_model):
+    n_vocab = fast_model.tokenizer.n_vocab
+    e = _error(httpx.post(server + "/detokenize", json={"tokens": [2, n_vocab]}), 400)
+    assert e["param"] == "tokens" and str(n_vocab) in e["message"]
+    e = _error(httpx.post(server + "/detokenize", json={"tokens": [-1]}), 400)
+    assert e["param"] == "tokens"
+    e = _error(httpx.post(server + "/tokenize", json={"content": ["a", n_vocab], "with_pieces": True}), 400)
+    assert e["param"] == "content"
+    e = _error(httpx.post(server + "/detokenize", json={"tokens": "hello"}), 400)
+    assert e["param"] == "tokens"
+
+
+def test_apply_template_is_the_prompt_the_chat_route_runs(server, client, model_id, fast_model):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Write one sentence about the sea."}]
+    prompt = httpx.post(server + "/apply-template", json={"messages": chat}).json()["prompt"]
+    assert prompt == fast_model.chat_prompt(chat)
+    r = client.chat.completions.create(model=model_id, messages=chat, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == len(fast_model.encode(prompt))
+    e = _error(httpx.post(server + "/apply-template", json={"messages": [{"role": "robot", "content": "x"}]}), 400)
+    assert "messages.0.role" in e["message"]
+
+
+def test_props_agree_with_models_and_the_flags(server, fast_model):
+    props = httpx.get(server + "/props").json()
+    meta = httpx.get(server + "/v1/models").json()["data"][0]
+    settings = props["default_generation_settings"]
+    assert settings["n_ctx"] == meta["meta"]["n_ctx_slot"] == CTX // PARALLEL
+    assert props["total_slots"] == PARALLEL
+    assert props["model_alias"] == meta["id"] and props["model_path"].endswith("/" + meta["id"])
+    template = fast_model.gguf.get("tokenizer.chat_template")  # the default model's file has none
+    assert props["chat_template"] == (template or "")
+    assert props["chat_template_builtin"] == (None if template else "gemma")
+    assert props["modalities"]["vision"] is False and props["build_info"].startswith("turbollm ")
+    assert props["bos_token"] == "<bos>"
+    p = settings["params"]
+    assert (p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seed"], p["n_predict"]) == (0.8, 40, 0.95, 0.05, 4294967295, -1)
+    e = _error(httpx.post(server + "/props", json={"n_ctx": 1}), 501)
+    assert e["type"] == "not_supported_error"
+    assert httpx.get(server + "/v1/health").json()["status"] == "ok"
+
+
+def test_slots_show_each_slot_and_the_running_request(server, model_id, fast_model):
+    idle = httpx.get(server + "/slots").json()
+    assert [s["id"] for s in idle] == list(range(PARALLEL))
+    assert all(s["n_ctx"] == CTX // PARALLEL and s["is_processing"] is False and "params" not in s for s in idle)
+    prompt = "Once upon a time"
+    body = {"model": model_id, "prompt": prompt, "max_tokens": 1500, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        for _ in range(10):
+            next(lines)
+        busy = [s for s in httpx.get(server + "/slots").json() if s["is_processing"]]
+    assert len(busy) == 1
+    s = busy[0]
+    assert s["id_request"] == json.loads(first[6:])["id"]
+    assert s["n_prompt_tokens"] == s["n_prompt_tokens_processed"] == len(fast_model.encode(prompt))
+    assert s["n_past"] > s["n_prompt_tokens"] and s["next_token"][0]["n_decoded"] >= 5
+    assert s["params"]["max_tokens"] == 1500 and s["params"]["temperature"] == 0
+
+
+def test_native_completion_matches_the_python_api(server, fast_model):
+    prompt = "1, 2, 3, 4,"
+    expected = fast_model.generate(prompt, _greedy(8))
+    r = httpx.post(server + "/completion", json={"prompt": prompt, "n_predict": 8, "temperature": 0,
+                                                  "return_tokens": True}, timeout=60).json()
+    assert r["content"] == expected.text and r["tokens"] == expected.token_ids and r["stop"] is True
+    assert r["stop_type"] == "limit" and r["tokens_predicted"] == r["timings"]["predicted_n"] == 8
+    assert r["tokens_evaluated"] == r["timings"]["prompt_n"] == len(fast_model.encode(prompt))
+    assert r["generation_settings"]["n_predict"] == 8 and r["prompt"] == "<bos>" + prompt
+    assert r["id_slot"] in range(PARALLEL) and r["truncated"] is False
+    stopped = httpx.post(server + "/completion", json={"prompt": prompt, "n_predict": 20, "temperature": 0,
+                                                        "stop": [" 7,"]}, timeout=60).json()
+    assert stopped["content"] == " 5, 6," and (stopped["stop_type"], stopped["stopping_word"]) == ("word", " 7,")
+    assert stopped["tokens"] == []  # only with return_tokens, as llama-server
+
+
+def test_native_completion_streams_as_llama_server(server):
+    body = {"prompt": "Once upon a time", "n_predict": 12, "temperature": 0, "seed": -1}
+    whole = httpx.post(server + "/completion", json=body, timeout=60).json()
+    with httpx.stream("POST", server + "/completion", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] != "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines]
+    assert all(c["stop"] is False and c["tokens"] for c in chunks[:-1]) and chunks[-1]["stop"] is True
+    assert "".join(c["content"] for c in chunks) == whole["content"]
+    assert chunks[-1]["stop_type"] == "limit" and chunks[-1]["timings"]["predicted_n"] == 12
+    e = _error(httpx.post(server + "/completion", json={"prompt": "hi", "grammar": "root ::= \"a\""}), 400)
+    assert e["param"] == "grammar"

@@ -18,6 +18,7 @@ class ServeArgs:
     api_key: str | None = None
     alias: str | None = None
     reasoning: str = "auto"  # "on", "off", "auto" (on for Gemma 4)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS): none by default
     # run.ctx_size is all slots together, split between run.parallel slots, as llama-server's -c / -np
     run: RunConfig = RunConfig()
 
@@ -38,6 +39,11 @@ def add_parser(sub) -> None:
     p.add_argument("-a", "--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     p.add_argument("--reasoning", choices=("auto", "on", "off"), default="auto",
                    help="whether the model thinks unless a request says otherwise (auto: on for Gemma 4)")
+    p.add_argument("--cors-origins", default="", metavar="ORIGINS",
+                   help="comma-separated browser origins allowed to call the API (CORS), e.g. "
+                        "http://localhost:3000; '*' any, 'localhost' any page served from this machine "
+                        "(default: none, no CORS headers: other sites' pages cannot read the API; "
+                        "llama-server's default is '*')")
     p.add_argument("--jinja", action="store_true",
                    help="accepted for llama-server scripts: the GGUF's chat template is always used when present")
     flags.backend_flag(p)
@@ -47,7 +53,13 @@ def add_parser(sub) -> None:
     flags.placement_flags(p)
     p.set_defaults(handler=lambda args: serve(ServeArgs(host=args.host, port=args.port, api_key=args.api_key,
                                                         alias=args.alias, reasoning=args.reasoning,
+                                                        cors_origins=cors_origins(args.cors_origins),
                                                         run=flags.run_config(args))))
+
+
+def cors_origins(value: str) -> tuple[str, ...]:
+    """--cors-origins' comma-separated list."""
+    return tuple(o.strip() for o in value.split(",") if o.strip())
 
 
 def build(a: ServeArgs):
@@ -61,7 +73,8 @@ def build(a: ServeArgs):
     engine = Engine(model, n_slots=a.run.parallel, n_batch=a.run.n_batch, prompt_cache=True)
     thinking = {"on": True, "off": False, "auto": model.config.arch == "gemma4"}[a.reasoning]
     model_id = a.alias or Path(model.gguf.path).name
-    return model, engine, create_app(engine, ServerSettings(model_id=model_id, api_key=a.api_key, thinking_default=thinking))
+    settings = ServerSettings(model_id=model_id, api_key=a.api_key, thinking_default=thinking, cors_origins=a.cors_origins)
+    return model, engine, create_app(engine, settings)
 
 
 def serve(a: ServeArgs) -> int:

@@ -3,9 +3,11 @@
 Shaped like llama-server's `update_slots`: every step first decodes one token of each running
 sequence (all of them in one batched forward), then feeds one prompt chunk of the oldest
 sequence still prefilling, so a long prompt is spread over steps instead of stalling the
-streams. New requests take a free slot between steps. Prompt chunks start at multiples of
-`n_batch` past the reused prefix (engine/prompt_cache.py; none without one) whatever else is
-running, so a sequence computes the same numbers under load as alone (greedy output is identical). This module decides; it never touches tensors.
+streams. New requests take a free slot between steps (the lowest free slot number, kept in
+`Sequence.slot` while it runs: what the server's /slots reports). Prompt chunks start at
+multiples of `n_batch` past the reused prefix (engine/prompt_cache.py; none without one)
+whatever else is running, so a sequence computes the same numbers under load as alone (greedy
+output is identical). This module decides; it never touches tensors.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.n_slots:
             seq = self.waiting.popleft()
             seq.state = SeqState.PREFILL
+            taken = {s.slot for s in self.running}
+            seq.slot = next(i for i in range(self.n_slots) if i not in taken)
             self.running.append(seq)
             plan.admitted.append(seq)
         plan.decode = [s for s in self.running if s.state is SeqState.DECODE]

@@ -77,6 +77,8 @@ class Sequence:
         self.on_event = on_event
         self.sampler = Sampler(params)
         self.state = SeqState.WAITING
+        self.slot: int | None = None  # the slot number (0 .. n_slots-1) it took when admitted
+        self.request_id: str | None = None  # the server's id of the request it answers (for /slots)
         self.cache = None  # a KVCache, from admission until it finishes
         self.speculator = None  # its speculative decoding (speculative.Speculator), when on
         self.n_prefilled = 0

@@ -1,4 +1,5 @@
-"""OpenAI request bodies as pydantic models, each converting itself to SamplingParams.
+"""Request bodies as pydantic models: OpenAI's (each converting itself to SamplingParams) and
+llama-server's own (/tokenize, /detokenize, /completion).
 
 No field is silently dropped. A field this server does not know is a 400 naming it (the
 models forbid extra fields; server/app.py's parse_body words the error). A known field of the
@@ -19,6 +20,9 @@ from turbollm.text.chat_template import strip_thinking
 from turbollm.engine.sampler import SamplingParams
 
 MAX_N = 8  # choices per request: each is a sequence of its own
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a fresh random seed per request
+# the order the sampler applies its steps (engine/sampler.py), in llama.cpp's names
+SAMPLER_ORDER = ("penalties", "top_k", "top_p", "min_p", "temperature")
 
 # accepted and without effect: metadata, hints, and features asked for at their "off" value
 INERT_FIELDS = {
@@ -249,3 +253,72 @@ class CompletionRequest(_Sampling):
         if v:
             raise ValueError("echo is not supported")
         return v
+
+
+def default_sampling() -> SamplingParams:
+    """What a request that sets no sampling field gets (the defaults of the bodies above)."""
+    return _Sampling().sampling(max_tokens=0)
+
+
+def generation_settings(p: SamplingParams, n_predict: int = -1, stream: bool = False) -> dict[str, Any]:
+    """llama-server's `params` object (/props' default_generation_settings, /slots, /completion's
+    generation_settings) for what this server samples with; n_predict -1: until the slot is full."""
+    return {"seed": RANDOM_SEED if p.seed is None else p.seed, "temperature": p.temperature, "top_k": p.top_k,
+            "top_p": p.top_p, "min_p": p.min_p, "repeat_last_n": p.repeat_last_n, "repeat_penalty": p.repeat_penalty,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "n_predict": n_predict, "max_tokens": n_predict,
+            "stream": stream, "n_probs": 0, "stop": list(p.stop), "samplers": list(SAMPLER_ORDER)}
+
+
+# ---- llama-server's own endpoints --------------------------------------------------------------
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: `content` is a string, or a list of strings and token ids (llama-server's
+    mixed prompt); without it the answer is no tokens, as llama-server's."""
+    model_config = ConfigDict(extra="ignore")
+    content: str | list[str | int] = ""
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int] = []
+
+
+class NativeCompletionRequest(_Sampling):
+    """llama-server's POST /completion body: `prompt` (a string, token ids, or both mixed),
+    `n_predict` (-1: until the slot is full), the sampling fields of the OpenAI bodies, `seed`
+    -1 (or 4294967295) for a random one, `stop`, `stream`, `return_tokens`. `n_probs`, `grammar`
+    and `json_schema` are not implemented yet: a 400 rather than ignored; so is any field it
+    does not know, as in the OpenAI bodies."""
+    prompt: str | list[str | int] = Field(min_length=1)
+    n_predict: int = Field(default=-1, ge=-1)
+    return_tokens: bool = False
+    n_probs: int = 0
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _random_seed(cls, v: int | None) -> int | None:
+        return None if v in (-1, RANDOM_SEED) else v
+
+    @field_validator("n_probs")
+    @classmethod
+    def _no_probs(cls, v: int) -> int:
+        if v != 0:
+            raise ValueError("n_probs is not supported yet")
+        return v
+
+    @field_validator("grammar", "json_schema")
+    @classmethod
+    def _no_grammar(cls, v):
+        if v:
+            raise ValueError("constrained output (grammar, json_schema) is not supported yet")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        if self.n_predict >= 0:
+            return self.n_predict
+        return self.max_tokens
