@@ -313,7 +313,9 @@ def test_native_completion_matches_the_python_api(server, fast_model):
                                                   "return_tokens": True}, timeout=60).json()
     assert r["content"] == expected.text and r["tokens"] == expected.token_ids and r["stop"] is True
     assert r["stop_type"] == "limit" and r["tokens_predicted"] == r["timings"]["predicted_n"] == 8
-    assert r["tokens_evaluated"] == r["timings"]["prompt_n"] == len(fast_model.encode(prompt))
+    assert r["tokens_evaluated"] == len(fast_model.encode(prompt))  # prefilled or reused from a kept prompt:
+    assert r["timings"]["prompt_n"] + r["timings"]["cache_n"] == r["tokens_evaluated"]
+    assert r["tokens_cached"] == r["timings"]["cache_n"]
     assert r["generation_settings"]["n_predict"] == 8 and r["prompt"] == "<bos>" + prompt
     assert r["id_slot"] in range(PARALLEL) and r["truncated"] is False
     stopped = httpx.post(server + "/completion", json={"prompt": prompt, "n_predict": 20, "temperature": 0,
@@ -334,3 +336,22 @@ def test_native_completion_streams_as_llama_server(server):
     assert chunks[-1]["stop_type"] == "limit" and chunks[-1]["timings"]["predicted_n"] == 12
     e = _error(httpx.post(server + "/completion", json={"prompt": "hi", "grammar": "root ::= \"a\""}), 400)
     assert e["param"] == "grammar"
+
+
+def test_the_next_turn_of_a_chat_reuses_the_kept_prompt(server, model_id):
+    """Prompt caching: the second turn starts from the first turn's cache; usage and /metrics say
+    how much; cache_prompt: false prefills it all again."""
+    def chat(messages, **extra):
+        body = {"model": model_id, "messages": messages, "max_tokens": 8, "temperature": 0, **extra}
+        return httpx.post(server + "/v1/chat/completions", json=body, timeout=60).json()
+    turn1 = [{"role": "user", "content": "Name three rivers of Europe, briefly, and say which is longest."}]
+    first = chat(turn1)
+    hits = metric(server, "turbollm_prompt_cache_hits_total")
+    turn2 = turn1 + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "And in Asia?"}]
+    second = chat(turn2)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+    assert metric(server, "turbollm_prompt_cache_hits_total") == hits + 1
+    again = chat(turn2, cache_prompt=False)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
