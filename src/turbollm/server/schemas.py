@@ -39,9 +39,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _refuse_unless(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+def _only(message: str, *fields: str, allowed=lambda v: not v):
+    """A validator of `fields` that refuses every value but the ones that change nothing
+    (`allowed`; default: absent, false, zero or empty) with `message`."""
+    def check(cls, v):
+        if not allowed(v):
+            raise ValueError(message)
+        return v
+    return field_validator(*fields)(check)
+
+
+_NO_LOGPROBS = "log probabilities are not supported by this server yet"
+_NO_TOOLS = "tool calling is not supported by this server yet"
 
 
 class ContentPart(_Strict):
@@ -59,11 +68,7 @@ class ChatMessage(_Strict):
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
 
-    @field_validator("tool_calls", "tool_call_id")
-    @classmethod
-    def _no_tools(cls, v):
-        _refuse_unless(not v, "tool calls are not supported by this server yet")
-        return v
+    _no_tool_calls = _only("tool calls are not supported by this server yet", "tool_calls", "tool_call_id")
 
     def text(self) -> str:
         if self.content is None:
@@ -116,48 +121,16 @@ class _Sampling(_Strict):
     typical_p: float = 1.0
     mirostat: int = 0
 
-    @field_validator("top_logprobs", "n_probs")
-    @classmethod
-    def _no_top_logprobs(cls, v):
-        _refuse_unless(not v, "log probabilities are not supported by this server yet")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        _refuse_unless(not v, "logit_bias is not supported by this server")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        _refuse_unless(not v, "tool calling is not supported by this server yet")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        _refuse_unless(v in (None, "none", "auto"), "tool calling is not supported by this server yet")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        _refuse_unless(v is None or v == {"type": "text"},
-                       "structured output (response_format json_object / json_schema) is not supported by this server yet")
-        return v
-
-    @field_validator("typical_p")
-    @classmethod
-    def _no_typical(cls, v):
-        _refuse_unless(v == 1.0, "typical_p sampling is not supported (use top_p, top_k, min_p)")
-        return v
-
-    @field_validator("mirostat")
-    @classmethod
-    def _no_mirostat(cls, v):
-        _refuse_unless(v == 0, "mirostat sampling is not supported (use top_p, top_k, min_p)")
-        return v
+    _no_top_logprobs = _only(_NO_LOGPROBS, "top_logprobs", "n_probs")
+    _no_logit_bias = _only("logit_bias is not supported by this server", "logit_bias")
+    _no_tools = _only(_NO_TOOLS, "tools")
+    _no_tool_choice = _only(_NO_TOOLS, "tool_choice", allowed=lambda v: v in (None, "none", "auto"))
+    _text_only = _only("structured output (response_format json_object / json_schema) is not supported by this "
+                       "server yet", "response_format", allowed=lambda v: v is None or v == {"type": "text"})
+    _no_typical = _only("typical_p sampling is not supported (use top_p, top_k, min_p)", "typical_p",
+                        allowed=lambda v: v == 1.0)
+    _no_mirostat = _only("mirostat sampling is not supported (use top_p, top_k, min_p)", "mirostat",
+                         allowed=lambda v: v == 0)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -186,11 +159,7 @@ class ChatCompletionRequest(_Sampling):
     reasoning: ReasoningField | None = None
     reasoning_effort: str | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        _refuse_unless(not v, "log probabilities are not supported by this server yet")
-        return v
+    _no_logprobs = _only(_NO_LOGPROBS, "logprobs")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -235,24 +204,10 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     suffix: str | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        _refuse_unless(not v, "log probabilities are not supported by this server yet")
-        return v
+    _no_logprobs = _only(_NO_LOGPROBS, "logprobs")
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        _refuse_unless(not v, "suffix (fill-in-the-middle) is not supported by this server")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    _no_suffix = _only("suffix (fill-in-the-middle) is not supported by this server", "suffix")
+    _no_echo = _only("echo is not supported", "echo")
 
 
 def default_sampling() -> SamplingParams:
@@ -304,19 +259,7 @@ class NativeCompletionRequest(_Sampling):
     def _random_seed(cls, v: int | None) -> int | None:
         return None if v in (-1, RANDOM_SEED) else v
 
-    @field_validator("n_probs")
-    @classmethod
-    def _no_probs(cls, v: int) -> int:
-        if v != 0:
-            raise ValueError("n_probs is not supported yet")
-        return v
-
-    @field_validator("grammar", "json_schema")
-    @classmethod
-    def _no_grammar(cls, v):
-        if v:
-            raise ValueError("constrained output (grammar, json_schema) is not supported yet")
-        return v
+    _no_grammar = _only("constrained output (grammar, json_schema) is not supported yet", "grammar", "json_schema")
 
     def requested_max_tokens(self) -> int | None:
         if self.n_predict >= 0:
