@@ -130,21 +130,16 @@ def test_the_triton_backend_on_the_cpu_outside_the_interpreter_is_refused(monkey
 
 # ---- attention over the KV cache, read where the rows are stored -----------------------------
 
-def _attend_steps(cache, ks, vs, qs, steps, window, softcap, use_triton):
+def _attend_steps(cache, ks, vs, qs, steps, window, softcap, ops):
     """Feed K/V/Q in steps of the given sizes through a one-layer cache, as a model layer does:
-    write the step's rows, attend over the slots, commit. Outputs of every query."""
-    from turbollm.kernels.attention import attention
-    from turbollm.kernels.triton import attention as triton_attention
+    write the step's rows, attend over the slots with the backend `ops`, commit. Outputs of
+    every query."""
     outs, at = [], 0
     for n in steps:
         cache.begin(n)
         slots, q, positions = cache.slots(0), qs[at:at + n], torch.arange(at, at + n, device=qs.device)
         slots.write(ks[at:at + n], vs[at:at + n], q=q)
-        if use_triton:
-            outs.append(triton_attention.attend(q, slots, positions, 0.2, window, softcap))
-        else:
-            k, v, k_pos, split = slots.read()
-            outs.append(attention(q, k, v, positions, k_pos, 0.2, window, softcap, split))
+        outs.append(ops.attend(q, slots, positions, 0.2, window, softcap))
         cache.advance()
         at += n
     return torch.cat(outs)
@@ -178,10 +173,16 @@ def test_attention_over_the_stored_rows_equals_attention_over_the_decoded_cache(
         config = replace(config, recent=8, sink=1)
     steps = [70, 1, 1, 5, 23]
 
+    from turbollm.kernels.triton import attention as triton_attention
+    from turbollm.kv.codecs import Codec
+    assert all(triton_attention.supports(Codec(t), d) for t in (config.type_k, config.type_v))  # no fallback here
+
     def run(use_triton):
         dev = DEVICE if use_triton else torch.device("cpu")
         cache = KVCache(plan_kv([LayerKVShape(n_kv, d, window)], n, config), dev, rope_freqs=[freq])
-        return _attend_steps(cache, ks.to(dev), vs.to(dev), qs.to(dev), steps, window, softcap, use_triton).cpu()
+        from turbollm.kernels import triton as triton_backend
+        ops = triton_backend.TritonBackend(device=dev) if use_triton else reference.ReferenceBackend()
+        return _attend_steps(cache, ks.to(dev), vs.to(dev), qs.to(dev), steps, window, softcap, ops).cpu()
     ours, ref = run(True), run(False)
     assert torch.allclose(ours, ref, atol=2e-5, rtol=1e-4), float((ours - ref).abs().max())
 
@@ -231,3 +232,16 @@ def test_experts_kept_in_cpu_memory_run_on_the_host_backend_on_an_accelerator_ru
     interpreted = triton_backend.TritonBackend(device="cpu", host=host)  # the CPU is the device itself
     assert not interpreted._on_host(block.down.data)
     assert torch.allclose(interpreted.moe_block(h, block), reference.ReferenceBackend().moe_block(h, block), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (5, 4, 64), (3, 2816), (7, 100)])  # decode, head norms, wide, odd
+def test_rms_norm_and_the_gelu_gate_in_one_launch_equal_the_reference(shape):
+    from turbollm.kernels.triton import elementwise
+    g = torch.Generator().manual_seed(shape[-1])
+    x, w = torch.randn(shape, generator=g), torch.randn(shape[-1], generator=g)
+    for weight in (w, None):
+        ours = elementwise.rms_norm(x.to(DEVICE), None if weight is None else weight.to(DEVICE), 1e-2).cpu()
+        assert torch.allclose(ours, reference.rms_norm(x, weight, 1e-2), atol=2e-6, rtol=1e-6)
+    gate, up = 4 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # far into tanh's tails too
+    ours = elementwise.gelu_mul(gate.to(DEVICE), up.to(DEVICE)).cpu()
+    assert torch.allclose(ours, reference.gelu_mul(gate, up), atol=2e-6, rtol=1e-6)

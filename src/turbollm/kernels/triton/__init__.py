@@ -4,7 +4,7 @@ What runs in Triton today: the quantized linear (quantized_linear.py), for every
 and the LM head whose type it reads (quantized_linear.SUPPORTED), weights left in their GGUF blocks;
 attention over the KV cache, reading every cache type where it is stored (attention.py); the MoE
 experts, one launch per projection for all of a step's experts (moe_ffn).
-Everything else (norms, GELU, RoPE, the MoE router, the KV rows' encoding, other weight types)
+RMS norms and the GELU gate in one launch each (elementwise.py). Everything else (RoPE, the MoE router, the KV rows' encoding, other weight types)
 is still the reference's PyTorch, on the same device. Triton compiles for CUDA and ROCm; on
 CPU tensors it runs only in its interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 
@@ -44,6 +44,25 @@ def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor
     return reference.linear(x, w)
 
 
+def _elementwise_ok(*ts: torch.Tensor) -> bool:
+    return all(runs_on(t.device) and t.dtype == torch.float32 for t in ts)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """One launch (triton/elementwise.py) where Triton runs, else the reference."""
+    from turbollm.kernels.triton import elementwise
+    if _elementwise_ok(x, *([] if weight is None else [weight])):
+        return elementwise.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    from turbollm.kernels.triton import elementwise
+    if _elementwise_ok(g, u) and g.device == u.device and torch.broadcast_shapes(g.shape, u.shape) == g.shape:
+        return elementwise.gelu_mul(g, u)
+    return reference.gelu_mul(g, u)
+
+
 def _host_backend():
     from turbollm.kernels import fast, native
     return fast.FastBackend() if native.available() else reference.ReferenceBackend()
@@ -67,7 +86,7 @@ def moe_ffn(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
         g, u = h[:, :n_ff], h[:, n_ff:]
     else:
         g, u = h, triton_linear.expert_linear(x, up, rows, False, precision)
-    y = triton_linear.expert_linear(reference.gelu_mul(g, u).contiguous(), down, rows, True, precision)
+    y = triton_linear.expert_linear(gelu_mul(g, u), down, rows, True, precision)
     return (y.view(n_tok, n_slot, -1) * expert_weights.to(torch.float32)[..., None]).sum(1)
 
 
@@ -105,6 +124,9 @@ class TritonBackend(reference.ReferenceBackend):
 
     def linear(self, x, w):
         return linear(x, w, self.precision)
+
+    rms_norm = staticmethod(rms_norm)
+    gelu_mul = staticmethod(gelu_mul)
 
     def linear_many(self, x, ws):
         return [self.linear(x, w) for w in ws]
