@@ -31,9 +31,14 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def interpreted() -> bool:
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET=1: CPU tensors, numpy per program)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def runs_on(device: torch.device) -> bool:
     """Triton compiles for CUDA/ROCm devices; CPU tensors only under its interpreter."""
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (device.type == "cpu" and interpreted())
 
 
 def linear(x: torch.Tensor, w: QTensor, precision: str = "ieee") -> torch.Tensor:

@@ -28,16 +28,15 @@ Tested in Triton's interpreter against the reference (kv/cache.py's read + kerne
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from turbollm.gguf import quants
+from turbollm.kernels.triton import interpreted
 from turbollm.kv.codecs import TURBO_BITS, Codec, turbo_tables
 from turbollm.kv.plan import EXACT
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # codec -> (kernel code, bytes per block of 32 values); floats are read as typed elements
 _FLOAT_CODES = {"f32": 0, "f16": 1, "bf16": 2}
@@ -193,27 +192,28 @@ def _attend_kernel(q_ptr, qpos_ptr, k_ptr, v_ptr, kpos_ptr, kbook_ptr, vbook_ptr
 
 def _codec_args(codec: Codec, raw: torch.Tensor, d: int):
     """(tensor the kernel reads, its lookup table, kernel code, row stride, block bytes,
-    TurboQuant block, bits) of a segment's rows [S, n_kv, row_bytes]."""
-    dummy = torch.zeros(1, dtype=torch.float32, device=raw.device)
+    TurboQuant block, bits) of a segment's rows [S, n_kv, row_bytes]. A codec without a table
+    still needs a pointer there: the rows' own, never read."""
     if codec.name in _FLOAT_CODES:
-        return raw.view(_FLOAT_VIEWS[codec.name]), dummy, _FLOAT_CODES[codec.name], d, 0, 1, 1
+        return raw.view(_FLOAT_VIEWS[codec.name]), raw, _FLOAT_CODES[codec.name], d, 0, 1, 1
     row_bytes = codec.row_bytes(d)
     if codec.is_turbo:
-        book, _ = turbo_tables(codec)
-        return raw, book.to(raw.device), _TURBO, row_bytes, codec.block_bytes, codec.turbo_block, TURBO_BITS[codec.name]
+        return (raw, _turbo_book(codec, raw.device), _TURBO, row_bytes, codec.block_bytes, codec.turbo_block,
+                TURBO_BITS[codec.name])
     code, block_bytes = _BLOCK_CODES[codec.name]
-    book = _iq4nl_values(raw.device) if codec.name == "iq4_nl" else dummy
+    book = quants._table("kvalues", raw.device) if codec.name == "iq4_nl" else raw
     return raw, book, code, row_bytes, block_bytes, 1, 1
 
 
-_books: dict[torch.device, torch.Tensor] = {}
+_turbo_books: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _iq4nl_values(device: torch.device) -> torch.Tensor:
-    from turbollm.kv.codecs import iq4nl_values
-    if device not in _books:
-        _books[device] = iq4nl_values().to(device)
-    return _books[device]
+def _turbo_book(codec: Codec, device: torch.device) -> torch.Tensor:
+    """A TurboQuant codebook on the device, copied there once (not once per segment and step)."""
+    key = (codec.name, device)
+    if key not in _turbo_books:
+        _turbo_books[key] = turbo_tables(codec)[0].to(device)
+    return _turbo_books[key]
 
 
 def _segment(q, q_pos, k_raw, v_raw, k_pos, k_codec, v_codec, n_kv, scale, window, softcap, split_mode, split,
@@ -226,7 +226,7 @@ def _segment(q, q_pos, k_raw, v_raw, k_pos, k_codec, v_codec, n_kv, scale, windo
     n_rows = n_tok * group
     block_r = min(64 if d <= 256 else 32, triton.next_power_of_2(n_rows))
     use_dot = block_r >= 16
-    if INTERPRETED:  # the interpreter runs a program as numpy calls: few wide ones are fastest
+    if interpreted():  # the interpreter runs a program as numpy calls: few wide ones are fastest
         block_s, n_split = min(256, triton.next_power_of_2(max(n_keys, 16))), 1
     else:
         block_s = 64 if d <= 256 else 32

@@ -9,13 +9,11 @@ rounds differently by ~1e-7.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from turbollm.kernels.triton import interpreted
 
 
 @triton.jit
@@ -40,7 +38,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     rows = x2.shape[0]
     if rows:
         block = triton.next_power_of_2(n)
-        block_r = max(1, min(triton.next_power_of_2(rows), (1 << 16 if INTERPRETED else 4096) // block))
+        block_r = max(1, min(triton.next_power_of_2(rows), (1 << 16 if interpreted() else 4096) // block))
         _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
             x2, x2 if weight is None else weight.contiguous(), out, rows, n, eps,
             HAS_WEIGHT=weight is not None, BLOCK_R=block_r, BLOCK=block)
@@ -66,6 +64,6 @@ def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(g2)
     n = g2.numel()
     if n:
-        block = min(1 << 16 if INTERPRETED else 1024, triton.next_power_of_2(n))
+        block = min(1 << 16 if interpreted() else 1024, triton.next_power_of_2(n))
         _gelu_mul_kernel[(triton.cdiv(n, block),)](g2, u2, out, n, BLOCK=block)
     return out

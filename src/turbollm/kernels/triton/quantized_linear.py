@@ -24,21 +24,19 @@ only a GPU run says how fast it is.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from turbollm.gguf import quants
 from turbollm.kernels.qtensor import QTensor, QType
+from turbollm.kernels.triton import interpreted
 
 SUPPORTED = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24, QType.Q8_0: 34,
              QType.IQ4_NL: 18, QType.Q4_K: 144, QType.Q5_K: 176, QType.Q6_K: 210,
              QType.IQ4_XS: 136, QType.IQ3_S: 110}  # type -> bytes per block (32 values, or 256 for SUPER_BLOCK)
 SUPER_BLOCK = {QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS, QType.IQ3_S}  # 256-value blocks
 TABLES = {QType.IQ4_NL: "kvalues", QType.IQ4_XS: "kvalues", QType.IQ3_S: "IQ3_S"}  # type -> quants._table name
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # The helpers are written out inline (no nested jit calls): the interpreter pays for every
@@ -214,7 +212,7 @@ def _tiles(rows: int) -> tuple[int, bool]:
 
 def _block_n(n_out: int, use_dot: bool) -> int:
     # the interpreter runs each program as numpy calls: few wide programs are much faster there
-    return min(1024, triton.next_power_of_2(n_out)) if INTERPRETED else (64 if use_dot else 32)
+    return min(1024, triton.next_power_of_2(n_out)) if interpreted() else (64 if use_dot else 32)
 
 
 def _table_of(w: QTensor) -> torch.Tensor:
