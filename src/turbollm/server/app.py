@@ -184,10 +184,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 raise ApiError(400, "a list of several prompts is not supported: send one prompt per request", param="prompt")
             prompt_ids = model.encode(body.prompt[0])
         elif isinstance(body.prompt, list):
-            prompt_ids = [int(t) for t in body.prompt]
-            bad = [t for t in prompt_ids if not 0 <= t < model.tokenizer.n_vocab]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.tokenizer.n_vocab - 1})", param="prompt")
+            prompt_ids = check_ids([int(t) for t in body.prompt], "prompt")
         else:
             prompt_ids = model.encode(body.prompt)
         max_tokens = tokens_for(prompt_ids, body.max_tokens)
