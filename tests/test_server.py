@@ -355,3 +355,46 @@ def test_the_next_turn_of_a_chat_reuses_the_kept_prompt(server, model_id):
     again = chat(turn2, cache_prompt=False)
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert again["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+
+
+def test_chat_logprobs_whole_and_streamed(client, model_id, fast_model):
+    """logprobs + top_logprobs: one entry per generated token, the sampled token's own entry
+    among the top ones with the same log probability (greedy: the first), streamed as whole."""
+    body = dict(model=model_id, messages=CHAT, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**body)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens == 10
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and bytes(e.bytes).decode() == e.token
+        assert (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    plain = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_shape(client, model_id):
+    r = client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert all(len(top) == 2 and top[tok] == own for top, tok, own in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
+
+
+def test_native_completion_n_probs(server):
+    body = {"prompt": "1, 2, 3, 4,", "n_predict": 5, "temperature": 0, "n_probs": 2}
+    r = httpx.post(server + "/completion", json=body, timeout=60).json()
+    probs = r["completion_probabilities"]
+    assert "".join(p["token"] for p in probs) == r["content"] and len(probs) == 5
+    assert all(p["top_logprobs"][0]["id"] == p["id"] and len(p["top_logprobs"]) == 2 for p in probs)
+    post = httpx.post(server + "/completion", json={**body, "post_sampling_probs": True}, timeout=60).json()
+    assert [p["prob"] for p in post["completion_probabilities"]] == [1.0] * 5  # greedy draws from the argmax alone
+    with httpx.stream("POST", server + "/completion", json={**body, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line]
+    streamed = [p["id"] for c in chunks for p in c.get("completion_probabilities", [])]
+    assert streamed == [p["id"] for p in probs]
+    e = _error(httpx.post(server + "/v1/chat/completions", json={"messages": CHAT, "top_logprobs": 2}), 400)
+    assert e["param"] == "top_logprobs" and "logprobs: true" in e["message"]

@@ -50,10 +50,9 @@ def test_an_unknown_field_is_a_400_naming_it(schema, data, param):
     (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
     (ChatCompletionRequest, "tool_choice", "required", "tool calling"),
     (ChatCompletionRequest, "response_format", {"type": "json_object"}, "structured output"),
-    (ChatCompletionRequest, "logprobs", True, "log probabilities"),
-    (ChatCompletionRequest, "top_logprobs", 3, "log probabilities"),
-    (CompletionRequest, "logprobs", 2, "log probabilities"),
-    (CompletionRequest, "n_probs", 5, "log probabilities"),
+    (ChatCompletionRequest, "top_logprobs", 3, "needs logprobs: true"),
+    (ChatCompletionRequest, "n_probs", 5, "use logprobs"),
+    (CompletionRequest, "n_probs", 5, "use logprobs"),
     (CompletionRequest, "logit_bias", {"42": -100}, "logit_bias"),
     (CompletionRequest, "suffix", "}", "fill-in-the-middle"),
     (CompletionRequest, "typical_p", 0.5, "typical_p"),
@@ -73,10 +72,9 @@ def test_tool_messages_in_the_history_are_refused():
 def test_the_inert_fields_at_their_off_values_are_accepted():
     body = _parse({"messages": [{"role": "user", "content": "hi", "name": "ann"}], "user": "u1", "metadata": {"a": "b"},
                    "store": False, "service_tier": "auto", "cache_prompt": True, "parallel_tool_calls": True,
-                   "logprobs": False, "top_logprobs": 0, "n_probs": 0, "logit_bias": {}, "tools": [], "tool_choice": "auto",
+                   "n_probs": 0, "logit_bias": {}, "tools": [], "tool_choice": "auto",
                    "response_format": {"type": "text"}, "typical_p": 1.0, "mirostat": 0})
     assert body.template_messages() == [{"role": "user", "content": "hi"}]
     documented = set(INERT_FIELDS)
-    accepted = {"user", "metadata", "store", "service_tier", "name", "parallel_tool_calls", "logprobs",
-                "top_logprobs", "n_probs", "logit_bias", "tools", "tool_choice", "response_format", "typical_p", "mirostat"}
+    accepted = {"user", "metadata", "store", "service_tier", "name", "parallel_tool_calls", "n_probs", "logit_bias", "tools", "tool_choice", "response_format", "typical_p", "mirostat"}
     assert accepted == documented

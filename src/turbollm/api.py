@@ -21,7 +21,7 @@ from turbollm import kernels, planner
 from turbollm.text import chat_template
 from turbollm.config import ModelConfig, Residency, RunConfig
 from turbollm.engine.engine import Engine
-from turbollm.engine.sampler import SamplingParams
+from turbollm.engine.sampler import SamplingParams, TokenLogprob
 from turbollm.engine.sequence import GenerationStats
 from turbollm.engine.speculative import NgramDrafter, SpecConfig
 from turbollm.errors import TurbollmError
@@ -69,6 +69,7 @@ class Completion:
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
     reasoning: str = ""  # a thinking model's thoughts, apart from the answer in `text`
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with SamplingParams(logprobs=k): one per returned token
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class StreamPiece:
     text: str
     token_id: int | None  # None for the final flush
     channel: str = "content"  # "reasoning": a Gemma 4 thought (text/output.py OutputText)
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens this piece's text completes (when asked for)
 
 
 class Model:
@@ -186,8 +188,8 @@ class Model:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         engine = Engine(self, n_slots=1, n_batch=self.run.n_batch, stop_at_context_end=True)
         for ev in engine.run(prompt_ids, params, stats, generated):
-            if ev.text:
-                yield StreamPiece(ev.text, ev.token_id, ev.channel)
+            if ev.text or ev.logprobs:
+                yield StreamPiece(ev.text, ev.token_id, ev.channel, ev.logprobs)
 
     def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Completion:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -195,4 +197,5 @@ class Model:
         pieces = list(self.stream(prompt_ids, params, stats, generated))
         text = "".join(p.text for p in pieces if p.channel == "content")
         reasoning = "".join(p.text for p in pieces if p.channel == "reasoning")
-        return Completion(text, generated, prompt_ids, stats.finish_reason, stats, reasoning)
+        logprobs = [lp for p in pieces for lp in p.logprobs]
+        return Completion(text, generated, prompt_ids, stats.finish_reason, stats, reasoning, logprobs)

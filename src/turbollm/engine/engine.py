@@ -262,7 +262,7 @@ class Engine:
             self._count_decode(plain, time.perf_counter() - start, [1] * len(plain))
             for seq, row, h in zip(plain, logits, hidden):
                 self._observe(seq, h)
-                self._emit(seq, seq.sampler(row, seq.history))
+                self._emit(seq, seq.sampler(row, seq.history), row)
         seq = plan.prefill
         if seq is not None and not seq.is_finished:
             a, b = plan.prefill_range
@@ -279,7 +279,7 @@ class Engine:
             self.totals.prompt_seconds += seconds
             if logits is not None:
                 self._observe(seq, hidden[-1])
-                self._emit(seq, seq.sampler(logits, seq.history))
+                self._emit(seq, seq.sampler(logits, seq.history), logits)
 
     def _count_decode(self, seqs: list[Sequence], seconds: float, n_tokens: list[int]) -> None:
         """One decode forward: each sequence in it waited `seconds` for its `n_tokens`."""
@@ -299,10 +299,10 @@ class Engine:
     def _verify(self, seq: Sequence, drafts: list[int]) -> None:
         """One speculative round (engine/speculative.py), each output token emitted in turn."""
         start = time.perf_counter()
-        tokens = seq.speculator.verify(self.network, seq.cache, seq.sampler, seq.history, drafts, seq.stats.spec)
+        tokens, rows = seq.speculator.verify(self.network, seq.cache, seq.sampler, seq.history, drafts, seq.stats.spec)
         self._count_decode([seq], time.perf_counter() - start, [len(tokens)])
-        for token in tokens:
-            self._emit(seq, token)
+        for token, row in zip(tokens, rows):
+            self._emit(seq, token, row)
             if seq.is_finished:
                 return
 
@@ -311,31 +311,41 @@ class Engine:
         if seq.speculator is not None:
             seq.speculator.observe(hidden_row)
 
-    def _emit(self, seq: Sequence, token: int) -> None:
-        """A sampled token: end of generation, or text out and the sequence's next input."""
+    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        """A sampled token (drawn from `logits`): end of generation, or text out and the
+        sequence's next input."""
         if token in self.tokenizer.eog_ids:
             self._finish(seq, "stop")
             return
         if seq.t_first_token is None:
             seq.t_first_token = time.perf_counter()
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(seq.sampler.logprob(logits, seq.history, token))
         seq.generated.append(token)
         seq.stats.n_generated += 1
         self.totals.n_generated += 1
         text = self._texts[seq.seq_id]
         for channel, piece in text.push(token):
-            seq.on_event(Event(piece, channel, token))
+            seq.on_event(Event(piece, channel, token, logprobs=self._take_logprobs(seq)))
         if text.stopped:
+            seq.pending_logprobs.clear()  # their text made the stop string, which is not returned
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.max_new:
             self._finish(seq, "length")
         else:
             seq.next_token = token
 
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> tuple:
+        taken = tuple(seq.pending_logprobs)
+        seq.pending_logprobs.clear()
+        return taken
+
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         text = self._texts.pop(seq.seq_id, None)
         if text is not None and reason in ("stop", "length"):
             for channel, piece in text.flush():
-                seq.on_event(Event(piece, channel))
+                seq.on_event(Event(piece, channel, logprobs=self._take_logprobs(seq)))
         if self.prompt_cache is not None and seq.cache is not None and reason in ("stop", "length"):
             self.prompt_cache.keep(seq.history, seq.cache)
         seq.state, seq.finish_reason, seq.cache, seq.speculator = SeqState.FINISHED, reason, None, None
@@ -344,6 +354,6 @@ class Engine:
         seq.t_finished = time.perf_counter()
         self.n_finished[reason] = self.n_finished.get(reason, 0) + 1
         try:
-            seq.on_event(Event(finish_reason=reason, error=error))
+            seq.on_event(Event(finish_reason=reason, error=error, logprobs=self._take_logprobs(seq)))
         except Exception:  # a callback that fails must not take the engine down
             traceback.print_exc()

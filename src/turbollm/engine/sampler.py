@@ -3,6 +3,12 @@
 The chain follows llama.cpp's default order: repetition penalty, then top-k, top-p and min-p
 on the untempered distribution, then temperature, then a draw from a seeded generator.
 Temperature <= 0 means greedy (argmax; ties go to the lowest token id).
+
+Log probabilities (when a request asks for them) are of the model's whole distribution at the
+position, after the repetition penalty and before truncation and temperature: what OpenAI,
+vLLM (by default) and llama-server report. `post_sampling` reports instead the distribution
+the draw was made from (after every step; greedy: the argmax with probability 1), as
+llama-server's `post_sampling_probs`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the `top` most likely tokens at its position
+    as (token id, log probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -23,6 +39,8 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed
     max_tokens: int = 256
     stop: tuple[str, ...] = ()  # stop strings (the stop string itself is not returned)
+    logprobs: int | None = None  # None: off; k: each token's log probability and the k most likely
+    post_sampling: bool = False  # logprobs of the sampler's final distribution instead of the model's
 
     def __post_init__(self) -> None:
         checks = [
@@ -33,6 +51,7 @@ class SamplingParams:
             (self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty}"),
             (self.repeat_last_n >= 0, f"repeat_last_n must be >= 0, got {self.repeat_last_n}"),
             (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0 (None = off), got {self.logprobs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -60,14 +79,26 @@ class Sampler:
         choice = torch.multinomial(probs, 1, generator=self.generator)
         return int(ids[choice])
 
+    def logprob(self, logits: torch.Tensor, history: list[int], token: int) -> TokenLogprob:
+        """`token`'s entry for the row it was drawn from (`logits`, `history` as in __call__)."""
+        k = self.params.logprobs or 0
+        if self.params.post_sampling:
+            ids, probs = self.distribution(logits, history)
+            logs = torch.log(probs)
+            hit = (ids == token).nonzero()
+            own = float(logs[hit[0, 0]]) if hit.numel() else float("-inf")
+            return TokenLogprob(token, own, tuple(zip(ids[:k].tolist(), logs[:k].tolist())))
+        logs = torch.log_softmax(self._penalised(logits, history), dim=-1)
+        top = torch.topk(logs, min(k, logs.numel())) if k else None
+        pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        return TokenLogprob(token, float(logs[token]), pairs)
+
     def distribution(self, logits: torch.Tensor, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The distribution the next token is drawn from: candidate ids [K] and their
         probabilities [K] (summing to 1). Greedy: the argmax alone, probability 1.
         Speculative decoding accepts drafts against it (engine/speculative.py)."""
         p = self.params
-        logits = logits.detach().to("cpu", torch.float32)
-        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
-            logits = _apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        logits = self._penalised(logits, history)
         if p.greedy:
             return torch.argmax(logits).view(1), torch.ones(1)
         if p.top_k > 0 and p.top_k < logits.numel():
@@ -83,6 +114,13 @@ class Sampler:
             keep = min(keep, max(1, int((probs[:keep] >= p.min_p * probs[0]).sum())))
         values, ids = values[:keep], ids[:keep]
         return ids, torch.softmax(values / p.temperature, dim=-1)
+
+    def _penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        p = self.params
+        logits = logits.detach().to("cpu", torch.float32)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+            logits = _apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        return logits
 
     def uniform(self) -> float:
         """A draw in [0, 1) from this sampler's seeded generator."""

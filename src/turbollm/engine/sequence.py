@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from turbollm.engine.sampler import Sampler, SamplingParams
+from turbollm.engine.sampler import Sampler, SamplingParams, TokenLogprob
 from turbollm.engine.speculative import SpecStats
 
 _ids = itertools.count()
@@ -30,13 +30,16 @@ class SeqState(enum.Enum):
 class Event:
     """A piece of a sequence's output. `channel` is "content", or "reasoning" for a thinking
     model's thought text. The last event of a sequence has `finish_reason` set ("stop",
-    "length", "cancelled" or "error", with `error` saying what failed)."""
+    "length", "cancelled" or "error", with `error` saying what failed). When the request asks
+    for log probabilities, `logprobs` holds those of the tokens whose text this event is the
+    first to carry (a token's text can be held back: half a character, a possible stop string)."""
 
     text: str = ""
     channel: str = "content"
     token_id: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Sequence:
         self.n_prefilled = 0
         self.generated: list[int] = []
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.pending_logprobs: list[TokenLogprob] = []  # of tokens whose text has not gone out yet
         self.finish_reason: str | None = None
         self.error: Exception | None = None  # what ended it, when a step failed
         self.stats = stats if stats is not None else GenerationStats()

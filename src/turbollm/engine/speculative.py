@@ -209,16 +209,18 @@ class Speculator:
         stats.n_draft_calls += 1
         return drafts if len(drafts) >= self.spec.draft_min else []
 
-    def verify(self, model, cache, sampler: Sampler, history: list[int], drafts: list[int], stats: SpecStats) -> list[int]:
+    def verify(self, model, cache, sampler: Sampler, history: list[int], drafts: list[int],
+               stats: SpecStats) -> tuple[list[int], torch.Tensor]:
         """The pending token (history[-1]) and the drafts in one forward; keeps t and the
         accepted drafts in the cache and returns the output tokens (accepted drafts, then the
-        corrected or bonus token)."""
+        corrected or bonus token) and the logits rows they were drawn from [n_tokens, V]."""
         hidden = model.forward(torch.tensor([history[-1]] + drafts, dtype=torch.int64), cache, commit=False)
-        tokens, n_accepted = accept(sampler, model.logits(hidden), history, drafts)
+        logits = model.logits(hidden)
+        tokens, n_accepted = accept(sampler, logits, history, drafts)
         cache.advance(1 + n_accepted)
         stats.n_rounds += 1
         stats.n_drafted += len(drafts)
         stats.n_accepted += n_accepted
         self.length.update(len(drafts), n_accepted)
         self.observe(hidden[n_accepted])
-        return tokens
+        return tokens, logits[:len(tokens)]

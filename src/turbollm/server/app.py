@@ -33,6 +33,7 @@ from turbollm.engine.sequence import Event
 from turbollm.engine.engine import Engine
 from turbollm.errors import ContextLengthError, TurbollmError
 from turbollm.server import metrics
+from turbollm.server.logprobs import LogprobFormatter
 from turbollm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      NativeCompletionRequest, TokenizeRequest, default_sampling,
                                      generation_settings)
@@ -344,8 +345,9 @@ def _sse(chunks: AsyncIterator[dict], run: "_Run", request: Request, done: bool 
 class _Run:
     """The choices of one request: sequences in the engine, their events in one queue."""
 
-    def __init__(self, engine: Engine, n_prompt: int, kind: str):
+    def __init__(self, engine: Engine, n_prompt: int, kind: str, logprobs: bool = False):
         self.engine, self.n_prompt = engine, n_prompt
+        self.logprobs = LogprobFormatter(engine.tokenizer) if logprobs else None  # when the request asks
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.seqs = []
         self.id = f"{kind}-{uuid.uuid4().hex[:24]}"  # the response's id ("chatcmpl-...", "cmpl-...")
@@ -353,7 +355,7 @@ class _Run:
 
     @classmethod
     def start(cls, engine: Engine, prompt_ids: list[int], params: list, kind: str, reuse_prompt: bool = True) -> "_Run":
-        run = cls(engine, len(prompt_ids), kind)
+        run = cls(engine, len(prompt_ids), kind, logprobs=params[0].logprobs is not None)
         loop = asyncio.get_running_loop()
         try:
             for i, p in enumerate(params):
@@ -398,8 +400,9 @@ class _Run:
             yield i, ev
 
     async def _collect(self, request: Request) -> list[dict]:
-        out = [{"content": [], "reasoning": [], "finish_reason": None} for _ in self.seqs]
+        out = [{"content": [], "reasoning": [], "finish_reason": None, "logprobs": []} for _ in self.seqs]
         async for i, ev in self.events(request):
+            out[i]["logprobs"] += ev.logprobs
             if ev.finish_reason is not None:
                 out[i]["finish_reason"] = ev.finish_reason
             elif ev.text:
@@ -412,13 +415,15 @@ class _Run:
             message = {"role": "assistant", "content": "".join(c["content"])}
             if c["reasoning"]:
                 message["reasoning_content"] = "".join(c["reasoning"])
-            choices.append({"index": i, "message": message, "finish_reason": c["finish_reason"]})
+            logprobs = None if self.logprobs is None else {"content": self.logprobs.chat(c["logprobs"]), "refusal": None}
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c["finish_reason"]})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": name,
                 "choices": choices, "usage": self.usage}
 
     async def text_response(self, name: str, request: Request) -> dict:
         choices = [{"index": i, "text": "".join(c["reasoning"] + c["content"]), "finish_reason": c["finish_reason"],
-                    "logprobs": None} for i, c in enumerate(await self._collect(request))]
+                    "logprobs": None if self.logprobs is None else self.logprobs.completion(c["logprobs"], 0)}
+                   for i, c in enumerate(await self._collect(request))]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": name,
                 "choices": choices, "usage": self.usage}
 
@@ -431,34 +436,46 @@ class _Run:
                 delta, reason = {}, ev.finish_reason
             else:
                 delta, reason = {"reasoning_content" if ev.channel == "reasoning" else "content": ev.text}, None
-            yield {**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason}]}
+            choice = {"index": i, "delta": delta, "finish_reason": reason}
+            if self.logprobs is not None:
+                choice["logprobs"] = {"content": self.logprobs.chat(ev.logprobs)} if ev.logprobs else None
+            yield {**head, "choices": [choice]}
         if include_usage:
             yield {**head, "choices": [], "usage": self.usage}
 
     async def text_chunks(self, name: str, include_usage: bool) -> AsyncIterator[dict]:
         head = {"id": self.id, "object": "text_completion", "created": self.created, "model": name}
+        offsets = [0] * len(self.seqs)  # characters of each choice's text sent so far
         async for i, ev in self.events():
-            yield {**head, "choices": [{"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": None}]}
+            logprobs = None
+            if self.logprobs is not None and ev.logprobs:
+                logprobs = self.logprobs.completion(ev.logprobs, offsets[i])
+            offsets[i] += len(ev.text)
+            yield {**head, "choices": [{"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": logprobs}]}
         if include_usage:
             yield {**head, "choices": [], "usage": self.usage}
 
     async def native_response(self, final: "_NativeFinal", request: Request) -> dict:
         c = (await self._collect(request))[0]
-        return final.body(self, "".join(c["reasoning"] + c["content"]), c["finish_reason"])
+        return final.body(self, "".join(c["reasoning"] + c["content"]), c["finish_reason"], c["logprobs"])
 
     async def native_chunks(self, final: "_NativeFinal") -> AsyncIterator[dict]:
         """llama-server's stream: a chunk per piece of text (`tokens`: the token that completed
         it), then the whole answer's fields with empty content and `stop: true`."""
-        seq, text, reason = self.seqs[0], [], None
+        seq, text, reason, left = self.seqs[0], [], None, ()
         async for _, ev in self.events():
             if ev.finish_reason is not None:
-                reason = ev.finish_reason
+                reason, left = ev.finish_reason, ev.logprobs
             elif ev.text:
                 text.append(ev.text)
-                yield {"index": 0, "content": ev.text, "tokens": [ev.token_id] if ev.token_id is not None else [],
-                       "stop": False, "id_slot": seq.slot, "tokens_predicted": len(seq.generated),
-                       "tokens_evaluated": self.n_prompt}
-        yield {**final.body(self, "".join(text), reason), "content": "", "tokens": []}
+                chunk = {"index": 0, "content": ev.text, "tokens": [ev.token_id] if ev.token_id is not None else [],
+                         "stop": False, "id_slot": seq.slot, "tokens_predicted": len(seq.generated),
+                         "tokens_evaluated": self.n_prompt}
+                if self.logprobs is not None:
+                    chunk["completion_probabilities"] = final.probabilities(self.logprobs, ev.logprobs)
+                yield chunk
+        # the last chunk carries only the probabilities not sent yet (tokens without text of their own)
+        yield {**final.body(self, "".join(text), reason, left), "content": "", "tokens": []}
 
 
 class _NativeFinal:
@@ -478,7 +495,10 @@ class _NativeFinal:
         found = sorted((text.find(w), i, w) for i, w in enumerate(self.params.stop) if w in text)
         return ("word", found[0][2]) if found else ("eos", "")
 
-    def body(self, run: _Run, content: str, reason: str | None) -> dict:
+    def probabilities(self, formatter: LogprobFormatter, entries) -> list[dict]:
+        return formatter.native(entries, self.request.post_sampling_probs)
+
+    def body(self, run: _Run, content: str, reason: str | None, logprobs=()) -> dict:
         seq = run.seqs[0]
         stats = seq.stats
         stop_type, word = self.stop_type(seq, reason)
@@ -494,10 +514,13 @@ class _NativeFinal:
                    "predicted_per_second": n_gen / stats.decode_seconds if stats.decode_seconds else 0.0}
         if stats.spec.n_drafted:
             timings.update(draft_n=stats.spec.n_drafted, draft_n_accepted=stats.spec.n_accepted)
-        return {"index": 0, "content": content, "tokens": list(seq.generated) if self.request.return_tokens else [],
+        out = {"index": 0, "content": content, "tokens": list(seq.generated) if self.request.return_tokens else [],
                 "id_slot": seq.slot, "stop": True, "model": self.name, "tokens_predicted": n_gen,
                 "tokens_evaluated": run.n_prompt,
                 "generation_settings": generation_settings(self.params, n_predict, self.request.stream),
                 "prompt": self.tokenizer.decode(seq.prompt_ids, special=True), "has_new_line": "\n" in content,
                 "truncated": False, "stop_type": stop_type, "stopping_word": word, "tokens_cached": stats.n_cached,
                 "timings": timings}
+        if run.logprobs is not None:
+            out["completion_probabilities"] = self.probabilities(run.logprobs, logprobs)
+        return out

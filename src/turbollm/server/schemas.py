@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from turbollm.text.chat_template import strip_thinking
 from turbollm.engine.sampler import SamplingParams
 
 MAX_N = 8  # choices per request: each is a sequence of its own
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (and here on completions' logprobs)
+MAX_N_PROBS = 100  # llama-server's n_probs (it has no bound; each one is a topk over the vocabulary)
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a fresh random seed per request
 # the order the sampler applies its steps (engine/sampler.py), in llama.cpp's names
 SAMPLER_ORDER = ("penalties", "top_k", "top_p", "min_p", "temperature")
@@ -28,8 +30,8 @@ SAMPLER_ORDER = ("penalties", "top_k", "top_p", "min_p", "temperature")
 INERT_FIELDS = {
     "user": "metadata", "metadata": "metadata", "store": "metadata", "service_tier": "metadata",
     "name": "a message's participant name (not templated)",
-    "parallel_tool_calls": "without tools", "logprobs": "false / 0 only", "top_logprobs": "0 only",
-    "n_probs": "0 only", "logit_bias": "{} only", "tools": "[] only", "tool_choice": "\"none\" or \"auto\" without tools",
+    "parallel_tool_calls": "without tools", "n_probs": "0 only (on the OpenAI bodies; /completion implements it)",
+    "logit_bias": "{} only", "tools": "[] only", "tool_choice": "\"none\" or \"auto\" without tools",
     "response_format": '{"type": "text"} only', "typical_p": "1 only", "mirostat": "0 only",
 }
 
@@ -49,7 +51,6 @@ def _only(message: str, *fields: str, allowed=lambda v: not v):
     return field_validator(*fields)(check)
 
 
-_NO_LOGPROBS = "log probabilities are not supported by this server yet"
 _NO_TOOLS = "tool calling is not supported by this server yet"
 
 
@@ -112,8 +113,6 @@ class _Sampling(_Strict):
     service_tier: str | None = None
     cache_prompt: bool = True  # start from a kept sequence's cache (engine/prompt_cache.py)
     parallel_tool_calls: bool | None = None
-    top_logprobs: int | None = None
-    n_probs: int = 0
     logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -121,7 +120,6 @@ class _Sampling(_Strict):
     typical_p: float = 1.0
     mirostat: int = 0
 
-    _no_top_logprobs = _only(_NO_LOGPROBS, "top_logprobs", "n_probs")
     _no_logit_bias = _only("logit_bias is not supported by this server", "logit_bias")
     _no_tools = _only(_NO_TOOLS, "tools")
     _no_tool_choice = _only(_NO_TOOLS, "tool_choice", allowed=lambda v: v in (None, "none", "auto"))
@@ -144,22 +142,47 @@ class _Sampling(_Strict):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def n_logprobs(self) -> int | None:
+        """None: no log probabilities; k: each token's and the k most likely at its position."""
+        return None
+
+    def post_sampling(self) -> bool:
+        """Log probabilities of the sampler's final distribution instead of the model's."""
+        return False
+
     def sampling(self, max_tokens: int, choice: int = 0) -> SamplingParams:
         # Choice i of a seeded request uses seed + i, so n choices differ and each repeats.
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repeat_penalty=self.repeat_penalty, seed=seed, max_tokens=max_tokens, stop=self.stops())
+                              repeat_penalty=self.repeat_penalty, seed=seed, max_tokens=max_tokens, stop=self.stops(),
+                              logprobs=self.n_logprobs(), post_sampling=self.post_sampling())
 
 
-class ChatCompletionRequest(_Sampling):
+class _OpenAISampling(_Sampling):
+    n_probs: int = 0  # llama-server's name; inert here
+
+    _no_n_probs = _only("n_probs is llama-server's field of /completion: use logprobs (and top_logprobs) here",
+                        "n_probs")
+
+
+class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning: ReasoningField | None = None
     reasoning_effort: str | None = None
 
-    _no_logprobs = _only(_NO_LOGPROBS, "logprobs")
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):  # OpenAI's rule (logprobs is validated first)
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -198,13 +221,14 @@ class ChatCompletionRequest(_Sampling):
         return out
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the k most likely per token
     suffix: str | None = None
 
-    _no_logprobs = _only(_NO_LOGPROBS, "logprobs")
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
 
     _no_suffix = _only("suffix (fill-in-the-middle) is not supported by this server", "suffix")
     _no_echo = _only("echo is not supported", "echo")
@@ -221,7 +245,7 @@ def generation_settings(p: SamplingParams, n_predict: int = -1, stream: bool = F
     return {"seed": RANDOM_SEED if p.seed is None else p.seed, "temperature": p.temperature, "top_k": p.top_k,
             "top_p": p.top_p, "min_p": p.min_p, "repeat_last_n": p.repeat_last_n, "repeat_penalty": p.repeat_penalty,
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "n_predict": n_predict, "max_tokens": n_predict,
-            "stream": stream, "n_probs": 0, "stop": list(p.stop), "samplers": list(SAMPLER_ORDER)}
+            "stream": stream, "n_probs": p.logprobs or 0, "stop": list(p.stop), "samplers": list(SAMPLER_ORDER)}
 
 
 # ---- llama-server's own endpoints --------------------------------------------------------------
@@ -244,13 +268,14 @@ class DetokenizeRequest(BaseModel):
 class NativeCompletionRequest(_Sampling):
     """llama-server's POST /completion body: `prompt` (a string, token ids, or both mixed),
     `n_predict` (-1: until the slot is full), the sampling fields of the OpenAI bodies, `seed`
-    -1 (or 4294967295) for a random one, `stop`, `stream`, `return_tokens`. `n_probs`, `grammar`
-    and `json_schema` are not implemented yet: a 400 rather than ignored; so is any field it
-    does not know, as in the OpenAI bodies."""
+    -1 (or 4294967295) for a random one, `stop`, `stream`, `return_tokens`, `n_probs` (with
+    `post_sampling_probs`). `grammar` and `json_schema` are not implemented yet: a 400 rather
+    than ignored; so is any field it does not know, as in the OpenAI bodies."""
     prompt: str | list[str | int] = Field(min_length=1)
     n_predict: int = Field(default=-1, ge=-1)
     return_tokens: bool = False
-    n_probs: int = 0
+    n_probs: int = Field(default=0, ge=0, le=MAX_N_PROBS)
+    post_sampling_probs: bool = False
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
 
@@ -260,6 +285,12 @@ class NativeCompletionRequest(_Sampling):
         return None if v in (-1, RANDOM_SEED) else v
 
     _no_grammar = _only("constrained output (grammar, json_schema) is not supported yet", "grammar", "json_schema")
+
+    def n_logprobs(self) -> int | None:
+        return self.n_probs if self.n_probs > 0 else None
+
+    def post_sampling(self) -> bool:
+        return self.post_sampling_probs
 
     def requested_max_tokens(self) -> int | None:
         if self.n_predict >= 0:
