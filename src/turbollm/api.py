@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from turbollm import kernels, planner
-from turbollm.text import chat_template
+from turbollm.text import chat_template, tool_calls
 from turbollm.config import ModelConfig, Residency, RunConfig
 from turbollm.engine.engine import Engine
 from turbollm.engine.sampler import SamplingParams, TokenLogprob
@@ -162,21 +162,31 @@ class Model:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
 
-    def chat_prompt(self, messages: Sequence[chat_template.Message], enable_thinking: bool = False) -> str:
+    def chat_prompt(self, messages: Sequence[chat_template.Message], enable_thinking: bool = False,
+                    tools: list[dict] | None = None) -> str:
         """Messages -> prompt text, with the GGUF's template or the built-in one of the model's
-        generation. `enable_thinking` asks a Gemma 4 model to reason before answering."""
+        generation. `enable_thinking` asks a Gemma 4 model to reason before answering.
+        `tools` (OpenAI's tool objects) go to a template that declares them itself
+        (text/tool_calls.py decides; other formats put them in the messages)."""
         template = self.gguf.get("tokenizer.chat_template")
         if template:
             tok = self.tokenizer
             bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
             eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+            extra = {"tools": tools} if tools else {}
             text = chat_template.render_template(template, messages, bos_token=bos, eos_token=eos,
-                                        enable_thinking=enable_thinking)
+                                                 enable_thinking=enable_thinking, **extra)
             # The tokenizer adds BOS itself; a template that writes it too would double it.
             return text[len(bos):] if bos and text.startswith(bos) else text
+        if tools:
+            raise ValueError("the built-in chat format declares no tools: describe them in the messages")
         if self.config.arch == "gemma4":
             return chat_template.gemma4_turns(messages, enable_thinking=enable_thinking)
         return chat_template.gemma_turns(messages)
+
+    def tool_format(self):
+        """How this model's prompts and answers carry tool calls (text/tool_calls.py)."""
+        return tool_calls.tool_format(self.gguf.get("tokenizer.chat_template"))
 
     def stream(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
                stats: GenerationStats | None = None, generated: list[int] | None = None) -> Iterator[StreamPiece]:
