@@ -2,7 +2,9 @@
 
 The chain follows llama.cpp's default order: repetition penalty, then top-k, top-p and min-p
 on the untempered distribution, then temperature, then a draw from a seeded generator.
-Temperature <= 0 means greedy (argmax; ties go to the lowest token id).
+Temperature <= 0 means greedy (argmax; ties go to the lowest token id). A structured-output
+constraint (engine/grammar.py) comes before all of them: the tokens its grammar does not allow
+next are at -inf, so greedy takes the best allowed token and nothing else can be drawn.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from turbollm.engine.grammar import Constraint, Grammar
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed
     max_tokens: int = 256
     stop: tuple[str, ...] = ()  # stop strings (the stop string itself is not returned)
+    constraint: Constraint | None = None  # structured output: what the text must match (engine/grammar.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -44,8 +49,10 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, grammar: Grammar | None = None):
+        """`grammar`: params.constraint's matcher for this sequence (the engine advances it)."""
         self.params = params
+        self.grammar = grammar
         self.generator = torch.Generator()
         if params.seed is None:
             self.generator.seed()
@@ -66,6 +73,8 @@ class Sampler:
         Speculative decoding accepts drafts against it (engine/speculative.py)."""
         p = self.params
         logits = logits.detach().to("cpu", torch.float32)
+        if self.grammar is not None:
+            logits = self.grammar.mask_logits(logits)
         if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
             logits = _apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
         if p.greedy:
