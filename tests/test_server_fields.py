@@ -10,7 +10,7 @@ import json
 import pytest
 
 from turbollm.server.app import ApiError, parse_body
-from turbollm.server.schemas import INERT_FIELDS, ChatCompletionRequest, CompletionRequest
+from turbollm.server.schemas import INERT_FIELDS, ChatCompletionRequest, CompletionRequest, NativeCompletionRequest
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -49,7 +49,6 @@ def test_an_unknown_field_is_a_400_naming_it(schema, data, param):
 @pytest.mark.parametrize("schema, field, value, words", [
     (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
     (ChatCompletionRequest, "tool_choice", "required", "tool calling"),
-    (ChatCompletionRequest, "response_format", {"type": "json_object"}, "structured output"),
     (ChatCompletionRequest, "top_logprobs", 3, "needs logprobs: true"),
     (ChatCompletionRequest, "n_probs", 5, "use logprobs"),
     (CompletionRequest, "n_probs", 5, "use logprobs"),
@@ -76,5 +75,48 @@ def test_the_inert_fields_at_their_off_values_are_accepted():
                    "response_format": {"type": "text"}, "typical_p": 1.0, "mirostat": 0})
     assert body.template_messages() == [{"role": "user", "content": "hi"}]
     documented = set(INERT_FIELDS)
-    accepted = {"user", "metadata", "store", "service_tier", "name", "parallel_tool_calls", "n_probs", "logit_bias", "tools", "tool_choice", "response_format", "typical_p", "mirostat"}
+    accepted = {"user", "metadata", "store", "service_tier", "name", "parallel_tool_calls", "n_probs", "logit_bias",
+                "tools", "tool_choice", "typical_p", "mirostat"}
     assert accepted == documented
+
+
+PET = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}
+
+
+@pytest.mark.parametrize("schema, fields, kind", [
+    (ChatCompletionRequest, {"response_format": {"type": "text"}}, None),
+    (ChatCompletionRequest, {"response_format": {"type": "json_object"}}, "json_object"),
+    (ChatCompletionRequest, {"response_format": {"type": "json_object", "schema": PET}}, "json_schema"),
+    (ChatCompletionRequest, {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PET,
+                                                                                       "strict": True}}}, "json_schema"),
+    (CompletionRequest, {"response_format": {"type": "json_object"}}, "json_object"),
+    (CompletionRequest, {"json_schema": PET}, "json_schema"),
+    (ChatCompletionRequest, {"grammar": 'root ::= "a"'}, "gbnf"),
+    (NativeCompletionRequest, {"grammar": 'root ::= "a"'}, "gbnf"),
+    (NativeCompletionRequest, {"json_schema": PET, "response_format": {"type": "text"}}, "json_schema"),
+])
+def test_structured_output_fields_become_the_constraint(schema, fields, kind):
+    base = {"messages": CHAT} if schema is ChatCompletionRequest else {"prompt": "hi"}
+    params = _parse({**base, **fields}, schema).sampling(max_tokens=8)
+    assert (params.constraint.kind if params.constraint is not None else None) == kind
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "needs"),
+    ({"response_format": {"type": "json_object", "json_schema": {"schema": PET}}}, "response_format.json_schema",
+     '"type": "json_schema"'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "objekt"}}}},
+     "response_format.json_schema.schema", "objekt"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p"}}}, "response_format.json_schema.schema",
+     "required"),
+    ({"response_format": {"type": "json_object", "schema": {"pattern": "(("}}}, "response_format.schema", "unclosed"),
+    ({"json_schema": {"type": "objekt"}}, "json_schema", "objekt"),
+    ({"grammar": "root ::= missing"}, "grammar", "missing"),
+    ({"grammar": 'root ::= "a"', "json_schema": PET}, "grammar", "one constraint"),
+    ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "grammar", "one constraint"),
+    ({"json_schema": PET, "response_format": {"type": "json_object"}}, "json_schema", "one constraint"),
+])
+def test_a_bad_constraint_is_a_400_naming_its_field(fields, param, words):
+    e = _refusal({"messages": CHAT, **fields})
+    assert e.param == param and words in e.message

@@ -2,7 +2,7 @@
 
 Every caller steps this one loop: the server from a background thread (`start()`), and
 `Model.generate` / `Model.stream` in the caller's own thread (`run()`), so context limits,
-stop strings, speculative decoding and statistics are handled in one place.
+stop strings, structured output, speculative decoding and statistics are handled in one place.
 
 Each iteration (`step`): drop finished and cancelled sequences (their KV caches go at once),
 let the scheduler admit waiting ones, decode one token of every running sequence in one
@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from turbollm.engine.grammar import Grammar, Vocabulary
 from turbollm.engine.prompt_cache import PromptCache
 from turbollm.engine.scheduler import Scheduler, StepPlan
 from turbollm.engine.sampler import SamplingParams
@@ -110,7 +111,9 @@ class Engine:
                                      f"{self._context_name} of {self.slot_ctx} after the {len(prompt_ids)}-token prompt: "
                                      f"ask for at most {room} tokens, or raise --ctx-size{self._parallel_hint}",
                                      what="max_tokens")
-        seq = Sequence(prompt_ids, params, min(params.max_tokens, room), on_event, stats, reuse_prompt)
+        # a constraint's matcher, per sequence (a ValueError if this vocabulary cannot take it)
+        grammar = Grammar(params.constraint, Vocabulary.of(self.tokenizer)) if params.constraint is not None else None
+        seq = Sequence(prompt_ids, params, min(params.max_tokens, room), on_event, stats, reuse_prompt, grammar)
         with self._wake:
             self._inbox.append(seq)
             self.n_requests += 1
@@ -241,7 +244,9 @@ class Engine:
         else:
             seq.cache = self.network.new_cache(seq.n_prompt + seq.max_new, self.model.cache)
         seq.stats.kv_summary = seq.cache.describe()
-        drafter = self.model.new_drafter(seq.cache)
+        # a constrained sequence decodes without drafts: accept() would have to advance its
+        # grammar per draft and roll it back at a rejection
+        drafter = self.model.new_drafter(seq.cache) if seq.sampler.grammar is None else None
         seq.speculator = Speculator(drafter, self.model.spec) if drafter is not None else None
         self._texts[seq.seq_id] = OutputText(self.tokenizer, seq.params.stop)
 
@@ -324,11 +329,15 @@ class Engine:
         seq.generated.append(token)
         seq.stats.n_generated += 1
         self.totals.n_generated += 1
+        grammar = seq.sampler.grammar
+        if grammar is not None:
+            grammar.advance(token)
         text = self._texts[seq.seq_id]
         for channel, piece in text.push(token):
             seq.on_event(Event(piece, channel, token, logprobs=self._take_logprobs(seq)))
         if text.stopped:
             seq.pending_logprobs.clear()  # their text made the stop string, which is not returned
+        if text.stopped or (grammar is not None and grammar.is_complete):  # a complete match ends it
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.max_new:
             self._finish(seq, "length")

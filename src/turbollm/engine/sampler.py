@@ -2,13 +2,15 @@
 
 The chain follows llama.cpp's default order: repetition penalty, then top-k, top-p and min-p
 on the untempered distribution, then temperature, then a draw from a seeded generator.
-Temperature <= 0 means greedy (argmax; ties go to the lowest token id).
+Temperature <= 0 means greedy (argmax; ties go to the lowest token id). A structured-output
+constraint (engine/grammar.py) comes before all of them: the tokens its grammar does not allow
+next are at -inf, so greedy takes the best allowed token and nothing else can be drawn.
 
 Log probabilities (when a request asks for them) are of the model's whole distribution at the
 position, after the repetition penalty and before truncation and temperature: what OpenAI,
 vLLM (by default) and llama-server report. `post_sampling` reports instead the distribution
 the draw was made from (after every step; greedy: the argmax with probability 1), as
-llama-server's `post_sampling_probs`.
+llama-server's `post_sampling_probs`. Under a constraint both are of the allowed tokens only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from turbollm.engine.grammar import Constraint, Grammar
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (the stop string itself is not returned)
     logprobs: int | None = None  # None: off; k: each token's log probability and the k most likely
     post_sampling: bool = False  # logprobs of the sampler's final distribution instead of the model's
+    constraint: Constraint | None = None  # structured output: what the text must match (engine/grammar.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,8 +68,10 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, grammar: Grammar | None = None):
+        """`grammar`: params.constraint's matcher for this sequence (the engine advances it)."""
         self.params = params
+        self.grammar = grammar
         self.generator = torch.Generator()
         if params.seed is None:
             self.generator.seed()
@@ -116,8 +123,11 @@ class Sampler:
         return ids, torch.softmax(values / p.temperature, dim=-1)
 
     def _penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """The grammar's mask, then the repetition penalty (on a CPU float32 copy)."""
         p = self.params
         logits = logits.detach().to("cpu", torch.float32)
+        if self.grammar is not None:
+            logits = self.grammar.mask_logits(logits)
         if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
             logits = _apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
         return logits

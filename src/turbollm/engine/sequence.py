@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from turbollm.engine.grammar import Grammar
 from turbollm.engine.sampler import Sampler, SamplingParams, TokenLogprob
 from turbollm.engine.speculative import SpecStats
 
@@ -71,14 +72,15 @@ class GenerationStats:
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new: int,
-                 on_event: Callable[[Event], None], stats: GenerationStats | None = None, reuse_prompt: bool = True):
+                 on_event: Callable[[Event], None], stats: GenerationStats | None = None, reuse_prompt: bool = True,
+                 grammar: Grammar | None = None):
         self.seq_id = next(_ids)
         self.reuse_prompt = reuse_prompt  # may start from a kept sequence's cache (engine.PromptCache)
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.max_new = max_new  # tokens it may generate: max_tokens, within its slot's context
         self.on_event = on_event
-        self.sampler = Sampler(params)
+        self.sampler = Sampler(params, grammar)  # grammar: params.constraint's matcher, when set
         self.state = SeqState.WAITING
         self.slot: int | None = None  # the slot number (0 .. n_slots-1) it took when admitted
         self.request_id: str | None = None  # the server's id of the request it answers (for /slots)

@@ -4,19 +4,24 @@ llama-server's own (/tokenize, /detokenize, /completion).
 No field is silently dropped. A field this server does not know is a 400 naming it (the
 models forbid extra fields; server/app.py's parse_body words the error). A known field of the
 wrong type is a 400 naming it. A field asking for something this server does not do (`tools`,
-`logprobs: true`, `response_format` other than text, `n` > 8, a non-zero presence penalty) is
-a 400 saying so. The fields accepted without changing anything are listed in INERT_FIELDS
-(and in docs/server.md): each is either metadata (`user`, `metadata`, `store`, ...) or the
+`logprobs: true`, `n` > 8, a non-zero presence penalty) is a 400 saying so. Structured output
+(`response_format` json_object / json_schema, llama-server's `json_schema` and `grammar`, on
+every completion body) is checked while the body is parsed: a schema or grammar the engine
+cannot use is a 400 naming its field (engine/grammar.py says why). The fields accepted
+without changing anything are listed in INERT_FIELDS (and in docs/server.md): each is either metadata (`user`, `metadata`, `store`, ...) or the
 value that does nothing (`logprobs: false`, `tools: []`, `logit_bias: {}`, `typical_p: 1`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from turbollm.text.chat_template import strip_thinking
+from turbollm.engine.grammar import Constraint
 from turbollm.engine.sampler import SamplingParams
 
 MAX_N = 8  # choices per request: each is a sequence of its own
@@ -32,7 +37,7 @@ INERT_FIELDS = {
     "name": "a message's participant name (not templated)",
     "parallel_tool_calls": "without tools", "n_probs": "0 only (on the OpenAI bodies; /completion implements it)",
     "logit_bias": "{} only", "tools": "[] only", "tool_choice": "\"none\" or \"auto\" without tools",
-    "response_format": '{"type": "text"} only', "typical_p": "1 only", "mirostat": "0 only",
+    "typical_p": "1 only", "mirostat": "0 only",
 }
 
 
@@ -82,6 +87,70 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+@functools.lru_cache(maxsize=64)
+def _constraint(kind: str, source: str) -> Constraint:
+    """The checked constraint of a schema (its JSON text) or a grammar: built when a body is
+    validated and found again by `_Sampling.sampling` (and for the same schema sent with every
+    turn of an agent's chat). A ValueError names what is wrong with it."""
+    if kind == "gbnf":
+        return Constraint.gbnf(source)
+    return Constraint.json_object() if kind == "json_object" else Constraint.json_schema(source)
+
+
+def _schema_text(schema: Any) -> str:
+    return json.dumps(schema, sort_keys=True)
+
+
+class JsonSchemaFormat(_Strict):
+    """response_format.json_schema (OpenAI): `schema` is what the output must validate against.
+    `strict` is accepted either way: the grammar always enforces the whole schema, and a
+    schema keyword it cannot enforce is a 400, never skipped."""
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _usable(cls, v):
+        _constraint("json_schema", _schema_text(v))
+        return v
+
+
+class ResponseFormat(_Strict):
+    """`{"type": "text"}` (no constraint), `{"type": "json_object"}` (any JSON object; with
+    llama-server's optional `schema`, an object valid against it), or `{"type": "json_schema",
+    "json_schema": {...}}`."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _usable(cls, v):
+        if v is not None:
+            _constraint("json_schema", _schema_text(v))
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_with_its_type(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("type") != "json_schema":
+            raise ValueError('json_schema goes with "type": "json_schema"')
+        return v
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError('"type": "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+            return _constraint("json_schema", _schema_text(self.json_schema.schema_))
+        if self.type == "json_object":
+            if self.schema_ is not None:
+                return _constraint("json_schema", _schema_text(self.schema_))
+            return _constraint("json_object", "")
+        return None
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -116,15 +185,17 @@ class _Sampling(_Strict):
     logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     typical_p: float = 1.0
     mirostat: int = 0
+    # structured output (engine/grammar.py): one of OpenAI's response_format, or llama-server's
+    # json_schema (a JSON schema) or grammar (GBNF), on every completion body as llama-server
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
     _no_logit_bias = _only("logit_bias is not supported by this server", "logit_bias")
     _no_tools = _only(_NO_TOOLS, "tools")
     _no_tool_choice = _only(_NO_TOOLS, "tool_choice", allowed=lambda v: v in (None, "none", "auto"))
-    _text_only = _only("structured output (response_format json_object / json_schema) is not supported by this "
-                       "server yet", "response_format", allowed=lambda v: v is None or v == {"type": "text"})
     _no_typical = _only("typical_p sampling is not supported (use top_p, top_k, min_p)", "typical_p",
                         allowed=lambda v: v == 1.0)
     _no_mirostat = _only("mirostat sampling is not supported (use top_p, top_k, min_p)", "mirostat",
@@ -136,6 +207,37 @@ class _Sampling(_Strict):
         if v != 0.0:
             raise ValueError("presence and frequency penalties are not supported; use repeat_penalty (llama.cpp's)")
         return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format_complete(cls, v: ResponseFormat | None) -> ResponseFormat | None:
+        if v is not None:
+            v.constraint()
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _usable_schema(cls, v, info: ValidationInfo):
+        if v is not None:
+            _one_constraint(info, "json_schema")
+            _constraint("json_schema", _schema_text(v))
+        return v
+
+    @field_validator("grammar")
+    @classmethod
+    def _usable_grammar(cls, v, info: ValidationInfo):
+        if v is not None:
+            _one_constraint(info, "grammar")
+            _constraint("gbnf", v)
+        return v
+
+    def constraint(self) -> Constraint | None:
+        """What the output must match, from whichever of the three fields is set (one at most)."""
+        if self.grammar is not None:
+            return _constraint("gbnf", self.grammar)
+        if self.json_schema is not None:
+            return _constraint("json_schema", _schema_text(self.json_schema))
+        return self.response_format.constraint() if self.response_format is not None else None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -155,7 +257,16 @@ class _Sampling(_Strict):
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repeat_penalty=self.repeat_penalty, seed=seed, max_tokens=max_tokens, stop=self.stops(),
-                              logprobs=self.n_logprobs(), post_sampling=self.post_sampling())
+                              logprobs=self.n_logprobs(), post_sampling=self.post_sampling(),
+                              constraint=self.constraint())
+
+
+def _one_constraint(info: ValidationInfo, field: str) -> None:
+    """`field` (json_schema or grammar) is refused beside another constraint, as by llama-server."""
+    others = [name for name in ("response_format", "json_schema") if name != field and info.data.get(name) is not None
+              and (name != "response_format" or info.data[name].type != "text")]
+    if others:
+        raise ValueError(f"give one constraint: {field} and {others[0]} cannot both be set")
 
 
 class _OpenAISampling(_Sampling):
@@ -269,22 +380,18 @@ class NativeCompletionRequest(_Sampling):
     """llama-server's POST /completion body: `prompt` (a string, token ids, or both mixed),
     `n_predict` (-1: until the slot is full), the sampling fields of the OpenAI bodies, `seed`
     -1 (or 4294967295) for a random one, `stop`, `stream`, `return_tokens`, `n_probs` (with
-    `post_sampling_probs`). `grammar` and `json_schema` are not implemented yet: a 400 rather
-    than ignored; so is any field it does not know, as in the OpenAI bodies."""
+    `post_sampling_probs`), `json_schema` and `grammar` (structured output). A field it does not
+    know is a 400, as in the OpenAI bodies."""
     prompt: str | list[str | int] = Field(min_length=1)
     n_predict: int = Field(default=-1, ge=-1)
     return_tokens: bool = False
     n_probs: int = Field(default=0, ge=0, le=MAX_N_PROBS)
     post_sampling_probs: bool = False
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
 
     @field_validator("seed")
     @classmethod
     def _random_seed(cls, v: int | None) -> int | None:
         return None if v in (-1, RANDOM_SEED) else v
-
-    _no_grammar = _only("constrained output (grammar, json_schema) is not supported yet", "grammar", "json_schema")
 
     def n_logprobs(self) -> int | None:
         return self.n_probs if self.n_probs > 0 else None
