@@ -124,6 +124,7 @@ def test_the_forced_json_schema_allows_only_valid_calls():
     assert kind == "json_schema"
     jsonschema.validate({"tool_calls": [{"name": "get_time", "arguments": {}}]}, schema)
     for bad in [{"tool_calls": []}, {"tool_calls": [{"name": "get_weather", "arguments": {}}]},
+                {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "country": "NO"}}]},
                 {"tool_calls": [{"name": "get_time", "arguments": {}}] * 2}]:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)

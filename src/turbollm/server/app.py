@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata, resources
 
 from fastapi import FastAPI, Request
@@ -34,6 +34,7 @@ from turbollm.engine.engine import Engine
 from turbollm.errors import ContextLengthError, TurbollmError
 from turbollm.server import metrics
 from turbollm.server.logprobs import LogprobFormatter
+from turbollm.engine.grammar import Constraint
 from turbollm.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      NativeCompletionRequest, TokenizeRequest, default_sampling,
                                      generation_settings)
@@ -156,12 +157,27 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise _context_error(e) from None
 
     def chat_prompt(body: ChatCompletionRequest) -> str:
-        """The prompt text a chat request is run on (and what /apply-template answers)."""
+        """The prompt text a chat request is run on (and what /apply-template answers): the
+        messages, and the tools in the model's tool format (text/tool_calls.py)."""
+        tools = body.tool_list()
+        fmt = model.tool_format()
         try:
             thinking = body.thinking(settings.thinking_default)
-            return model.chat_prompt(body.template_messages(), enable_thinking=thinking)
+            messages = fmt.messages(body.template_messages(), tools)
+            return model.chat_prompt(messages, enable_thinking=thinking, tools=fmt.template_tools(tools))
         except (TurbollmError, ValueError) as e:
             raise ApiError(400, str(e), param="messages") from None
+
+    def tool_constraint(body: ChatCompletionRequest):
+        """The grammar a forced call (tool_choice "required" or a named function) decodes under."""
+        tools, choice = body.tool_list(), body.tool_mode()
+        if not tools or choice.mode not in ("required", "function"):
+            return None
+        if body.constraint() is not None:
+            raise ApiError(400, "tool_choice: a forced tool call is decoded under its own grammar; it cannot be "
+                                "combined with response_format, json_schema or grammar", param="tool_choice")
+        kind, spec = model.tool_format().constraint(tools, choice)
+        return Constraint.gbnf(spec) if kind == "gbnf" else Constraint.json_schema(spec)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -169,8 +185,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         name = check_model(body.model)
         prompt_ids = model.encode(chat_prompt(body))
         max_tokens = tokens_for(prompt_ids, body.requested_max_tokens())
-        run = _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)], "chatcmpl",
-                         body.cache_prompt)
+        params = [body.sampling(max_tokens, i) for i in range(body.n)]
+        forced = tool_constraint(body)
+        if forced is not None:
+            params = [replace(p, constraint=forced) for p in params]
+        run = _Run.start(engine, prompt_ids, params, "chatcmpl", body.cache_prompt,
+                         tools=model.tool_format() if body.tool_list() else None)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return _sse(run.chat_chunks(name, include_usage), run, request)
@@ -345,8 +365,9 @@ def _sse(chunks: AsyncIterator[dict], run: "_Run", request: Request, done: bool 
 class _Run:
     """The choices of one request: sequences in the engine, their events in one queue."""
 
-    def __init__(self, engine: Engine, n_prompt: int, kind: str, logprobs: bool = False):
+    def __init__(self, engine: Engine, n_prompt: int, kind: str, logprobs: bool = False, tools=None):
         self.engine, self.n_prompt = engine, n_prompt
+        self.tools = tools  # the model's tool format when the request offers tools: answers are parsed for calls
         self.logprobs = LogprobFormatter(engine.tokenizer) if logprobs else None  # when the request asks
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.seqs = []
@@ -354,8 +375,9 @@ class _Run:
         self.created = int(time.time())
 
     @classmethod
-    def start(cls, engine: Engine, prompt_ids: list[int], params: list, kind: str, reuse_prompt: bool = True) -> "_Run":
-        run = cls(engine, len(prompt_ids), kind, logprobs=params[0].logprobs is not None)
+    def start(cls, engine: Engine, prompt_ids: list[int], params: list, kind: str, reuse_prompt: bool = True,
+              tools=None) -> "_Run":
+        run = cls(engine, len(prompt_ids), kind, logprobs=params[0].logprobs is not None, tools=tools)
         loop = asyncio.get_running_loop()
         try:
             for i, p in enumerate(params):
@@ -413,10 +435,17 @@ class _Run:
         choices = []
         for i, c in enumerate(await self._collect(request)):
             message = {"role": "assistant", "content": "".join(c["content"])}
+            reason = c["finish_reason"]
+            if self.tools is not None:
+                content, calls = self.tools.parse(message["content"])
+                if calls:
+                    message = {"role": "assistant", "content": content or None,
+                               "tool_calls": [call.openai() for call in calls]}
+                    reason = "tool_calls"
             if c["reasoning"]:
                 message["reasoning_content"] = "".join(c["reasoning"])
             logprobs = None if self.logprobs is None else {"content": self.logprobs.chat(c["logprobs"]), "refusal": None}
-            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c["finish_reason"]})
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": name,
                 "choices": choices, "usage": self.usage}
 
@@ -431,9 +460,21 @@ class _Run:
         head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": name}
         for i in range(len(self.seqs)):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        held = [_HeldCalls(self.tools) for _ in self.seqs] if self.tools is not None else None
         async for i, ev in self.events():
             if ev.finish_reason is not None:
                 delta, reason = {}, ev.finish_reason
+                if held is not None:  # what was held back: content, or the calls it makes
+                    content, calls = held[i].finish()
+                    if content:
+                        yield {**head, "choices": [{"index": i, "delta": {"content": content}, "finish_reason": None}]}
+                    if calls:
+                        delta, reason = {"tool_calls": [c.openai(k) for k, c in enumerate(calls)]}, "tool_calls"
+            elif ev.channel == "content" and held is not None:
+                piece = held[i].push(ev.text)
+                if not piece and not ev.logprobs:
+                    continue
+                delta, reason = {"content": piece}, None
             else:
                 delta, reason = {"reasoning_content" if ev.channel == "reasoning" else "content": ev.text}, None
             choice = {"index": i, "delta": delta, "finish_reason": reason}
@@ -476,6 +517,27 @@ class _Run:
                 yield chunk
         # the last chunk carries only the probabilities not sent yet (tokens without text of their own)
         yield {**final.body(self, "".join(text), reason, left), "content": "", "tokens": []}
+
+
+class _HeldCalls:
+    """One streamed choice's content when tools are offered: text is sent until it may be the
+    start of a call, then held until the choice ends, when it is parsed into calls (or sent
+    as content after all: nothing is lost)."""
+
+    def __init__(self, tools):
+        self.tools, self.text, self.sent = tools, "", 0
+
+    def push(self, text: str) -> str:
+        self.text += text
+        upto = max(self.sent, self.tools.holds(self.text))
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+    def finish(self) -> tuple[str, list]:
+        rest = self.text[self.sent:]
+        self.sent = len(self.text)
+        content, calls = self.tools.parse(rest)
+        return (content, calls) if calls else (rest, [])
 
 
 class _NativeFinal:

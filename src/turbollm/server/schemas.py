@@ -3,13 +3,14 @@ llama-server's own (/tokenize, /detokenize, /completion).
 
 No field is silently dropped. A field this server does not know is a 400 naming it (the
 models forbid extra fields; server/app.py's parse_body words the error). A known field of the
-wrong type is a 400 naming it. A field asking for something this server does not do (`tools`,
-`logprobs: true`, `n` > 8, a non-zero presence penalty) is a 400 saying so. Structured output
+wrong type is a 400 naming it. A field asking for something this server does not do (`tools`
+on a completion, `n` > 8, a non-zero presence penalty) is a 400 saying so. Structured output
 (`response_format` json_object / json_schema, llama-server's `json_schema` and `grammar`, on
 every completion body) is checked while the body is parsed: a schema or grammar the engine
 cannot use is a 400 naming its field (engine/grammar.py says why). The fields accepted
-without changing anything are listed in INERT_FIELDS (and in docs/server.md): each is either metadata (`user`, `metadata`, `store`, ...) or the
-value that does nothing (`logprobs: false`, `tools: []`, `logit_bias: {}`, `typical_p: 1`).
+without changing anything are listed in INERT_FIELDS (and in docs/server.md): each is either
+metadata (`user`, `metadata`, `store`, ...) or the value that does nothing (`tools: []` on a
+completion, `logit_bias: {}`, `typical_p: 1`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from turbollm.text.chat_template import strip_thinking
 from turbollm.engine.grammar import Constraint
+from turbollm.text.tool_calls import Tool, ToolChoice
 from turbollm.engine.sampler import SamplingParams
 
 MAX_N = 8  # choices per request: each is a sequence of its own
@@ -35,9 +37,9 @@ SAMPLER_ORDER = ("penalties", "top_k", "top_p", "min_p", "temperature")
 INERT_FIELDS = {
     "user": "metadata", "metadata": "metadata", "store": "metadata", "service_tier": "metadata",
     "name": "a message's participant name (not templated)",
-    "parallel_tool_calls": "without tools", "n_probs": "0 only (on the OpenAI bodies; /completion implements it)",
-    "logit_bias": "{} only", "tools": "[] only", "tool_choice": "\"none\" or \"auto\" without tools",
-    "typical_p": "1 only", "mirostat": "0 only",
+    "parallel_tool_calls": "completions: without tools", "n_probs": "0 only (on the OpenAI bodies; /completion implements it)",
+    "logit_bias": "{} only", "tools": "completions: [] only",
+    "tool_choice": "completions: \"none\" or \"auto\" without tools", "typical_p": "1 only", "mirostat": "0 only",
 }
 
 
@@ -56,7 +58,7 @@ def _only(message: str, *fields: str, allowed=lambda v: not v):
     return field_validator(*fields)(check)
 
 
-_NO_TOOLS = "tool calling is not supported by this server yet"
+_NO_TOOLS = "tools are for chat completions (/v1/chat/completions)"
 
 
 class ContentPart(_Strict):
@@ -66,15 +68,47 @@ class ContentPart(_Strict):
     input_audio: Any = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text
+
+
+class ToolCallItem(_Strict):
+    """An assistant message's earlier call (OpenAI's shape)."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None  # as a streamed delta carries it
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the arguments always follow `parameters` when a call is forced (docs/server.md)
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "model"]
+    role: Literal["system", "developer", "user", "assistant", "model", "tool"]
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # an earlier answer's thoughts: never templated
     name: str | None = None  # inert
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
-
-    _no_tool_calls = _only("tool calls are not supported by this server yet", "tool_calls", "tool_call_id")
+    tool_calls: list[ToolCallItem] | None = None
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -181,10 +215,7 @@ class _Sampling(_Strict):
     store: bool | None = None
     service_tier: str | None = None
     cache_prompt: bool = True  # start from a kept sequence's cache (engine/prompt_cache.py)
-    parallel_tool_calls: bool | None = None
     logit_bias: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     typical_p: float = 1.0
     mirostat: int = 0
     # structured output (engine/grammar.py): one of OpenAI's response_format, or llama-server's
@@ -194,8 +225,6 @@ class _Sampling(_Strict):
     grammar: str | None = None
 
     _no_logit_bias = _only("logit_bias is not supported by this server", "logit_bias")
-    _no_tools = _only(_NO_TOOLS, "tools")
-    _no_tool_choice = _only(_NO_TOOLS, "tool_choice", allowed=lambda v: v in (None, "none", "auto"))
     _no_typical = _only("typical_p sampling is not supported (use top_p, top_k, min_p)", "typical_p",
                         allowed=lambda v: v == 1.0)
     _no_mirostat = _only("mirostat sampling is not supported (use top_p, top_k, min_p)", "mirostat",
@@ -284,6 +313,31 @@ class ChatCompletionRequest(_OpenAISampling):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning: ReasoningField | None = None
     reasoning_effort: str | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, v, info: ValidationInfo):
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if isinstance(v, NamedToolChoice) and v.function.name not in names:
+            raise ValueError(f"names the function {v.function.name!r}, which is not among the tools {names}")
+        if v == "required" and not names:
+            raise ValueError("'required' needs tools to call")
+        return v
+
+    def tool_list(self) -> list[Tool]:
+        """The tools offered to the model ([] with tool_choice "none")."""
+        if self.tool_choice == "none":
+            return []
+        return [Tool(t.function.name, t.function.description, t.function.parameters) for t in self.tools or []]
+
+    def tool_mode(self) -> ToolChoice:
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return ToolChoice("function", choice.function.name, self.parallel_tool_calls)
+        return ToolChoice(choice or "auto", None, self.parallel_tool_calls)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -317,10 +371,11 @@ class ChatCompletionRequest(_OpenAISampling):
             return self.reasoning_effort != "none"
         return default
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages for the chat template: text only, the `/no_think` prefix removed, and no
-        thoughts from earlier answers (`reasoning_content` is dropped; thought blocks in an
-        assistant's content are stripped)."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages for the chat template: text, the `/no_think` prefix removed, no thoughts
+        from earlier answers (`reasoning_content` is dropped; thought blocks in an assistant's
+        content are stripped); an assistant's earlier `tool_calls` and a tool result's
+        `tool_call_id` kept, in OpenAI's shape (text/tool_calls.py renders them)."""
         out = []
         for m in self.messages:
             text = m.text()
@@ -328,11 +383,26 @@ class ChatCompletionRequest(_OpenAISampling):
                 text = text.lstrip()[len("/no_think"):].lstrip()
             elif m.role in ("assistant", "model"):
                 text = strip_thinking(text)
-            out.append({"role": m.role, "content": text})
+            message: dict[str, Any] = {"role": "assistant" if m.role == "model" else m.role, "content": text}
+            if m.tool_calls:
+                message["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+            if m.role == "tool":
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
         return out
 
 
-class CompletionRequest(_OpenAISampling):
+class _NoTools(_Strict):
+    """Tool fields on the routes without tools: accepted only at the values that ask for none."""
+    parallel_tool_calls: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    _no_tools = _only(_NO_TOOLS, "tools")
+    _no_tool_choice = _only(_NO_TOOLS, "tool_choice", allowed=lambda v: v in (None, "none", "auto"))
+
+
+class CompletionRequest(_OpenAISampling, _NoTools):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the k most likely per token
@@ -376,7 +446,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = []
 
 
-class NativeCompletionRequest(_Sampling):
+class NativeCompletionRequest(_Sampling, _NoTools):
     """llama-server's POST /completion body: `prompt` (a string, token ids, or both mixed),
     `n_predict` (-1: until the slot is full), the sampling fields of the OpenAI bodies, `seed`
     -1 (or 4294967295) for a random one, `stop`, `stream`, `return_tokens`, `n_probs` (with

@@ -230,7 +230,7 @@ class JsonTools:
         and no named function, one or more) of the allowed functions."""
         allowed = [t for t in tools if choice.function is None or t.name == choice.function]
         one = [{"type": "object", "properties": {"name": {"const": t.name},
-                                                  "arguments": t.parameters or {"type": "object"}},
+                                                  "arguments": _closed(t.parameters or {"type": "object"})},
                 "required": ["name", "arguments"], "additionalProperties": False} for t in allowed]
         items = one[0] if len(one) == 1 else {"anyOf": one}
         calls = {"type": "array", "items": items, "minItems": 1}
@@ -238,6 +238,21 @@ class JsonTools:
             calls["maxItems"] = 1
         return "json_schema", {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
                                "additionalProperties": False}
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that lists its properties and
+    says nothing of others: a forced call's arguments are the function's own (as llama.cpp's
+    schema grammars and OpenAI's strict mode read a schema), not whatever else a model adds."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) if k in ("items", "anyOf", "oneOf", "allOf", "prefixItems") else v for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
 
 
 def tool_format(template: str | None) -> Gemma4Tools | JsonTools:
