@@ -51,6 +51,19 @@ def test_min_p_and_top_p_cut_the_tail():
     assert {top_p(logits, []) for _ in range(200)} == {0, 1}  # 0.5 + 0.3 reaches 0.8
 
 
+@pytest.mark.parametrize("temperature, penalty", [(1e-300, 1.0), (0.8, 1e-300), (1e-30, 1e300), (1e-300, 1e-300)])
+def test_extreme_temperatures_and_penalties_still_give_a_distribution(temperature, penalty):
+    """No sampling input may make the probabilities NaN: a temperature far below float32's
+    range gives the best token all the mass, a huge or tiny penalty stays finite."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 5
+    sampler = Sampler(SamplingParams(temperature=temperature, repeat_penalty=penalty, top_k=0, top_p=1.0, min_p=0.0, seed=1))
+    ids, probs = sampler.distribution(logits, list(range(100)))
+    assert torch.isfinite(probs).all() and float(probs.sum()) == pytest.approx(1.0)
+    token = sampler(logits, list(range(100)))
+    if penalty == 1.0:  # nothing penalised: the argmax, certainly
+        assert token == int(torch.argmax(logits)) and float(probs.max()) == 1.0
+
+
 def test_repeat_penalty_demotes_recent_tokens():
     logits = torch.tensor([2.0, 1.9, -1.0])
     params = SamplingParams(temperature=0, repeat_penalty=1.5, repeat_last_n=4)

@@ -120,7 +120,9 @@ class Sampler:
         if p.min_p > 0.0:
             keep = min(keep, max(1, int((probs[:keep] >= p.min_p * probs[0]).sum())))
         values, ids = values[:keep], ids[:keep]
-        return ids, torch.softmax(values / p.temperature, dim=-1)
+        # relative to the best (values are sorted, so <= 0), over a temperature float32 can hold:
+        # a tiny temperature then gives the best token(s) all the mass instead of inf - inf = NaN
+        return ids, torch.softmax((values - values[0]) / max(p.temperature, _TINY), dim=-1)
 
     def _penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         """The grammar's mask, then the repetition penalty (on a CPU float32 copy)."""
@@ -137,10 +139,15 @@ class Sampler:
         return float(torch.rand(1, generator=self.generator))
 
 
+_TINY = torch.finfo(torch.float32).tiny
+_HUGE = torch.finfo(torch.float32).max
+
+
 def _apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
-    # llama.cpp / CTRL rule: positive logits are divided by the penalty, negative ones multiplied.
+    # llama.cpp / CTRL rule: positive logits are divided by the penalty, negative ones multiplied;
+    # kept finite (a penalty of 1e-300 would make them inf, and the softmax NaN)
     ids = torch.tensor(sorted(set(recent)), dtype=torch.int64)
     logits = logits.clone()
     chosen = logits[ids]
-    logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+    logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty).clamp(-_HUGE, _HUGE)
     return logits
