@@ -16,11 +16,15 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 class _Body:
-    def __init__(self, data):
-        self._raw = json.dumps(data).encode()
+    """What parse_body reads of a request: its headers and its body in chunks."""
 
-    async def body(self):
-        return self._raw
+    def __init__(self, data, raw: bytes | None = None, headers: dict | None = None):
+        self._raw = raw if raw is not None else json.dumps(data).encode()
+        self.headers = headers or {}
+
+    async def stream(self):
+        for at in range(0, len(self._raw), 1 << 16):
+            yield self._raw[at:at + 1 << 16]
 
 
 def _parse(data, schema=ChatCompletionRequest):
@@ -47,8 +51,9 @@ def test_an_unknown_field_is_a_400_naming_it(schema, data, param):
 
 
 @pytest.mark.parametrize("schema, field, value, words", [
-    (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
-    (ChatCompletionRequest, "tool_choice", "required", "tool calling"),
+    (CompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}], "chat completions"),
+    (NativeCompletionRequest, "tool_choice", "required", "chat completions"),
+    (ChatCompletionRequest, "tool_choice", "required", "needs tools"),
     (ChatCompletionRequest, "top_logprobs", 3, "needs logprobs: true"),
     (ChatCompletionRequest, "n_probs", 5, "use logprobs"),
     (CompletionRequest, "n_probs", 5, "use logprobs"),
@@ -63,9 +68,33 @@ def test_a_feature_this_server_lacks_is_refused_not_ignored(schema, field, value
     assert e.param == field and words in e.message
 
 
-def test_tool_messages_in_the_history_are_refused():
+def test_a_tool_call_in_the_history_needs_its_function():
     history = CHAT + [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]
-    assert "tool calls" in _refusal({"messages": history}).message
+    assert _refusal({"messages": history}).param == "messages.1.tool_calls.0.function"
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": 1}', "valid boolean"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "true"}', "valid boolean"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.0}', "valid integer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "finite number"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800 lone"}]}', "malformed JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "malformed JSON"),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "malformed JSON"),
+])
+def test_strict_types_and_hostile_json_are_400s(raw, words):
+    with pytest.raises(ApiError) as e:
+        asyncio.run(parse_body(_Body(None, raw), ChatCompletionRequest))
+    assert e.value.status == 400 and words in e.value.message, e.value.message
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read_whole():
+    from turbollm.server.app import MAX_BODY_BYTES
+    for headers in ({"content-length": str(MAX_BODY_BYTES + 1)}, {}):  # declared, or only sent
+        with pytest.raises(ApiError) as e:
+            asyncio.run(parse_body(_Body(None, b" " * (MAX_BODY_BYTES + 1), headers), ChatCompletionRequest))
+        assert e.value.status == 413
 
 
 def test_the_inert_fields_at_their_off_values_are_accepted():

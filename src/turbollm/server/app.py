@@ -66,18 +66,38 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(body, status_code=status)
 
 
+MAX_BODY_BYTES = 16 << 20  # a request body (413 above): 16 MiB is ~4M tokens of text, far past any context
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, refused with a 413 as soon as it passes `limit` bytes (declared or
+    sent): a huge body never reaches the parser or memory whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {int(declared)} bytes; this server takes at most {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes, the most this server takes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def parse_body(request: Request, schema: type[BaseModel]):
     """The JSON body as `schema`, whatever the Content-Type (curl -d sends a form type, and
-    llama-server reads it as JSON too); a 400 naming the first bad field otherwise."""
-    raw = await request.body()
+    llama-server reads it as JSON too); a 400 naming the first bad field otherwise. The JSON
+    is parsed by pydantic's own parser: invalid UTF-8, lone surrogates, NaN/Infinity in a
+    number field and nesting past its recursion limit are 400s, never a 500."""
+    raw = await read_body(request)
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON in the request body: {e}") from None
-    try:
-        return schema.model_validate(data)
+        return schema.model_validate_json(raw)
     except ValidationError as e:
         first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            raise ApiError(400, f"malformed JSON in the request body: {first.get('msg', '')}") from None
         where = ".".join(str(part) for part in first.get("loc", ())) or "body"
         message = first.get("msg", "invalid value")
         if first.get("type") == "extra_forbidden":  # never dropped silently

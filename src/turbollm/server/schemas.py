@@ -44,8 +44,9 @@ INERT_FIELDS = {
 
 
 class _Strict(BaseModel):
-    """Unknown fields are refused, not dropped (parse_body names them)."""
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, not dropped (parse_body names them); types are strict (`stream:
+    1` or `"1"` is not a boolean, `max_tokens: 2.0` not an integer, as OpenAI's), and numbers finite."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _only(message: str, *fields: str, allowed=lambda v: not v):
