@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import start_server, stop_server
-from turbollm import SamplingParams
-from turbollm.engine.grammar import Constraint, Grammar, Vocabulary, apply_mask
+from turbollm import Constraint, SamplingParams
+from turbollm.engine.grammar import Grammar, Vocabulary, apply_mask
 from turbollm.engine.sampler import Sampler
 from turbollm.engine.speculative import SpecConfig
 
