@@ -203,13 +203,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatCompletionRequest)
         name = check_model(body.model)
-        prompt_ids = model.encode(chat_prompt(body))
+        prompt_ids = await asyncio.to_thread(lambda: model.encode(chat_prompt(body)))  # off the event loop
         max_tokens = tokens_for(prompt_ids, body.requested_max_tokens())
         params = [body.sampling(max_tokens, i) for i in range(body.n)]
         forced = tool_constraint(body)
         if forced is not None:
             params = [replace(p, constraint=forced) for p in params]
-        run = _Run.start(engine, prompt_ids, params, "chatcmpl", body.cache_prompt,
+        run = await _Run.start(engine, prompt_ids, params, "chatcmpl", body.cache_prompt,
                          tools=model.tool_format() if body.tool_list() else None)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -223,13 +223,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             if len(body.prompt) != 1:
                 raise ApiError(400, "a list of several prompts is not supported: send one prompt per request", param="prompt")
-            prompt_ids = model.encode(body.prompt[0])
+            prompt_ids = await asyncio.to_thread(model.encode, body.prompt[0])
         elif isinstance(body.prompt, list):
             prompt_ids = check_ids([int(t) for t in body.prompt], "prompt")
         else:
-            prompt_ids = model.encode(body.prompt)
+            prompt_ids = await asyncio.to_thread(model.encode, body.prompt)
         max_tokens = tokens_for(prompt_ids, body.max_tokens)
-        run = _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)], "cmpl",
+        run = await _Run.start(engine, prompt_ids, [body.sampling(max_tokens, i) for i in range(body.n)], "cmpl",
                          body.cache_prompt)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -263,7 +263,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await parse_body(request, TokenizeRequest)
-        ids = mixed_tokens(body.content, body.add_special, body.parse_special, "content")
+        ids = await asyncio.to_thread(mixed_tokens, body.content, body.add_special, body.parse_special, "content")
         if not body.with_pieces:
             return {"tokens": ids}
         return {"tokens": [{"id": t, "piece": _piece(tok.token_bytes(t, special=True))} for t in ids]}
@@ -275,7 +275,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/apply-template")
     async def apply_template(request: Request):
-        return {"prompt": chat_prompt(await parse_body(request, ChatCompletionRequest))}
+        body = await parse_body(request, ChatCompletionRequest)
+        return {"prompt": await asyncio.to_thread(chat_prompt, body)}
 
     @app.get("/props")
     async def props():
@@ -318,10 +319,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ApiError(400, "n: /completion gives one answer; use /v1/completions for several", param="n")
         if isinstance(body.prompt, list) and len(body.prompt) > 1 and all(isinstance(p, str) for p in body.prompt):
             raise ApiError(400, "a list of several prompts is not supported: send one prompt per request", param="prompt")
-        prompt_ids = mixed_tokens(body.prompt, True, True, "prompt")
+        prompt_ids = await asyncio.to_thread(mixed_tokens, body.prompt, True, True, "prompt")
         max_tokens = tokens_for(prompt_ids, body.requested_max_tokens())
         params = body.sampling(max_tokens)
-        run = _Run.start(engine, prompt_ids, [params], "cmpl", body.cache_prompt)
+        run = await _Run.start(engine, prompt_ids, [params], "cmpl", body.cache_prompt)
         final = _NativeFinal(name, body, params, tok)
         if body.stream:
             return _sse(run.native_chunks(final), run, request, done=False)
@@ -395,21 +396,27 @@ class _Run:
         self.created = int(time.time())
 
     @classmethod
-    def start(cls, engine: Engine, prompt_ids: list[int], params: list, kind: str, reuse_prompt: bool = True,
-              tools=None) -> "_Run":
+    async def start(cls, engine: Engine, prompt_ids: list[int], params: list, kind: str, reuse_prompt: bool = True,
+                    tools=None) -> "_Run":
+        """Submit the choices, off the event loop (a constrained one builds its grammar, and the
+        first one the vocabulary's view for it: ~2 s on Gemma's 262K tokens)."""
         run = cls(engine, len(prompt_ids), kind, logprobs=params[0].logprobs is not None, tools=tools)
         loop = asyncio.get_running_loop()
         try:
             for i, p in enumerate(params):
                 push = lambda ev, i=i: loop.call_soon_threadsafe(run.queue.put_nowait, (i, ev))
-                run.seqs.append(engine.submit(prompt_ids, p, push, reuse_prompt=reuse_prompt))
-                run.seqs[-1].request_id = run.id  # what /slots shows of it
+                seq = await asyncio.to_thread(engine.submit, prompt_ids, p, push, reuse_prompt=reuse_prompt)
+                seq.request_id = run.id  # what /slots shows of it
+                run.seqs.append(seq)
         except ContextLengthError as e:
             run.cancel()
             raise _context_error(e) from None
         except ValueError as e:
             run.cancel()
             raise ApiError(400, str(e)) from None
+        except asyncio.CancelledError:  # the client went away while it was being submitted
+            run.cancel()
+            raise
         return run
 
     def cancel(self) -> None:
