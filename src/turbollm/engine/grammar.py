@@ -142,16 +142,20 @@ class Grammar:
         if self._matcher.is_error():
             raise ValueError(f"the {constraint.kind} constraint cannot be used: {_summary(self._matcher.get_error())}")
         self._mask = torch.zeros((self.n_vocab + 31) // 32, dtype=torch.int32)  # bit j of word w: token 32w+j
+        self._mask_current = False  # _mask is this position's (a sampler and its logprobs ask twice)
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [n_vocab] (CPU float32) with every token the grammar does not allow next at
-        -inf (a new tensor; the caller's is left as it was)."""
-        self._matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
-        self._check()
+        -inf (a new tensor; the caller's is left as it was). The mask is computed once per position."""
+        if not self._mask_current:
+            self._matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
+            self._check()
+            self._mask_current = True
         return apply_mask(logits.clone(), self._mask)
 
     def advance(self, token: int) -> None:
         """Move past the sampled `token` (one the last mask allowed)."""
+        self._mask_current = False
         if not self._matcher.consume_token(int(token)):
             raise RuntimeError(f"the grammar refused token {token}: {_summary(self._matcher.get_error())}")
 
