@@ -132,6 +132,12 @@ def start_server(*flags: str):
     return launch(list(flags), log=tempfile.TemporaryFile("w+"))
 
 
+def openai_client(url: str):
+    """The official `openai` client on a server started by start_server (no retries: a failure shows)."""
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def stop_server(proc) -> None:
     proc.terminate()
     try:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_server, stop_server
+from conftest import openai_client, start_server, stop_server
 
 pytestmark = [pytest.mark.server]
 
@@ -30,7 +30,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import REFERENCE_DIR, start_server, stop_server
+from conftest import REFERENCE_DIR, openai_client, start_server, stop_server
 from test_server_reasoning import ScriptedNetwork
 
 pytestmark = [pytest.mark.server]
@@ -102,7 +101,7 @@ def test_bad_tool_fields_are_400_naming_them(scripted, body, param):
 @pytest.fixture(scope="module")
 def client():
     proc, url = start_server("-c", "2048", "-t", "2")
-    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    yield openai_client(url)
     stop_server(proc)
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 
-from conftest import start_server, stop_server
+from conftest import openai_client, start_server, stop_server
 from turbollm import Constraint, SamplingParams
 from turbollm.engine.grammar import Grammar, Vocabulary, apply_mask
 from turbollm.engine.sampler import Sampler
@@ -186,7 +186,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
