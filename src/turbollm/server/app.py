@@ -563,8 +563,7 @@ class _HeldCalls:
     def finish(self) -> tuple[str, list]:
         rest = self.text[self.sent:]
         self.sent = len(self.text)
-        content, calls = self.tools.parse(rest)
-        return (content, calls) if calls else (rest, [])
+        return self.tools.parse(rest)  # (rest, []) when it makes no call
 
 
 class _NativeFinal:
